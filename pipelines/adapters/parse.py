@@ -1,0 +1,283 @@
+"""Reading a LoRA file into exact per-layer deltas for a loaded pipeline.
+
+Two routes, chosen by the file's layout:
+
+* **diffusers route** (diffusers/PEFT ``lora_A``/``lora_B`` files, old diffusers attention-processor files,
+  XLabs and BFL-control FLUX files): diffusers' ``lora_state_dict`` converts the keys; ranks and alphas are
+  resolved with the same rules diffusers uses to build its PEFT ``LoraConfig`` (``alpha_pattern``,
+  ``rank_pattern``, rsLoRA), so the deltas equal what ``load_lora_weights`` would apply.
+* **kohya/LyCORIS route** (``lora_unet_*``, ``lora_te1_*``, ``lycoris_*`` ... with ``lora_down``/``lora_up``,
+  ``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``): each module's tensors become a delta through its kind
+  (:mod:`.kinds`); module names are resolved by :mod:`.naming` (model module table, then diffusers'
+  converters probed). ``scale = alpha / rank`` per module, as kohya defines it.
+
+Before anything is attached, every delta is checked against its target layer; a LoRA for another base model,
+a file that matches no layer, or mismatched shapes raise :class:`IncompatibleLoraError` naming the file and,
+when it can tell, the base model the file was made for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import IncompatibleLoraError, LoraFileError
+from ..families import Family
+from ..safetensors_io import read_safetensors
+from . import kinds
+from .delta import LayerDelta
+from .metadata import BASE_NAMES, LoraInfo, describe_header
+from .naming import Target, resolve_by_probe, resolve_by_table
+
+
+@dataclass
+class ParsedLora:
+    name: str
+    source: str
+    sha256: str | None
+    info: LoraInfo
+    deltas: dict[str, LayerDelta]  # "component.module.path" -> delta
+    skipped: list[str] = field(default_factory=list)  # file modules that land on no layer of this model
+
+    @property
+    def components(self) -> set[str]:
+        return {k.split(".", 1)[0] for k in self.deltas}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_lora(
+    source: str | Path | dict[str, torch.Tensor],
+    pipe,
+    family: Family,
+    *,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> ParsedLora:
+    """Read ``source`` (a ``.safetensors`` path or a state dict) into deltas that fit ``pipe``."""
+    if isinstance(source, dict):
+        tensors, metadata, label, sha = dict(source), dict(metadata or {}), "<state dict>", None
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise LoraFileError(label, f"tensor '{key}' holds NaN or infinite values")
+    else:
+        path = Path(source)
+        tensors, metadata = read_safetensors(path)
+        label, sha = str(path), file_sha256(path)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    info = describe_header(None if label.startswith("<") else label, shapes, metadata)
+    if name:
+        info.name = name
+    if not tensors:
+        raise LoraFileError(label, "the file holds no tensors")
+    if info.base is not None and info.base != family.name:
+        raise IncompatibleLoraError(
+            label,
+            f"this LoRA was made for {BASE_NAMES[info.base]} (according to its {info.base_evidence}), "
+            f"but the loaded model is {BASE_NAMES[family.name]}",
+        )
+    if info.format in ("peft", "diffusers-old", "xlabs", "bfl-control"):
+        deltas, skipped = _diffusers_route(tensors, metadata, pipe, family, label)
+    elif info.format == "unknown":
+        sample = ", ".join(list(tensors)[:4])
+        raise IncompatibleLoraError(label, f"no LoRA/LyCORIS keys recognised (first keys: {sample})")
+    else:
+        deltas, skipped = _kohya_route(tensors, pipe, family, label)
+    _check_fit(deltas, skipped, pipe, family, label, info)
+    return ParsedLora(name=info.name, source=label, sha256=sha, info=info, deltas=deltas, skipped=skipped)
+
+
+# --------------------------------------------------------------------------------------------------- routes
+def _kohya_route(tensors, pipe, family, label):
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        module, _, suffix = key.partition(".")
+        groups[module][suffix] = value
+    built: dict[str, LayerDelta] = {}
+    for module, group in groups.items():
+        suffixes = set(group) - {"alpha", "dora_scale", "scale"}
+        unsupported = {kinds.UNSUPPORTED_SUFFIXES[s] for s in suffixes if s in kinds.UNSUPPORTED_SUFFIXES}
+        if unsupported:
+            raise IncompatibleLoraError(
+                label,
+                f"module '{module}' uses {', '.join(sorted(unsupported))}, which the studio does not apply yet",
+            )
+        kind = kinds.kind_for(suffixes)
+        if kind is None:
+            raise IncompatibleLoraError(label, f"module '{module}' has unrecognised keys: {sorted(group)}")
+        alpha = float(group["alpha"]) if "alpha" in group else None
+        try:
+            delta = kind.build(group, alpha)
+            if "dora_scale" in group:
+                delta = kinds.dora.attach_magnitude(delta, group["dora_scale"])
+        except (KeyError, ValueError, RuntimeError, NotImplementedError) as e:
+            raise IncompatibleLoraError(label, f"module '{module}': {e}") from None
+        built[module] = delta
+    targets: dict[str, list[Target]] = {}
+    unresolved: dict[str, int] = {}
+    for module, delta in built.items():
+        target = resolve_by_table(family, pipe, module)
+        if target is not None:
+            targets[module] = [target]
+        else:
+            unresolved[module] = delta.out_features
+    targets.update(resolve_by_probe(family, pipe, unresolved))
+    deltas: dict[str, LayerDelta] = {}
+    skipped = []
+    for module, delta in built.items():
+        for target in targets.get(module, []):
+            if target.rows is not None and delta.magnitude is not None and delta.magnitude_axis == "in":
+                raise IncompatibleLoraError(
+                    label, f"module '{module}': column-norm DoRA on a fused layer cannot be split exactly"
+                )
+            part = delta if target.rows is None else delta.select_rows(target.rows)
+            if target.key in deltas:
+                raise IncompatibleLoraError(label, f"two entries of the file land on the same layer {target.key}")
+            deltas[target.key] = part
+        if module not in targets:
+            skipped.append(module)
+    return deltas, skipped
+
+
+def _diffusers_route(tensors, metadata, pipe, family, label):
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+    from peft.utils.other import get_pattern_key
+
+    cls = family.pipeline_class
+    sd = dict(tensors)
+    try:
+        if family.name == "sdxl":
+            state_dict, alphas = cls.lora_state_dict(sd, unet_config=pipe.unet.config)
+        else:
+            state_dict, alphas = cls.lora_state_dict(sd, return_alphas=True)
+    except Exception as e:
+        raise IncompatibleLoraError(label, f"diffusers cannot convert this file ({e.__class__.__name__}: {e})") from None
+    config_meta = _lora_config_metadata(metadata)
+    by_component: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    skipped = []
+    for key, value in state_dict.items():
+        component, _, rest = key.partition(".")
+        if component not in family.components():
+            skipped.append(key)
+            continue
+        by_component[component][rest] = value
+    deltas: dict[str, LayerDelta] = {}
+    for component, sd_c in by_component.items():
+        if not any("lora_A" in k for k in sd_c):
+            if component == family.denoiser:
+                sd_c = convert_unet_state_dict_to_peft(sd_c)
+            else:
+                sd_c = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd_c))
+        module_obj = getattr(pipe, component)
+        if component != family.denoiser and not hasattr(module_obj, "text_model"):
+            sd_c = {k.removeprefix("text_model."): v for k, v in sd_c.items()}
+        ranks = {f"^{k}": v.shape[1] for k, v in sd_c.items() if "lora_B" in k and v.ndim > 1}
+        if not ranks:
+            continue
+        comp_alphas = None
+        if alphas:
+            comp_alphas = {k.removeprefix(f"{component}."): v for k, v in alphas.items() if k.startswith(f"{component}.")}
+            comp_alphas = {k: float(v) for k, v in comp_alphas.items()} or None
+        comp_meta = config_meta.get(component)
+        config = _create_lora_config(
+            sd_c, comp_alphas, comp_meta, ranks, is_unet=component == family.denoiser
+        )
+        modules = sorted({k.split(".lora_")[0] for k in sd_c if ".lora_A" in k})
+        for module in modules:
+            down = sd_c[f"{module}.lora_A.weight"]
+            up = sd_c[f"{module}.lora_B.weight"]
+            rank = down.shape[0]
+            alpha_key = get_pattern_key(config.alpha_pattern.keys(), module)
+            alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+            scale = alpha / (math.sqrt(rank) if getattr(config, "use_rslora", False) else rank)
+            # PEFT's lora_B bias (lora_bias=True) is scaled with the adapter like its weight
+            delta = LayerDelta(down=down, up=up.reshape(up.shape[0], -1), bias=sd_c.get(f"{module}.lora_B.bias"),
+                               scale=float(scale), kind="lora")
+            magnitude = sd_c.get(f"{module}.lora_magnitude_vector")
+            if magnitude is None:
+                magnitude = sd_c.get(f"{module}.lora_magnitude_vector.weight")
+            if magnitude is not None:
+                delta = kinds.dora.attach_magnitude(delta, magnitude)
+            deltas[f"{component}.{module}"] = delta
+    return deltas, skipped
+
+
+def _lora_config_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    """diffusers stores each component's PEFT LoraConfig as ``lora_adapter_metadata`` (JSON, keys prefixed)."""
+    import json
+
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, dict] = defaultdict(dict)
+    for key, value in flat.items():
+        component, _, field_name = key.partition(".")
+        out[component][field_name] = value
+    return dict(out)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_fit(deltas, skipped, pipe, family, label, info: LoraInfo):
+    problems = []
+    for key, delta in deltas.items():
+        component, _, path = key.partition(".")
+        try:
+            module = getattr(pipe, component).get_submodule(path)
+        except AttributeError:
+            problems.append(f"{key}: no such layer")
+            continue
+        problem = _shape_problem(delta, module)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    hint = ""
+    if info.base is None:
+        hint = " (the file does not say which base model it was made for)"
+    if problems:
+        listed = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise IncompatibleLoraError(
+            label, f"{len(problems)} of its layers do not fit this {BASE_NAMES[family.name]} model{hint}: {listed}"
+        )
+    if not deltas:
+        sample = ", ".join(skipped[:3])
+        raise IncompatibleLoraError(
+            label,
+            f"none of its {len(skipped)} modules match a layer of this {BASE_NAMES[family.name]} model{hint} "
+            f"(e.g. {sample})",
+        )
+
+
+def _shape_problem(delta: LayerDelta, module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        out_f, in_f, kernel = module.out_features, module.in_features, ()
+    elif isinstance(module, nn.Conv2d):
+        out_f, in_f, kernel = module.out_channels, module.in_channels, tuple(module.kernel_size)
+        if module.groups != 1:
+            return "grouped convolution"
+    else:
+        return f"a {type(module).__name__} cannot take a LoRA"
+    if delta.out_features != out_f:
+        return f"LoRA output size {delta.out_features} vs layer {out_f}"
+    if delta.down is not None:
+        got = delta.down[0].numel()
+        if got != in_f * int(math.prod(kernel)):
+            return f"LoRA input size {tuple(delta.down.shape[1:])} vs layer {(in_f, *kernel)}"
+    if delta.dense is not None and delta.dense.numel() != out_f * in_f * int(math.prod(kernel)):
+        return f"delta shape {tuple(delta.dense.shape)} vs layer {(out_f, in_f, *kernel)}"
+    return None

@@ -1,0 +1,269 @@
+"""Composed layers: one concatenated low-rank branch with per-sample gains, for every adapter on a layer.
+
+For N adapters with ``ΔW_i = s_i · B_i A_i`` on one linear layer, the layer keeps ``A_cat`` (Σr × in) and
+``B_cat`` (out × Σr, with each ``s_i`` folded in) and computes
+
+    y = W x + b + B_cat((A_cat x) ⊙ g)
+
+where ``g`` is a gain over the concatenated rank dimension, per sample: every rank column carries the current
+weight of the adapter that owns it (``MixState.gains_for`` times the layer's block weight). Two GEMMs serve any
+number of adapters and any mix: merge (every sample, every adapter), switch (one-hot per step), composite (N
+replicas of the batch, replica i with adapter i only, all in one forward).
+
+Adapters that are not low-rank at a fair cost take exact side paths in the same layer: dense deltas (large
+LoHa/LoKr, full diffs), bias deltas, and DoRA's rescaling of the base output (see
+:mod:`pipelines.adapters.kinds.dora`). ``ComposedLinear``/``ComposedConv2d`` subclass ``nn.Linear``/``nn.Conv2d``
+and share the wrapped layer's ``weight`` and ``bias`` Parameters, so ``state_dict`` keys, ``isinstance`` checks
+and device moves are unchanged; the base weights are never written, and putting the original module back
+restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters.delta import LayerDelta
+from .adapters.kinds import dora
+from .mix_state import MixState
+
+
+@dataclass
+class PreparedDelta:
+    """A ``LayerDelta`` resolved against its layer (scale and DoRA folded in), kept on the CPU in float32."""
+
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    dora_out: torch.Tensor | None = None  # s - 1 per output row: adds (s-1) ⊙ W x
+    dora_in: torch.Tensor | None = None  # s - 1 per input column: adds W ((s-1) ⊙ x)
+
+    def weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """The exact dense change of the layer weight at gain 1 (for tests and weight-space merges)."""
+        shape = tuple(base_weight.shape)
+        w = torch.zeros(shape)
+        if self.down is not None:
+            w += (self.up @ self.down.reshape(self.down.shape[0], -1)).reshape(shape)
+        if self.dense is not None:
+            w += self.dense.reshape(shape)
+        base = base_weight.detach().float().cpu()
+        if self.dora_out is not None:
+            w += self.dora_out.view(-1, *[1] * (len(shape) - 1)) * base
+        if self.dora_in is not None:
+            w += self.dora_in.view(1, -1, *[1] * (len(shape) - 2)) * base
+        return w
+
+
+def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
+    """Fold scale and DoRA into ``delta`` for layer ``base`` and check that the shapes fit."""
+    weight = base.weight
+    shape = tuple(weight.shape)
+    kernel = shape[1:]
+    s = None
+    if delta.magnitude is not None:
+        if weight.is_meta:
+            raise ValueError("DoRA needs the base weights, which are not loaded (meta device)")
+        s = dora.norm_scale(weight.detach().cpu(), delta.to(device="cpu"))
+    out = PreparedDelta()
+    if delta.down is not None:
+        rank = delta.rank
+        down = delta.down.float()
+        if down[0].numel() != int(torch.tensor(kernel).prod()):
+            raise ValueError(f"LoRA down-projection of shape {tuple(delta.down.shape)} does not fit a layer of {shape}")
+        down = down.reshape(rank, *kernel)
+        up = delta.up.float().reshape(delta.up.shape[0], -1) * delta.scale
+        if s is not None and delta.magnitude_axis == "out":
+            up = up * s[:, None]
+        if s is not None and delta.magnitude_axis == "in":
+            down = down * s.view(1, -1, *[1] * (len(kernel) - 1))
+        out.down, out.up = down.contiguous(), up.contiguous()
+    if delta.dense is not None:
+        if delta.dense.numel() != weight.numel():
+            raise ValueError(f"dense delta of shape {tuple(delta.dense.shape)} does not fit a layer of {shape}")
+        dense = delta.dense.float().reshape(shape) * delta.scale
+        if s is not None and delta.magnitude_axis == "out":
+            dense = dense * s.view(-1, *[1] * (len(shape) - 1))
+        if s is not None and delta.magnitude_axis == "in":
+            dense = dense * s.view(1, -1, *[1] * (len(shape) - 2))
+        out.dense = dense.contiguous()
+    if delta.bias is not None:
+        out.bias = delta.bias.float().reshape(-1) * delta.scale
+    if s is not None:
+        if delta.magnitude_axis == "out":
+            out.dora_out = s - 1
+        else:
+            out.dora_in = s - 1
+    return out
+
+
+class AdapterBranch(nn.Module):
+    """The adapters of one layer, packed for the active set; a submodule of the composed layer.
+
+    Packed tensors are non-persistent buffers: they follow ``.to()`` and offloading, and stay out of
+    ``state_dict``. The per-adapter ``PreparedDelta`` entries stay on the CPU and are re-packed only when
+    the active set or the layer's device/dtype changes.
+    """
+
+    def __init__(self, state: MixState, block_id: int):
+        super().__init__()
+        self.state = state
+        self.block_id = block_id
+        self.entries: dict[str, PreparedDelta] = {}
+        self._pack_key = None
+        self._gain_key = None
+        self._empty = True
+        for name in ("down_cat", "up_cat", "owner", "dense_cat", "dense_owner", "bias_cat", "bias_owner",
+                     "dora_out_cat", "dora_out_owner", "dora_in_cat", "dora_in_owner"):
+            self.register_buffer(name, None, persistent=False)
+
+    # -------------------------------------------------------------------------------------------- packing
+    def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
+        key = (self.state.pack_version, device, dtype, tuple(self.entries))
+        if key == self._pack_key:
+            return
+        cols = [(self.state.column(n), self.entries[n]) for n in self.state.active if n in self.entries]
+
+        def cat(parts, dim=0):
+            return torch.cat(parts, dim=dim).to(device=device, dtype=dtype) if parts else None
+
+        def owners(items):
+            return torch.tensor(items, dtype=torch.long, device=device) if items else None
+
+        low = [(c, e) for c, e in cols if e.down is not None]
+        self.down_cat = cat([e.down for _, e in low])
+        self.up_cat = cat([e.up for _, e in low], dim=1)
+        self.owner = owners([c for c, e in low for _ in range(e.down.shape[0])])
+        dense = [(c, e) for c, e in cols if e.dense is not None]
+        self.dense_cat = cat([e.dense for _, e in dense])
+        self.dense_owner = owners([c for c, _ in dense])
+        biased = [(c, e) for c, e in cols if e.bias is not None]
+        self.bias_cat = cat([e.bias[None] for _, e in biased])
+        self.bias_owner = owners([c for c, _ in biased])
+        dout = [(c, e) for c, e in cols if e.dora_out is not None]
+        self.dora_out_cat = cat([e.dora_out[None] for _, e in dout])
+        self.dora_out_owner = owners([c for c, _ in dout])
+        din = [(c, e) for c, e in cols if e.dora_in is not None]
+        self.dora_in_cat = cat([e.dora_in[None] for _, e in din])
+        self.dora_in_owner = owners([c for c, _ in din])
+        self._empty = not cols
+        self._pack_key = key
+        self._gain_key = None
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """``y`` is the base layer's output for ``x``; returns ``y`` plus every active adapter's share."""
+        self._pack(y.device, y.dtype)
+        if self._empty:
+            return y
+        gains = self.state.gains_for(self.block_id, y.device, y.dtype)  # [G, N]
+        rows = gains.shape[0]
+        if rows != 1 and rows != x.shape[0]:
+            raise RuntimeError(
+                f"mix state holds gains for {rows} samples but this layer sees a batch of {x.shape[0]}"
+            )
+        conv = isinstance(layer, nn.Conv2d)
+
+        def per_sample(v: torch.Tensor) -> torch.Tensor:  # [G, K] -> broadcastable against the output
+            return v.view(rows, v.shape[1], 1, 1) if conv else v.view(rows, *[1] * (y.dim() - 2), v.shape[1])
+
+        out = y
+        if self.down_cat is not None:
+            if conv:
+                h = F.conv2d(x, self.down_cat, None, layer.stride, layer.padding, layer.dilation)
+                h = h * per_sample(gains[:, self.owner])
+                out = out + F.conv2d(h, self.up_cat[:, :, None, None])
+            else:
+                h = F.linear(x, self.down_cat) * per_sample(gains[:, self.owner])
+                out = out + F.linear(h, self.up_cat)
+        if self.dense_cat is not None:
+            n = self.dense_owner.numel()
+            if conv:
+                z = F.conv2d(x, self.dense_cat, None, layer.stride, layer.padding, layer.dilation)
+                z = z.view(z.shape[0], n, -1, *z.shape[2:])
+                out = out + (z * gains[:, self.dense_owner].view(rows, n, 1, 1, 1)).sum(1)
+            else:
+                z = F.linear(x, self.dense_cat).unflatten(-1, (n, -1))
+                out = out + (z * gains[:, self.dense_owner].view(rows, *[1] * (y.dim() - 2), n, 1)).sum(-2)
+        if self.bias_cat is not None:
+            out = out + per_sample(gains[:, self.bias_owner] @ self.bias_cat)
+        if self.dora_out_cat is not None:
+            wx = y if layer.bias is None else y - (layer.bias.view(1, -1, 1, 1) if conv else layer.bias)
+            out = out + wx * per_sample(gains[:, self.dora_out_owner] @ self.dora_out_cat)
+        if self.dora_in_cat is not None:
+            for i in range(self.dora_in_owner.numel()):
+                s1 = self.dora_in_cat[i]
+                xs = x * (s1.view(1, -1, 1, 1) if conv else s1)
+                wx = layer._base_op(xs, with_bias=False)
+                g = gains[:, self.dora_in_owner[i]].view(rows, *[1] * (y.dim() - 1))
+                out = out + wx * g
+        return out
+
+
+class ComposedLinear(nn.Linear):
+    """An ``nn.Linear`` that shares the wrapped layer's parameters and adds its :class:`AdapterBranch`."""
+
+    def __init__(self, base: nn.Linear, branch: AdapterBranch):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.studio_branch = branch
+        object.__setattr__(self, "original", base)
+
+    def _base_op(self, x, with_bias=True):
+        return F.linear(x, self.weight, self.bias if with_bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.studio_branch(x, self._base_op(x), self)
+
+
+class ComposedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that shares the wrapped layer's parameters and adds its :class:`AdapterBranch`."""
+
+    def __init__(self, base: nn.Conv2d, branch: AdapterBranch):
+        nn.Module.__init__(self)
+        if base.groups != 1:
+            raise ValueError("LoRA on grouped convolutions is not supported")
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "transposed", "output_padding", "groups", "padding_mode"):
+            setattr(self, attr, getattr(base, attr))
+        if base.padding_mode != "zeros":
+            raise ValueError("LoRA on convolutions with non-zero padding modes is not supported")
+        self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
+        self.weight = base.weight
+        self.bias = base.bias
+        self.studio_branch = branch
+        object.__setattr__(self, "original", base)
+
+    def _base_op(self, x, with_bias=True):
+        return F.conv2d(x, self.weight, self.bias if with_bias else None, self.stride, self.padding, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.studio_branch(x, self._base_op(x), self)
+
+
+ComposedLayer = ComposedLinear | ComposedConv2d
+
+
+def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module:
+    """Wrap ``base`` (idempotent: a composed layer is returned as is)."""
+    if isinstance(base, (ComposedLinear, ComposedConv2d)):
+        return base
+    branch = AdapterBranch(state, block_id)
+    if isinstance(base, nn.Linear):
+        return ComposedLinear(base, branch)
+    if isinstance(base, nn.Conv2d):
+        return ComposedConv2d(base, branch)
+    raise TypeError(f"cannot attach adapters to {type(base).__name__}")
+
+
+def restore_module(layer: nn.Module) -> nn.Module:
+    """The original module, re-bound to the (possibly moved) shared parameters."""
+    original = layer.original
+    original.weight = layer.weight
+    original.bias = layer.bias
+    return original

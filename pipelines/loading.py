@@ -1,0 +1,161 @@
+"""Loading SDXL and FLUX.1 pipelines from a built-in name, a Hub id, a local folder or a single file.
+
+* ``tiny-sdxl`` / ``tiny-flux``: built offline (trained weights from ``assets/models/<name>`` when shipped,
+  else seeded random weights, see :mod:`pipelines.tiny`);
+* a Hub id (``stabilityai/stable-diffusion-xl-base-1.0``, ``black-forest-labs/FLUX.1-dev``) or a local
+  diffusers folder: ``DiffusionPipeline.from_pretrained``;
+* a single ``.safetensors`` checkpoint: an all-in-one SDXL file through
+  ``StableDiffusionXLPipeline.from_single_file``; a FLUX transformer file (BFL or diffusers layout) through
+  ``FluxTransformer2DModel.from_single_file``, with the other components from ``config`` (a Hub id or folder,
+  by default the FLUX.1 repo matching the file).
+
+Device and dtype: CUDA gets bfloat16 where supported (else float16), the CPU float32. ``offload=True`` calls
+diffusers' ``enable_model_cpu_offload`` (only meaningful with an accelerator).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .families import FAMILIES, FLUX, SDXL, Family
+from .safetensors_io import PICKLE_SUFFIXES, check_safetensors_file
+from .tiny import TINY_BUILDERS
+
+log = logging.getLogger(__name__)
+
+ASSET_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+DEFAULT_MODEL = "tiny-sdxl"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        try:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
+            raise ModelLoadError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def family_of(pipe) -> Family:
+    import diffusers
+
+    if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
+        return SDXL
+    if isinstance(pipe, diffusers.FluxPipeline):
+        return FLUX
+    raise ModelLoadError(
+        f"{type(pipe).__name__} is not supported; the studio composes LoRAs on StableDiffusionXLPipeline and "
+        "FluxPipeline models"
+    )
+
+
+def sniff_single_file(path: Path) -> str:
+    """``"sdxl"`` or ``"flux"`` from the tensor names of a single-file checkpoint (header only)."""
+    header = check_safetensors_file(path)
+    keys = [k for k in header if k != "__metadata__"]
+    joined = "\n".join(keys[:5000])
+    if "double_blocks." in joined or "single_transformer_blocks." in joined or "single_blocks." in joined:
+        return "flux"
+    if "conditioner.embedders.1" in joined or "add_embedding." in joined or "label_emb." in joined:
+        return "sdxl"
+    raise ModelLoadError(f"{path}: cannot tell which model this checkpoint holds (neither SDXL nor FLUX.1 keys)")
+
+
+def _builtin(name: str, dtype: torch.dtype):
+    trained = ASSET_MODELS / name
+    if (trained / "model_index.json").exists():
+        import diffusers
+
+        return diffusers.DiffusionPipeline.from_pretrained(str(trained), torch_dtype=dtype)
+    pipe = TINY_BUILDERS[name]()
+    return pipe.to(dtype=dtype)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype):
+    import diffusers
+
+    path = Path(source)
+    if path.exists() and path.is_dir() and not (path / "model_index.json").exists():
+        raise ModelLoadError(f"{source}: a folder without model_index.json is not a diffusers pipeline")
+    if path.exists() and path.is_dir():
+        index = json.loads((path / "model_index.json").read_text())
+        if index.get("_class_name") not in ("StableDiffusionXLPipeline", "FluxPipeline"):
+            raise ModelLoadError(f"{source}: {index.get('_class_name')} is not an SDXL or FLUX.1 pipeline")
+    try:
+        return diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        hint = " (no network? pass a local folder or a single file)" if not path.exists() else ""
+        raise ModelLoadError(f"cannot load '{source}'{hint}: {e}") from None
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
+    import diffusers
+
+    kind = sniff_single_file(path)
+    try:
+        if kind == "sdxl":
+            extra = {"config": config} if config else {}
+            return diffusers.StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype, **extra)
+        repo = config or "black-forest-labs/FLUX.1-dev"
+        transformer = diffusers.FluxTransformer2DModel.from_single_file(
+            str(path), config=repo, subfolder="transformer", torch_dtype=dtype
+        )
+        return diffusers.FluxPipeline.from_pretrained(repo, transformer=transformer, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load single file {path} as {kind.upper()}: {e}. Pass --config with a local diffusers folder "
+            "(or Hub id) of the matching model for the components the file does not hold."
+        ) from None
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload: bool = False,
+    config: str | None = None,
+):
+    """Load ``model`` and return ``(pipe, family)``; the pipeline is the stock diffusers object."""
+    device = pick_device(device)
+    torch_dtype = pick_dtype(device, dtype)
+    path = Path(model).expanduser()
+    if model in TINY_BUILDERS:
+        pipe = _builtin(model, torch_dtype)
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{model}: pickle checkpoints can run code when opened; use a .safetensors file")
+    elif path.is_file():
+        pipe = _from_single_file(path, torch_dtype, config)
+    else:
+        pipe = _from_pretrained(model, torch_dtype)
+    family = family_of(pipe)
+    if offload and device.type != "cpu":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        if offload:
+            log.warning("model CPU offload needs an accelerator; running on %s without it", device)
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family
+
+
+__all__ = ["DEFAULT_MODEL", "FAMILIES", "family_of", "load_pipeline", "pick_device", "pick_dtype"]

@@ -1,0 +1,111 @@
+"""`MixState`: the knobs strategies turn and composed layers read.
+
+One ``MixState`` belongs to one pipeline. It holds, for the N loaded adapters (its *columns*):
+
+* ``text_gains`` and ``denoiser_gains``: the per-sample weight of every adapter, shape ``[G, N]``. ``G == 1``
+  broadcasts over the batch (merge); ``G == batch`` gives every sample its own mix (switch lanes, composite
+  replicas);
+* ``block_weights``: a per-block multiplier of every adapter, shape ``[blocks, N]`` (LoRA block weights);
+* ``active``: the adapters packed into the layers' branches right now. Changing it re-concatenates small
+  tensors on the next forward; it never re-parses files or re-injects layers.
+
+Every change bumps ``version``; layers cache their expanded gains per version.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+
+class MixState:
+    def __init__(self, blocks: Sequence[str], text_blocks: Iterable[str]):
+        self.blocks = list(blocks)
+        self.block_index = {b: i for i, b in enumerate(self.blocks)}
+        self.text_block_ids = frozenset(self.block_index[b] for b in text_blocks)
+        self.names: list[str] = []
+        self.active: tuple[str, ...] = ()
+        self.text_gains = torch.zeros(1, 0)
+        self.denoiser_gains = torch.zeros(1, 0)
+        self.block_weights = torch.ones(len(self.blocks), 0)
+        self.version = 0
+        self.pack_version = 0
+        self._cache: dict = {}
+
+    # ----------------------------------------------------------------------------------------------- columns
+    def column(self, name: str) -> int:
+        return self.names.index(name)
+
+    def add_column(self, name: str) -> int:
+        if name in self.names:
+            raise ValueError(f"adapter '{name}' is already loaded")
+        self.names.append(name)
+        self.text_gains = torch.cat([self.text_gains, torch.zeros(self.text_gains.shape[0], 1)], dim=1)
+        self.denoiser_gains = torch.cat([self.denoiser_gains, torch.zeros(self.denoiser_gains.shape[0], 1)], dim=1)
+        self.block_weights = torch.cat([self.block_weights, torch.ones(len(self.blocks), 1)], dim=1)
+        self._bump(repack=True)
+        return len(self.names) - 1
+
+    def remove_column(self, name: str) -> None:
+        i = self.column(name)
+        keep = [j for j in range(len(self.names)) if j != i]
+        self.names.pop(i)
+        self.text_gains = self.text_gains[:, keep]
+        self.denoiser_gains = self.denoiser_gains[:, keep]
+        self.block_weights = self.block_weights[:, keep]
+        self.active = tuple(n for n in self.active if n != name)
+        self._bump(repack=True)
+
+    # ----------------------------------------------------------------------------------------------- setters
+    def set_active(self, names: Sequence[str]) -> None:
+        names = tuple(names)
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise KeyError(f"not loaded: {unknown}")
+        if names != self.active:
+            self.active = names
+            self._bump(repack=True)
+
+    def gains_row(self, weights: Mapping[str, float]) -> torch.Tensor:
+        """A ``[N]`` gain vector from ``{name: weight}`` (absent adapters get 0)."""
+        row = torch.zeros(len(self.names))
+        for name, w in weights.items():
+            row[self.column(name)] = float(w)
+        return row
+
+    def set_gains(self, *, text: torch.Tensor | None = None, denoiser: torch.Tensor | None = None) -> None:
+        for value in (text, denoiser):
+            if value is not None and (value.dim() != 2 or value.shape[1] != len(self.names)):
+                raise ValueError(f"gains must be [G, {len(self.names)}], got {tuple(value.shape)}")
+        if text is not None:
+            self.text_gains = text.detach().float().cpu()
+        if denoiser is not None:
+            self.denoiser_gains = denoiser.detach().float().cpu()
+        self._bump()
+
+    def set_block_weights(self, name: str, weights: Mapping[str, float]) -> None:
+        col = self.column(name)
+        column = torch.ones(len(self.blocks))
+        for block, w in weights.items():
+            column[self.block_index[block]] = float(w)
+        if not torch.equal(self.block_weights[:, col], column):
+            self.block_weights[:, col] = column
+            self._bump()
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def gains_for(self, block_id: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``[G, N]`` gains of a layer in block ``block_id`` (text or denoiser gains, times block weights)."""
+        key = (block_id, device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            gains = self.text_gains if block_id in self.text_block_ids else self.denoiser_gains
+            cached = (gains * self.block_weights[block_id]).to(device=device, dtype=dtype)
+            self._cache[key] = cached
+        return cached
+
+    def _bump(self, repack: bool = False) -> None:
+        self.version += 1
+        if repack:
+            self.pack_version += 1
+        self._cache.clear()

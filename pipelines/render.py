@@ -1,0 +1,87 @@
+"""One call of the stock pipeline with a stack of adapters and a step planner.
+
+This is the only place that calls ``pipe(...)`` for the studio. It activates the stack in the mix state,
+prepares per-lane text conditioning when the planner needs it, and runs the pipeline inside a
+:class:`DenoiserSeam`, chaining the seam's step counter with the caller's ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .composer import Composer
+from .conditioning import encode_lanes
+from .seam import DenoiserSeam, StepPlan
+
+
+def needs_cfg(pipe, family_name: str, guidance_scale: float, negative_prompt: str | None, true_cfg_scale: float) -> bool:
+    if family_name == "sdxl":
+        return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+    return bool(negative_prompt) and true_cfg_scale > 1.0
+
+
+def run_pipeline(
+    composer: Composer,
+    *,
+    stack: list[str],
+    plan_for_step: Callable[[int], StepPlan],
+    text_lanes: torch.Tensor,
+    prompt: str,
+    negative_prompt: str | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    width: int,
+    height: int,
+    generator: torch.Generator,
+    output_type: str = "pil",
+    callback: Callable[[int, int, dict], None] | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    seam_factory: Callable[..., DenoiserSeam] = DenoiserSeam,
+):
+    """Render one prompt; ``plan_for_step`` and ``text_lanes`` are in the state's column space ([·, N])."""
+    pipe, family, state = composer.pipe, composer.family, composer.state
+    extra = dict(pipeline_kwargs or {})
+    true_cfg = float(extra.get("true_cfg_scale", 1.0))
+    do_cfg = needs_cfg(pipe, family.name, guidance_scale, negative_prompt, true_cfg)
+    state.set_active(stack)
+    saved_text = state.text_gains.clone()
+    text_stack = [n for n in stack if n in composer.text_part_names()]
+    conditioning = None
+    call: dict[str, Any] = {}
+    if text_lanes.shape[0] > 1 and text_stack:
+        call, conditioning = encode_lanes(
+            pipe, family, state, text_lanes, prompt=prompt, negative_prompt=negative_prompt, do_cfg=do_cfg,
+            max_sequence_length=extra.get("max_sequence_length"),
+        )
+    else:
+        state.set_gains(text=text_lanes[:1])
+        call["prompt"] = prompt
+        if negative_prompt and (family.name == "sdxl" or do_cfg):
+            call["negative_prompt"] = negative_prompt
+    seam = seam_factory(pipe, family, state, plan_for_step, conditioning)
+
+    def on_step_end(p, step, timestep, callback_kwargs):
+        seam.on_step_end(p, step, timestep, callback_kwargs)
+        if callback is not None:
+            callback(step, num_inference_steps, callback_kwargs)
+        return {}
+
+    call.update(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        width=width,
+        height=height,
+        generator=generator,
+        output_type=output_type,
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
+    call.update(extra)
+    try:
+        with seam, torch.no_grad():
+            output = pipe(**call)
+    finally:
+        state.set_gains(text=saved_text)
+    return output, seam

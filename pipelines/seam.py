@@ -1,0 +1,205 @@
+"""The denoising-loop seam: run a strategy's *lanes* inside the stock pipeline's denoiser call.
+
+A strategy answers, for every denoising step, with a :class:`StepPlan`: L lanes, each a gain vector over the
+loaded adapters, plus the weights that reduce the L lane predictions to one. The seam installs a forward
+pre-hook and a forward hook on ``pipe.unet`` / ``pipe.transformer``:
+
+* pre-hook: replicates the batch L times (lane-major), gives each lane its own text conditioning when the
+  adapters have text-encoder parts, and sets the per-sample denoiser gains in the :class:`MixState`;
+* hook: reduces the ``[L·B, ...]`` prediction to ``[B, ...]`` with the plan's weights.
+
+So merge is one lane; switch is one lane whose adapter changes with the step; composite is N lanes averaged,
+all in **one** batched forward. The pipeline's own loop, scheduler, classifier-free guidance, offloading and
+``torch.compile`` are untouched: with guidance, averaging the lanes' conditional and unconditional
+predictions before the pipeline applies ``u + s (c - u)`` equals averaging each lane's guided prediction.
+The step index comes from ``callback_on_step_end`` (see :meth:`DenoiserSeam.on_step_end`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .families import Family
+from .mix_state import MixState
+
+
+@dataclass
+class StepPlan:
+    """What to run at one step: ``gains[L, N]`` per lane, ``weights[L]`` to reduce, text lane per lane."""
+
+    gains: torch.Tensor
+    weights: torch.Tensor
+    text_lanes: list[int] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.gains.dim() != 2 or self.weights.shape != (self.gains.shape[0],):
+            raise ValueError(f"bad plan: gains {tuple(self.gains.shape)}, weights {tuple(self.weights.shape)}")
+        if self.text_lanes is not None and len(self.text_lanes) != self.gains.shape[0]:
+            raise ValueError("one text lane per denoiser lane")
+
+    @property
+    def lanes(self) -> int:
+        return self.gains.shape[0]
+
+
+class LaneConditioning:
+    """Text conditioning computed once per text lane; swaps rows of the pipeline's tensors lane by lane.
+
+    ``rows[arg][j]`` stacks every distinct conditioning row of lane j (e.g. prompt and negative prompt). The
+    pipeline is handed lane 0's tensors; whatever layout it builds from them (``[neg; pos]`` for SDXL's
+    guidance, separate calls for FLUX's true CFG, repeats for several images), each incoming row equals one
+    of lane 0's rows, and lane j gets the same row of its own set. Matching by value keeps the seam free of
+    assumptions about a pipeline's internal layout.
+    """
+
+    def __init__(self, rows: dict[str, list[torch.Tensor]]):
+        self.rows = rows
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    def _row_index(self, arg: str, value: torch.Tensor) -> torch.Tensor:
+        key = (arg, value.data_ptr(), tuple(value.shape))
+        index = self._index_cache.get(key)
+        if index is None:
+            reference = self.rows[arg][0].to(value.device, value.dtype)
+            found = []
+            for row in value:
+                hits = [k for k in range(reference.shape[0]) if torch.equal(row, reference[k])]
+                if not hits:
+                    raise RuntimeError(
+                        f"the denoiser received '{arg}' rows that were not precomputed for the lanes "
+                        "(custom prompt embeddings are not supported together with per-lane text conditioning)"
+                    )
+                found.append(hits[0])
+            index = torch.tensor(found, dtype=torch.long)
+            self._index_cache[key] = index
+        return index
+
+    def substitute(self, arg: str, value: torch.Tensor, lanes: list[int]) -> torch.Tensor:
+        index = self._row_index(arg, value)
+        parts = [self.rows[arg][j].to(value.device, value.dtype)[index] for j in lanes]
+        return torch.cat(parts, dim=0)
+
+
+def _get(kwargs: dict, dotted: str):
+    head, _, rest = dotted.partition(".")
+    value = kwargs.get(head)
+    if rest:
+        return None if not isinstance(value, dict) else value.get(rest)
+    return value
+
+
+def _set(kwargs: dict, dotted: str, value) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest:
+        kwargs[head] = {**kwargs[head], rest: value}
+    else:
+        kwargs[head] = value
+
+
+class DenoiserSeam:
+    """Context manager that routes ``family.denoiser`` calls of ``pipe`` through ``plan_for_step``."""
+
+    def __init__(
+        self,
+        pipe,
+        family: Family,
+        state: MixState,
+        plan_for_step: Callable[[int], StepPlan],
+        conditioning: LaneConditioning | None = None,
+    ):
+        self.pipe = pipe
+        self.family = family
+        self.state = state
+        self.plan_for_step = plan_for_step
+        self.conditioning = conditioning
+        self.step = 0
+        self.plans: dict[int, StepPlan] = {}
+        self.calls = 0
+        self._handles: list = []
+        self._pending: tuple | None = None
+        self._saved_gains = None
+        denoiser: nn.Module = getattr(pipe, family.denoiser)
+        self._signature = inspect.signature(type(denoiser).forward)
+
+    # -------------------------------------------------------------------------------------------- plumbing
+    def __enter__(self) -> "DenoiserSeam":
+        denoiser = getattr(self.pipe, self.family.denoiser)
+        self._saved_gains = self.state.denoiser_gains.clone()
+        self._handles = [
+            denoiser.register_forward_pre_hook(self._before, with_kwargs=True),
+            denoiser.register_forward_hook(self._after),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending = None
+        self.state.set_gains(denoiser=self._saved_gains)
+
+    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """Use as (part of) ``callback_on_step_end``: advances the step the next plan is made for."""
+        self.step = step + 1
+        return {}
+
+    def plan(self, step: int) -> StepPlan:
+        plan = self.plans.get(step)
+        if plan is None:
+            plan = self.plan_for_step(step)
+            self.plans[step] = plan
+        return plan
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def _before(self, module, args, kwargs):
+        plan = self.plan(self.step)
+        self.calls += 1
+        bound = self._signature.bind_partial(module, *args, **kwargs).arguments
+        bound.pop(next(iter(bound)))  # self
+        main = _get(bound, self.family.batched_args[0])
+        batch = main.shape[0]
+        lanes = plan.lanes
+        substitute = self.conditioning is not None and plan.text_lanes is not None
+        if lanes == 1 and not substitute:
+            self.state.set_gains(denoiser=plan.gains)
+            self._pending = None
+            return None
+        new = dict(bound)
+        for name in self.family.batched_args:
+            value = _get(new, name)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and lanes > 1:
+                _set(new, name, torch.cat([value] * lanes, dim=0))
+        if substitute:
+            for name in self.family.text_args:
+                value = _get(bound, name)
+                if isinstance(value, torch.Tensor):
+                    _set(new, name, self.conditioning.substitute(name, value, plan.text_lanes))
+        self.state.set_gains(denoiser=plan.gains.repeat_interleave(batch, dim=0))
+        self._pending = (lanes, batch, plan.weights)
+        return (), new
+
+    def _after(self, module, args, output):
+        if self._pending is None:
+            return None
+        lanes, batch, weights = self._pending
+        self._pending = None
+        if lanes == 1:
+            return None
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(lanes, batch, *x.shape[1:])
+            w = weights.to(device=x.device, dtype=x.dtype).view(lanes, *[1] * (x.dim() - 1))
+            return (x * w).sum(0)
+
+        if isinstance(output, tuple):
+            return (reduce(output[0]), *output[1:])
+        if hasattr(output, "sample"):
+            output.sample = reduce(output.sample)
+            return output
+        return reduce(output)

@@ -1,0 +1,174 @@
+"""The ``studio`` command line.
+
+    studio render "a corgi, watercolor" --lora corgi.safetensors:0.9 --lora watercolor.safetensors:0.7 \\
+        --strategy composite --model tiny-sdxl --seed 7 --out out/
+    studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
+    studio library ~/loras                                   # what is in a LoRA folder
+    studio strategies                                        # registered strategies and their parameters
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipelines.errors import StudioError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA Composition Studio: stack LoRAs on SDXL and FLUX.1.")
+console = Console(stderr=True)
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(code=2)
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise StudioError(f"--param '{item}' must look like name=value")
+        key, value = item.split("=", 1)
+        params[key.strip()] = value.strip()
+    return params
+
+
+def step_progress(total_images: int, steps: int) -> tuple[Progress, callable]:
+    """A rich progress bar over all denoising steps of all images, and the step callback that drives it."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    task = progress.add_task("denoising", total=total_images * steps)
+
+    def callback(step: int, num_steps: int, _kwargs: dict) -> None:
+        progress.advance(task)
+
+    return progress, callback
+
+
+@app.command()
+def render(
+    prompt: Optional[str] = typer.Argument(None, help="What to draw (omit with --recipe)."),
+    lora: list[str] = typer.Option([], "--lora", "-l", help="PATH[:WEIGHT][:start=F][:end=F][:blocks=SPEC]; repeatable."),
+    strategy: str = typer.Option("merge", "--strategy", "-s", help="Fusion strategy (see `studio strategies`)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Strategy parameter name=value; repeatable."),
+    model: str = typer.Option("tiny-sdxl", "--model", "-m", help="tiny-sdxl, tiny-flux, a Hub id, a folder or a .safetensors file."),
+    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    negative: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (model default if omitted)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale (model default if omitted)."),
+    seed: int = typer.Option(0, help="Seed of torch.Generator(device); image k of --count uses seed+k."),
+    width: Optional[int] = typer.Option(None),
+    height: Optional[int] = typer.Option(None),
+    count: int = typer.Option(1, help="How many images (seeds seed, seed+1, ...)."),
+    scheduler: Optional[str] = typer.Option(None, help="A diffusers scheduler class compatible with the model."),
+    out: Path = typer.Option(Path("outputs"), "--out", "-o", help="Folder for the PNGs (recipes embedded)."),
+    recipe: Optional[Path] = typer.Option(None, help="Reproduce a PNG made by the studio (or a .toml recipe)."),
+    lora_dir: Optional[Path] = typer.Option(None, help="LoRA library; relative LoRA names resolve inside it."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)."),
+    offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
+) -> None:
+    """Render images with a stack of LoRAs."""
+    from studio import Recipe, Studio
+
+    try:
+        if recipe is not None:
+            rec = Recipe.load(recipe)
+            studio = Studio(rec.model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir)
+            progress, callback = step_progress(1, rec.steps)
+            with progress:
+                result = studio.reproduce(rec, callback=callback)
+        else:
+            if not prompt:
+                raise StudioError("give a PROMPT or --recipe")
+            studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir)
+            n_steps = steps or studio.family.default_steps
+            progress, callback = step_progress(count, n_steps)
+            with progress:
+                result = studio.compose(
+                    prompt, lora, strategy, strategy_params=_parse_params(param), negative_prompt=negative,
+                    seed=seed, steps=steps, guidance=guidance, width=width, height=height, count=count,
+                    scheduler=scheduler, callback=callback,
+                )
+        paths = result.save(out)
+    except StudioError as e:
+        _fail(e)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    for path in paths:
+        typer.echo(str(path))
+    console.print(f"{len(paths)} image(s) in {result.timings['total_s']:.1f} s "
+                  f"({result.timings['per_image_s']:.2f} s per image)")
+
+
+@app.command()
+def library(
+    folder: Path = typer.Argument(..., help="A folder of .safetensors LoRAs (searched recursively)."),
+    base: Optional[str] = typer.Option(None, help="Only LoRAs for this base (sdxl, flux, sd1, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the LoRAs of a folder with their metadata."""
+    from studio.library import info_dict, scan
+
+    try:
+        infos, errors = scan(folder)
+    except StudioError as e:
+        _fail(e)
+    if base:
+        infos = [i for i in infos if i.base == base]
+    if as_json:
+        typer.echo(json.dumps([info_dict(i, folder) for i in infos], indent=2))
+    else:
+        table = Table(title=f"LoRAs in {folder}")
+        for column in ("file", "name", "base", "format", "rank", "trigger words", "MB"):
+            table.add_column(column)
+        for info in infos:
+            rel = str(Path(info.path).resolve().relative_to(folder.resolve()))
+            table.add_row(rel, info.name, info.base_name, info.format, str(info.rank or "?"),
+                          ", ".join(info.triggers[:4]), f"{info.size_bytes / 1e6:.1f}")
+        Console().print(table)
+    for error in errors:
+        console.print(f"[yellow]skipped:[/] {error}")
+
+
+@app.command()
+def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the registered fusion strategies, their parameters and defaults."""
+    from fusion import REGISTRY
+
+    rows = [{"name": cls.name, "summary": cls.summary, "citation": cls.citation,
+             "params": [{"name": p.name, "default": p.default, "type": p.type.__name__, "help": p.help,
+                         "min": p.min, "max": p.max, "choices": list(p.choices) if p.choices else None}
+                        for p in cls.params]}
+            for cls in REGISTRY.values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Fusion strategies")
+    for column in ("name", "what it does", "parameters (default)", "source"):
+        table.add_column(column)
+    for row in rows:
+        params = "\n".join(f"{p['name']}={p['default']}  {p['help']}" for p in row["params"]) or "-"
+        table.add_row(row["name"], row["summary"], params, row["citation"])
+    Console().print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

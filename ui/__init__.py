@@ -1,0 +1,1 @@
+"""The Gradio web app (``studio ui``); built on the public :mod:`studio` API only."""
