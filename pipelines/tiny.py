@@ -83,6 +83,14 @@ def _tiny_vae(**extra):
     )
 
 
+def _eval(pipe):
+    """Freshly constructed modules are in training mode (dropout on); from_pretrained ones are not."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
 def build_tiny_sdxl(seed: int = TINY_SEED):
     """A ``StableDiffusionXLPipeline`` with SDXL's block layout at toy width (about 1.7 M UNet parameters)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -116,7 +124,7 @@ def build_tiny_sdxl(seed: int = TINY_SEED):
         timestep_spacing="leading",
         steps_offset=1,
     )
-    return StableDiffusionXLPipeline(
+    return _eval(StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -124,7 +132,7 @@ def build_tiny_sdxl(seed: int = TINY_SEED):
         tokenizer_2=clip_tokenizer(pad_token="!"),
         unet=unet,
         scheduler=scheduler,
-    )
+    ))
 
 
 def build_tiny_flux(seed: int = TINY_SEED):
@@ -162,6 +170,7 @@ def build_tiny_flux(seed: int = TINY_SEED):
             decoder_start_token_id=0,
             pad_token_id=49407,
             eos_token_id=49407,
+            dropout_rate=0.0,
         )
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -172,7 +181,7 @@ def build_tiny_flux(seed: int = TINY_SEED):
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    return FluxPipeline(
+    return _eval(FluxPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -180,7 +189,7 @@ def build_tiny_flux(seed: int = TINY_SEED):
         text_encoder_2=text_encoder_2,
         tokenizer_2=clip_tokenizer(),
         transformer=transformer,
-    )
+    ))
 
 
 TINY_BUILDERS = {"tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}

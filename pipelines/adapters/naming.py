@@ -147,6 +147,10 @@ def _convert_with_diffusers(family: Family, pipe, probe: dict[str, torch.Tensor]
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         component, _, rest = key.partition(".")
+        if component not in family.components():
+            # diffusers' FLUX converter leaves the embedders and the output head without the
+            # "transformer." prefix; un-prefixed keys belong to the denoiser
+            component, rest = family.denoiser, key
         by_component.setdefault(component, {})[rest] = value
     for component, sd in by_component.items():
         if not any("lora_A" in k for k in sd):

@@ -88,7 +88,14 @@ def parse_lora(
             f"this LoRA was made for {BASE_NAMES[info.base]} (according to its {info.base_evidence}), "
             f"but the loaded model is {BASE_NAMES[family.name]}",
         )
-    if info.format in ("peft", "diffusers-old", "xlabs", "bfl-control"):
+    if info.format == "bfl-control":
+        raise IncompatibleLoraError(
+            label,
+            "this is a FLUX control LoRA (BFL Canny/Depth format): it widens the image input embedder and "
+            "needs a control image (diffusers' FluxControlPipeline); it cannot be composed on a text-to-image "
+            "FluxPipeline",
+        )
+    if info.format in ("peft", "diffusers-old", "xlabs"):
         deltas, skipped = _diffusers_route(tensors, metadata, pipe, family, label)
     elif info.format == "unknown":
         sample = ", ".join(list(tensors)[:4])
@@ -167,12 +174,10 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
         raise IncompatibleLoraError(label, f"diffusers cannot convert this file ({e.__class__.__name__}: {e})") from None
     config_meta = _lora_config_metadata(metadata)
     by_component: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    skipped = []
     for key, value in state_dict.items():
         component, _, rest = key.partition(".")
         if component not in family.components():
-            skipped.append(key)
-            continue
+            component, rest = family.denoiser, key  # un-prefixed keys belong to the denoiser
         by_component[component][rest] = value
     deltas: dict[str, LayerDelta] = {}
     for component, sd_c in by_component.items():
@@ -212,7 +217,7 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
             if magnitude is not None:
                 delta = kinds.dora.attach_magnitude(delta, magnitude)
             deltas[f"{component}.{module}"] = delta
-    return deltas, skipped
+    return deltas, []
 
 
 def _lora_config_metadata(metadata: dict[str, str]) -> dict[str, dict]:

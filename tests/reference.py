@@ -1,0 +1,80 @@
+"""Plain-diffusers reference implementations of the strategies, written the way the papers' code does it.
+
+diffusers' own ``load_lora_weights`` + ``set_adapters`` (PEFT layers), one denoiser pass per LoRA, prompt
+embeddings computed with ``set_adapters`` per LoRA. Nothing here uses the studio's composed layers or seam.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_adapters(pipe, files, names=None):
+    names = names or [f"ref{i}" for i in range(len(files))]
+    for name, f in zip(names, files):
+        pipe.load_lora_weights(str(f), adapter_name=name)
+    return names
+
+
+def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, negative_prompt, steps, guidance, seed,
+              size=64, shared_text_encoding=False):
+    """Run ``pipe`` where each step averages the denoiser predictions of ``lanes_for_step(step)``.
+
+    ``lanes_for_step`` returns ``[(adapter index, reduce weight), ...]``; lane i runs with only adapter i at
+    its weight, conditioned on the prompt encoded with only adapter i active (or, with
+    ``shared_text_encoding``, with all adapters active: the released Composite code's behaviour).
+    """
+    embeds = []
+    for name, w in zip(names, weights):
+        if shared_text_encoding:
+            pipe.set_adapters(list(names), list(weights))
+        else:
+            pipe.set_adapters([name], [w])
+        with torch.no_grad():
+            if family == "sdxl":
+                pe, npe, ppe, nppe = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=True,
+                                                        negative_prompt=negative_prompt)
+                embeds.append({"encoder_hidden_states": torch.cat([npe, pe]),
+                               "text_embeds": torch.cat([nppe, ppe])})
+            else:
+                pe, ppe, _ = pipe.encode_prompt(prompt, prompt_2=None, device="cpu", num_images_per_prompt=1)
+                embeds.append({"encoder_hidden_states": pe, "pooled_projections": ppe})
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    original = denoiser.forward
+    step = {"i": 0}
+
+    def averaged(*args, **kwargs):
+        out = 0
+        for index, reduce_weight in lanes_for_step(step["i"]):
+            pipe.set_adapters([names[index]], [weights[index]])
+            kw = dict(kwargs)
+            kw["encoder_hidden_states"] = embeds[index]["encoder_hidden_states"]
+            if family == "sdxl":
+                kw["added_cond_kwargs"] = {**kw["added_cond_kwargs"], "text_embeds": embeds[index]["text_embeds"]}
+            else:
+                kw["pooled_projections"] = embeds[index]["pooled_projections"]
+            out = out + reduce_weight * original(*args, **kw)[0]
+        return (out,)
+
+    def on_step_end(p, i, t, kw):
+        step["i"] = i + 1
+        return {}
+
+    denoiser.forward = averaged
+    try:
+        first = embeds[0]
+        call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                    callback_on_step_end=on_step_end)
+        if family == "sdxl":
+            npe, pe = first["encoder_hidden_states"].chunk(2)
+            nppe, ppe = first["text_embeds"].chunk(2)
+            call |= dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                         negative_pooled_prompt_embeds=nppe)
+        else:
+            call |= dict(prompt_embeds=first["encoder_hidden_states"], pooled_prompt_embeds=first["pooled_projections"])
+        with torch.no_grad():
+            return pipe(**call).images[0]
+    finally:
+        denoiser.forward = original
