@@ -87,7 +87,11 @@ def _builtin(name: str, dtype: torch.dtype):
 
         return diffusers.DiffusionPipeline.from_pretrained(str(trained), torch_dtype=dtype)
     pipe = TINY_BUILDERS[name]()
-    return pipe.to(dtype=dtype)
+    if dtype != torch.float32:
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.to(dtype=dtype)
+    return pipe
 
 
 def _from_pretrained(source: str, dtype: torch.dtype):

@@ -22,7 +22,7 @@ from rich.table import Table
 from pipelines.errors import StudioError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA Composition Studio: stack LoRAs on SDXL and FLUX.1.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(error: Exception) -> None:

@@ -114,6 +114,7 @@ def resolve_by_probe(family: Family, pipe, names: dict[str, int]) -> dict[str, l
         elif key.endswith(".lora_B.weight"):
             ups[key.removesuffix(".lora_B.weight")] = value
     result: dict[str, list[Target]] = {}
+    valid: dict[str, set[str]] = {}
     for module_key, down in downs.items():
         if module_key not in ups or down.numel() == 0:
             continue
@@ -125,6 +126,10 @@ def resolve_by_probe(family: Family, pipe, names: dict[str, int]) -> dict[str, l
         if component is None:
             continue
         path = normalize_component_path(component, path)
+        if component_name not in valid:
+            valid[component_name] = set(module_table(component).values())
+        if path not in valid[component_name]:
+            continue  # the converter renamed it, but no such layer exists in this model
         rows = ups[module_key].reshape(-1).round().long()
         source_rows = names[order[ident - 1]]
         full = rows.numel() == source_rows and torch.equal(rows, torch.arange(source_rows))

@@ -98,6 +98,10 @@ def parse_lora(
     if info.format in ("peft", "diffusers-old", "xlabs"):
         deltas, skipped = _diffusers_route(tensors, metadata, pipe, family, label)
     elif info.format == "unknown":
+        suffixes = {k.partition(".")[2] for k in tensors}
+        algorithms = sorted({kinds.UNSUPPORTED_SUFFIXES[s] for s in suffixes if s in kinds.UNSUPPORTED_SUFFIXES})
+        if algorithms:
+            raise IncompatibleLoraError(label, f"uses {', '.join(algorithms)}, which the studio does not apply yet")
         sample = ", ".join(list(tensors)[:4])
         raise IncompatibleLoraError(label, f"no LoRA/LyCORIS keys recognised (first keys: {sample})")
     else:
