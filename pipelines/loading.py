@@ -80,6 +80,15 @@ def sniff_single_file(path: Path) -> str:
     raise ModelLoadError(f"{path}: cannot tell which model this checkpoint holds (neither SDXL nor FLUX.1 keys)")
 
 
+def model_defaults(model: str) -> dict:
+    """Generation defaults a model folder ships in ``studio_defaults.json`` (size, steps, guidance, ...)."""
+    folder = ASSET_MODELS / model if model in TINY_BUILDERS else Path(model).expanduser()
+    path = folder / "studio_defaults.json"
+    if folder.is_dir() and path.exists():
+        return json.loads(path.read_text())
+    return {}
+
+
 def _builtin(name: str, dtype: torch.dtype):
     trained = ASSET_MODELS / name
     if (trained / "model_index.json").exists():

@@ -28,7 +28,7 @@ from pipelines import Composer, load_pipeline
 from pipelines.adapters import ParsedLora, parse_lora
 from pipelines.errors import OutOfMemoryError, StudioError
 from pipelines.families import parse_block_spec, resolve_block_weights
-from pipelines.loading import DEFAULT_MODEL
+from pipelines.loading import DEFAULT_MODEL, model_defaults
 from pipelines.render import run_pipeline
 from pipelines.tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
@@ -82,6 +82,7 @@ class Studio:
         self.model = model
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
         self.pipe, self.family = load_pipeline(model, device=device, dtype=dtype, offload=offload, config=config)
+        self.defaults = model_defaults(model)
         self.composer = Composer(self.pipe, self.family)
         self._loaded: dict[tuple, str] = {}  # (resolved source, sha256) -> adapter name
 
@@ -92,6 +93,8 @@ class Studio:
 
     @property
     def default_size(self) -> int:
+        if "size" in self.defaults:
+            return int(self.defaults["size"])
         if self.model in TINY_BUILDERS:
             return TINY_IMAGE_SIZE
         if self.family.name == "sdxl":
@@ -165,8 +168,10 @@ class Studio:
         t0 = time.perf_counter()
         specs = [Lora.parse(spec) for spec in loras]
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, strategy_params)
-        steps = int(steps or self.family.default_steps)
-        guidance = float(self.family.default_guidance if guidance is None else guidance)
+        steps = int(steps or self.defaults.get("steps", self.family.default_steps))
+        guidance = float(self.defaults.get("guidance", self.family.default_guidance) if guidance is None else guidance)
+        if "max_sequence_length" in self.defaults and self.family.name == "flux":
+            pipeline_kwargs = {"max_sequence_length": self.defaults["max_sequence_length"], **(pipeline_kwargs or {})}
         width, height = int(width or self.default_size), int(height or self.default_size)
         if steps < 1 or count < 1:
             raise StudioError("steps and count must be at least 1")

@@ -162,6 +162,15 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
     Console().print(table)
 
 
+def _register_subcommands() -> None:
+    from studio.world.cli import world_app
+
+    app.add_typer(world_app, name="world")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app()

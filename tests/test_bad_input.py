@@ -15,7 +15,7 @@ from studio import Studio
 
 @pytest.fixture(scope="module")
 def studio():
-    return Studio("tiny-sdxl")
+    return Studio("tiny-sdxl-random")
 
 
 def test_corrupt_file(studio, tmp_path):
@@ -97,7 +97,7 @@ def test_sd15_lora_on_sdxl(studio, tmp_path, metadata, evidence):
 
 
 def test_sdxl_lora_on_flux(sdxl_te_loras):
-    flux = Studio("tiny-flux")
+    flux = Studio("tiny-flux-random")
     with pytest.raises(IncompatibleLoraError, match="made for SDXL .* the loaded model is FLUX.1"):
         flux.load([sdxl_te_loras[0]])
 
@@ -129,7 +129,7 @@ def test_unsupported_lycoris_algorithm_is_named(studio, tmp_path):
 
 
 def test_a_bad_file_in_a_stack_changes_nothing(sdxl_loras, tmp_path):
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     with pytest.raises(LoraFileError):
@@ -148,7 +148,7 @@ def test_lora_outside_the_library_is_refused(sdxl_loras, tmp_path):
     library = tmp_path / "library"
     library.mkdir()
     (library / "inside.safetensors").write_bytes(sdxl_loras[0].read_bytes())
-    studio = Studio("tiny-sdxl", lora_dir=library)
+    studio = Studio("tiny-sdxl-random", lora_dir=library)
     assert studio.load(["inside"])  # a library name, extension optional
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes(sdxl_loras[1].read_bytes())

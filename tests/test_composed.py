@@ -19,7 +19,7 @@ def test_unloading_everything_restores_base_bit_for_bit(sdxl_te_loras, sdxl_lora
     loha, _ = writers.lycoris_network(ref_pipe, ref_pipe.unet, tmp_path / "loha.safetensors", "loha", seed=3,
                                       preset=writers.LYCORIS_SDXL_PRESET, dora_wd=True)
     base = build_tiny_sdxl()
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     before = {k: type(m) for k, m in studio.pipe.unet.named_modules()}
     studio.compose("a corgi", [*sdxl_te_loras, sdxl_loras[0], loha], "composite", steps=2)
     assert any(isinstance(m, ComposedLinear) for m in studio.pipe.unet.modules())
@@ -36,14 +36,14 @@ def test_unloading_everything_restores_base_bit_for_bit(sdxl_te_loras, sdxl_lora
 
 
 def test_state_dict_keys_unchanged_while_composed(sdxl_loras):
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     keys = set(studio.pipe.unet.state_dict())
     studio.load(sdxl_loras)
     assert set(studio.pipe.unet.state_dict()) == keys
 
 
 def test_changing_weights_and_active_set_needs_no_reinjection(sdxl_loras):
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     names = studio.load(sdxl_loras)
     layers = dict(studio.composer.layers)
     studio.compose("a corgi", [f"{sdxl_loras[0]}:0.3"], "merge", steps=1)
@@ -54,7 +54,7 @@ def test_changing_weights_and_active_set_needs_no_reinjection(sdxl_loras):
 
 def test_per_sample_gains_equal_separate_runs(sdxl_loras):
     """One batch with a different adapter mix per sample equals the samples run one by one."""
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     names = studio.load(sdxl_loras)
     state = studio.composer.state
     state.set_active(names)
@@ -85,7 +85,7 @@ def test_block_weights_equal_dropping_those_blocks(sdxl_te_loras, tmp_path):
     with torch.no_grad():
         expected = ref("a corgi", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
                        generator=torch.Generator("cpu").manual_seed(2), output_type="np").images[0]
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     lora = {"source": sdxl_te_loras[0], "blocks": {"te": 0, "down": 0, "mid": 0}}
     got = studio.compose("a corgi", [lora], "merge", steps=3, seed=2, output_type="np").latents[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
@@ -110,7 +110,7 @@ def test_step_window_matches_enabling_the_lora_midway(sdxl_loras):
         expected = ref("a corgi", num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
                        generator=torch.Generator("cpu").manual_seed(4), output_type="np",
                        callback_on_step_end=switch_on).images[0]
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     got = studio.compose("a corgi", [f"{sdxl_loras[0]}:0.8:start=0.5"], "merge", steps=4, seed=4,
                          output_type="np").latents[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
@@ -118,7 +118,7 @@ def test_step_window_matches_enabling_the_lora_midway(sdxl_loras):
 
 def test_merge_result_is_reproducible_with_plain_diffusers(sdxl_loras):
     """Seed s means torch.Generator(device).manual_seed(s): the PNG equals diffusers' own output."""
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     result = studio.compose("a red fox", [f"{sdxl_loras[0]}:0.7"], "merge", steps=3, seed=42)
     ref = build_tiny_sdxl()
     (name,) = load_adapters(ref, sdxl_loras[:1])

@@ -40,7 +40,7 @@ def test_peft_flux_matches_diffusers(flux_loras, weight):
     ref = build_tiny_flux()
     ref.load_lora_weights(str(flux_loras[1]), adapter_name="ref")
     ref.set_adapters(["ref"], [weight])
-    studio = Studio("tiny-flux")
+    studio = Studio("tiny-flux-random")
     (name,) = studio.load([flux_loras[1]])
     assert studio.composer.adapters[name].has_text_parts
     inputs = flux_inputs()
@@ -59,7 +59,7 @@ def test_lycoris_on_flux_matches_lycoris(algo, kwargs, tmp_path):
     ref = build_tiny_flux()
     path, net = writers.lycoris_network(ref, ref.transformer, tmp_path / f"{algo}.safetensors", algo, seed=7,
                                         preset=writers.LYCORIS_FLUX_PRESET, **kwargs)
-    studio = Studio("tiny-flux")
+    studio = Studio("tiny-flux-random")
     (name,) = studio.load([path])
     assert len(studio.composer.adapters[name].layer_keys) == len(net.unet_loras) + len(net.text_encoder_loras)
     inputs = flux_inputs()

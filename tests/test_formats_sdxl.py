@@ -48,7 +48,7 @@ def diffusers_reference(files, weights):
 def test_peft_file_matches_diffusers(sdxl_te_loras, weight):
     files = sdxl_te_loras[:1]
     ref = diffusers_reference(files, [weight])
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     names = studio.load(files)
     inputs = unet_inputs()
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_peft_file_matches_diffusers(sdxl_te_loras, weight):
 def test_kohya_file_scale_is_alpha_over_rank(sdxl_te_loras, tmp_path):
     kohya = writers.kohya_from_peft(sdxl_te_loras[0], tmp_path / "kohya.safetensors", alpha_factor=0.5,
                                     metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": "4"})
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     (name,) = studio.load([kohya])
     tensors = load_file(str(kohya))
     checked = 0
@@ -101,7 +101,7 @@ def test_kohya_sgm_block_names(sdxl_loras, tmp_path):
     kept = {k: v for k, v in kohya.items() if _to_sgm(k) != k}
     sgm = writers.write_state_dict(tmp_path / "sgm.safetensors", {_to_sgm(k): v for k, v in kept.items()})
     plain = writers.write_state_dict(tmp_path / "plain.safetensors", kept)
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     a, b = studio.load([sgm, plain])
     assert studio.composer.adapters[a].layer_keys == studio.composer.adapters[b].layer_keys
     for key in studio.composer.adapters[a].layer_keys:
@@ -133,7 +133,7 @@ def test_lycoris_formats_match_lycoris(case, tmp_path):
     path, net = writers.lycoris_network(ref, ref.unet, tmp_path / f"{case}.safetensors", algo, seed=5,
                                         preset=writers.LYCORIS_SDXL_PRESET,
                                         metadata={"ss_network_module": "lycoris.kohya"}, **kwargs)
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     (name,) = studio.load([path])
     n_modules = len(net.unet_loras) + len(net.text_encoder_loras)
     assert len(studio.composer.adapters[name].layer_keys) == n_modules
@@ -168,7 +168,7 @@ def test_lycoris_delta_equals_formula(algo, formula, kwargs, tmp_path):
     path, _ = writers.lycoris_network(ref, ref.unet, tmp_path / f"{algo}.safetensors", algo, seed=9,
                                       preset=writers.LYCORIS_SDXL_PRESET, **kwargs)
     tensors = load_file(str(path))
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     (name,) = studio.load([path])
     checked = 0
     for key, layer in studio.composer.layers.items():
@@ -190,7 +190,7 @@ def test_peft_dora_matches_peft(tmp_path):
     peft_file = writers.peft_sdxl(tmp_path / "dora", 41, rank=4, alpha=8, use_dora=True)
     writer = build_tiny_sdxl()
     writers.add_peft_adapter(writer.unet, writers.SDXL_UNET_TARGETS, 4, 8, 41, 0.05, use_dora=True)
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     (name,) = studio.load([peft_file])
     inputs = unet_inputs()
     with torch.no_grad():

@@ -23,7 +23,7 @@ def test_local_folder_equals_builtin(tmp_path):
     build_tiny_sdxl().save_pretrained(folder)
     from_folder = Studio(str(folder))
     assert from_folder.family.name == "sdxl"
-    np.testing.assert_array_equal(_render(from_folder), _render(Studio("tiny-sdxl")))
+    np.testing.assert_array_equal(_render(from_folder), _render(Studio("tiny-sdxl-random")))
 
 
 def test_single_file_flux_transformer(tmp_path):
@@ -35,7 +35,7 @@ def test_single_file_flux_transformer(tmp_path):
     assert sniff_single_file(single) == "flux"
     studio = Studio(str(single), config=str(folder))
     assert studio.family.name == "flux"
-    np.testing.assert_array_equal(_render(studio), _render(Studio("tiny-flux")))
+    np.testing.assert_array_equal(_render(studio), _render(Studio("tiny-flux-random")))
 
 
 def test_sniff_rejects_other_checkpoints(tmp_path):
@@ -59,7 +59,7 @@ def test_dtype_choice():
 
 def test_bfloat16_composite_runs(sdxl_loras):
     """Reduced precision end to end (what CUDA users get), on the CPU."""
-    studio = Studio("tiny-sdxl", dtype="bf16")
+    studio = Studio("tiny-sdxl-random", dtype="bf16")
     result = studio.compose("a corgi", [f"{sdxl_loras[0]}:0.8", sdxl_loras[1]], "composite", steps=2)
     assert result.image.size == (64, 64)
     assert next(studio.pipe.unet.parameters()).dtype == torch.bfloat16

@@ -23,7 +23,7 @@ def pixels(path):
 
 
 def test_png_embeds_recipe_and_a1111_parameters(sdxl_te_loras, tmp_path):
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     result = studio.compose("a corgi, watercolor", [f"{sdxl_te_loras[0]}:0.8:start=0.1",
                                                     {"source": sdxl_te_loras[1], "blocks": {"down": 0.5}}],
                             "switch", strategy_params={"tau": 2}, negative_prompt="blurry", seed=7, steps=4)
@@ -71,7 +71,8 @@ def test_toml_recipe_round_trip_and_errors(tmp_path):
 def test_cli_render_and_reproduce(sdxl_loras, tmp_path):
     out = tmp_path / "out"
     args = ["render", "a corgi in a garden", "--lora", f"{sdxl_loras[0]}:0.9", "--lora", f"{sdxl_loras[1]}:0.6",
-            "--strategy", "composite", "--steps", "3", "--seed", "11", "--count", "2", "--out", str(out)]
+            "--strategy", "composite", "--steps", "3", "--seed", "11", "--count", "2", "--out", str(out),
+            "--model", "tiny-sdxl-random"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     files = sorted(out.glob("*.png"))
@@ -87,7 +88,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.exit_code == 2
     assert "unknown strategy 'blend'" in result.output
     result = runner.invoke(app, ["render", "a corgi", "--lora", str(tmp_path / "missing.safetensors"),
-                                 "--out", str(tmp_path)])
+                                 "--model", "tiny-sdxl-random", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "file not found" in result.output
 
 

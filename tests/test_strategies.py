@@ -31,7 +31,7 @@ def test_merge_matches_diffusers_set_adapters(family, sdxl_te_loras, sdxl_loras,
     with torch.no_grad():
         expected = ref("a corgi in a garden", num_inference_steps=4, guidance_scale=guidance, height=64, width=64,
                        generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
-    studio = Studio(f"tiny-{family}")
+    studio = Studio(f"tiny-{family}-random")
     got = render(studio, files, weights, "merge", steps=4, seed=3, guidance=guidance)
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
     # the LoRAs matter: the base model gives another image
@@ -59,7 +59,7 @@ def test_switch_matches_plain_diffusers_rotation(family, sdxl_te_loras, flux_lor
     guidance = 5.0 if family == "sdxl" else 3.5
     expected = run_lanes(ref, family, lambda s: [((s // tau) % 2, 1.0)], names=names, weights=weights,
                          prompt="a corgi in a garden", negative_prompt="blurry", steps=steps, guidance=guidance, seed=5)
-    studio = Studio(f"tiny-{family}")
+    studio = Studio(f"tiny-{family}-random")
     got = render(studio, files, weights, "switch", strategy_params={"tau": tau}, steps=steps, seed=5,
                  guidance=guidance, negative_prompt="blurry")
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
@@ -76,7 +76,7 @@ def test_composite_equals_average_of_single_lora_passes(family, sdxl_te_loras, s
     guidance = 5.0 if family == "sdxl" else 3.5
     expected = run_lanes(ref, family, lambda s: [(i, 1.0 / n) for i in range(n)], names=names, weights=weights,
                          prompt="a corgi in a garden", negative_prompt="blurry", steps=4, guidance=guidance, seed=9)
-    studio = Studio(f"tiny-{family}")
+    studio = Studio(f"tiny-{family}-random")
     batches = []  # the batch the denoiser's first layer sees
     first = studio.pipe.unet.conv_in if family == "sdxl" else studio.pipe.transformer.x_embedder
     hook = first.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
@@ -91,7 +91,7 @@ def test_composite_equals_average_of_single_lora_passes(family, sdxl_te_loras, s
 def test_text_encoder_parts_stay_in_their_own_replica(sdxl_te_loras):
     """The released Composite code encodes the prompt once with all adapters; the studio does not, and the
     difference is visible."""
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     ours = render(studio, sdxl_te_loras, [1.0, 1.0], "composite", steps=3, seed=1)
     ref = build_tiny_sdxl()
     names = load_adapters(ref, sdxl_te_loras)

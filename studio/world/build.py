@@ -1,0 +1,183 @@
+"""Build the tiny world's assets from nothing: data, VAE, judges, base models, LoRAs, QR-LoRAs.
+
+    python -m studio.world.build                 # every stage, resuming whatever is already done
+    python -m studio.world.build --stage base-sdxl --workdir .world-build
+
+Every stage is seeded and checkpoints as it goes (a stopped build resumes where it stopped); finished stages are
+skipped. Trained weights are written to ``assets/`` at the end of their stage. ``--scale`` multiplies all step
+counts (e.g. 0.05 for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler
+from .data import DataSet, cached_set
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "assets"
+
+
+@dataclass
+class BuildConfig:
+    workdir: Path = ROOT / ".world-build"
+    assets: Path = ASSETS
+    scale: float = 1.0
+    vae_steps: int = 2000
+    judge_steps: int = 1500
+    clip_steps: int = 2500
+    base_steps: int = 6000
+    lora_steps: int = 600
+
+    def steps(self, name: str) -> int:
+        return max(10, int(getattr(self, f"{name}_steps") * self.scale))
+
+
+class World:
+    """Lazily built stages of the world; each returns its product and caches it on disk."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.work = Path(config.workdir)
+        self._vae = None
+
+    # ------------------------------------------------------------------------------------------------ data
+    def data(self, name: str) -> DataSet:
+        n = lambda count: max(256, int(count * min(1.0, self.config.scale * 4)))  # noqa: E731
+        if name == "all":
+            return cached_set(self.work / "data" / "all.npz", SceneSampler(pool=dict(ATTRIBUTES)), n(30000), 11)
+        if name == "eval":
+            return cached_set(self.work / "data" / "eval.npz", SceneSampler(pool=dict(ATTRIBUTES)), n(2000), 12)
+        if name == "base":
+            return cached_set(self.work / "data" / "base.npz", SceneSampler(pool=dict(BASE)), n(40000), 13)
+        for i, concept in enumerate(HELD_OUT):
+            if name == concept.name:
+                sampler = SceneSampler(pool=dict(BASE), fixed={concept.attribute: concept.value})
+                return cached_set(self.work / "data" / f"{name}.npz", sampler, n(3000), 100 + i)
+        raise KeyError(name)
+
+    # ------------------------------------------------------------------------------------------------- vae
+    def vae(self):
+        if self._vae is None:
+            from .vae import train_vae
+
+            self._vae = train_vae(self.work, self.data("all"), steps=self.config.steps("vae"))
+            for p in self._vae.parameters():
+                p.requires_grad_(False)
+        return self._vae
+
+
+    # ------------------------------------------------------------------------------------------- tokenizer
+    def tokenizer_dir(self) -> Path:
+        from . import tokenizer
+
+        folder = self.work / "tokenizer"
+        if not (folder / "vocab.json").exists():
+            tokenizer.write(folder)
+        return folder
+
+    def latents(self, name: str) -> torch.Tensor:
+        from .base import encode_latents
+
+        path = self.work / "latents" / f"{name}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        latents = encode_latents(self.vae(), self.data(name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(latents, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return latents
+
+    # -------------------------------------------------------------------------------------------- judges
+    def judge(self):
+        from .judge import save_judge, train_judge
+
+        judge = train_judge(self.work, self.data("all"), self.vae(), steps=self.config.steps("judge"))
+        save_judge(judge, self.config.assets / "judges" / "concept-judge")
+        return judge
+
+    def clip(self):
+        from . import tokenizer
+        from .clip import save_clip, train_clip
+
+        tok = tokenizer.clip_tokenizer(self.tokenizer_dir())
+        model = train_clip(self.work, self.data("all"), self.vae(), tok, steps=self.config.steps("clip"))
+        save_clip(model, tok, self.config.assets / "judges" / "tiny-clip")
+        return model
+
+    # ---------------------------------------------------------------------------------------- base models
+    def base(self, family: str):
+        from .base import export_pipeline, train_base
+
+        pipe = train_base(family, self.work, self.vae(), self.tokenizer_dir(), self.data("base"),
+                          self.latents("base"), steps=self.config.steps("base"))
+        export_pipeline(pipe, family, self.config.assets / "models" / f"tiny-{family}")
+        return pipe
+
+    def load_base(self, family: str):
+        import diffusers
+
+        folder = self.config.assets / "models" / f"tiny-{family}"
+        if not (folder / "model_index.json").exists():
+            self.base(family)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # --------------------------------------------------------------------------------------------- LoRAs
+    def loras(self, family: str) -> list[Path]:
+        from .loras import jobs, train_lora
+
+        out = []
+        for job in jobs(family):
+            path = self.config.assets / "loras" / f"tiny-{family}" / f"{job.name}.safetensors"
+            marker = self.work / f"lora-{family}-{job.name}" / "EXPORTED"
+            if not (path.exists() and marker.exists()):
+                train_lora(job, self.load_base(family), self.data(job.name), self.latents(job.name), self.work,
+                           path, steps=self.config.steps("lora"))
+                marker.write_text("ok")
+            out.append(path)
+        return out
+
+
+STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "loras-sdxl", "loras-flux")
+
+
+def run(stages, config: BuildConfig) -> None:
+    world = World(config)
+    for stage in stages:
+        t0 = time.time()
+        if stage == "data":
+            for name in ("all", "eval", "base", *(c.name for c in HELD_OUT)):
+                world.data(name)
+        elif stage == "vae":
+            world.vae()
+        elif stage == "judge":
+            world.judge()
+        elif stage == "clip":
+            world.clip()
+        elif stage.startswith("base-"):
+            world.base(stage.removeprefix("base-"))
+        elif stage.startswith("loras-"):
+            world.loras(stage.removeprefix("loras-"))
+        print(f"[world] stage {stage} done in {time.time() - t0:.0f} s", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", action="append", choices=STAGES, help="stages to run (default: all, in order)")
+    ap.add_argument("--workdir", type=Path, default=BuildConfig.workdir)
+    ap.add_argument("--assets", type=Path, default=ASSETS)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
+    args = ap.parse_args(argv)
+    run(args.stage or STAGES, BuildConfig(workdir=args.workdir, assets=args.assets, scale=args.scale))
+
+
+if __name__ == "__main__":
+    main()

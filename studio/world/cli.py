@@ -1,0 +1,42 @@
+"""``studio world ...``: build and measure the tiny offline world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .build import ASSETS, STAGES, BuildConfig, run
+
+world_app = typer.Typer(no_args_is_help=True, help="Build and measure the tiny offline world (models, LoRAs, judges).")
+
+
+@world_app.command("build")
+def build(
+    stage: list[str] = typer.Option([], "--stage", help=f"Stages to run (default all): {', '.join(STAGES)}."),
+    workdir: Path = typer.Option(BuildConfig.workdir, help="Checkpoints and rendered data (resumable)."),
+    assets: Path = typer.Option(ASSETS, help="Where trained weights are written."),
+    scale: float = typer.Option(1.0, help="Multiply every step count (e.g. 0.02 for a smoke run)."),
+) -> None:
+    """Train everything from nothing (seeded; a stopped build resumes where it stopped)."""
+    unknown = [s for s in stage if s not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    run(stage or STAGES, BuildConfig(workdir=workdir, assets=assets, scale=scale))
+
+
+@world_app.command("evaluate")
+def evaluate(
+    assets: Path = typer.Option(ASSETS),
+    out: Optional[Path] = typer.Option(None, help="Write the JSON report here (default assets/world/metrics.json)."),
+    n_base: int = typer.Option(48, help="Prompts per family for the base-model check."),
+    n_lora: int = typer.Option(20, help="Seeds per LoRA for the LoRA-alone check."),
+) -> None:
+    """Judge accuracy of the base models and of each LoRA alone, on renders through the studio."""
+    from .evaluate import evaluate_world, write_report
+
+    report = evaluate_world(assets, n_base=n_base, n_lora=n_lora)
+    write_report(report, out or assets / "world" / "metrics.json")
+    typer.echo(json.dumps(report, indent=2))

@@ -1,0 +1,100 @@
+"""The concepts of the tiny world: what the renderer can draw and what captions call it.
+
+Each image shows one shape of some colour and fill texture, of some size and position, on a background.
+Some concepts are *held out* of base-model training and become LoRAs, in the categories the multi-LoRA
+composition papers use:
+
+* subjects: two new shapes, each called by a trigger word (``zorb``: a plus-shaped cross; ``quix``: a star);
+* styles: two fill textures (``striped``, ``dotted``);
+* backgrounds: two patterned backgrounds (``bricks``, ``waves``).
+
+The base models learn circles, squares and triangles, solid and checkered fills, light, dark and grid
+backgrounds, four colours, two sizes and three positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SHAPES = ("circle", "square", "triangle", "zorb", "quix")
+COLORS = ("red", "green", "blue", "yellow")
+TEXTURES = ("solid", "checkered", "striped", "dotted")
+BACKGROUNDS = ("light", "dark", "grid", "bricks", "waves")
+SIZES = ("small", "large")
+POSITIONS = ("left", "center", "right")
+
+ATTRIBUTES = {
+    "shape": SHAPES,
+    "color": COLORS,
+    "texture": TEXTURES,
+    "background": BACKGROUNDS,
+    "size": SIZES,
+    "position": POSITIONS,
+}
+
+BASE = {
+    "shape": ("circle", "square", "triangle"),
+    "color": COLORS,
+    "texture": ("solid", "checkered"),
+    "background": ("light", "dark", "grid"),
+    "size": SIZES,
+    "position": POSITIONS,
+}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A concept kept out of base training, learned by a LoRA."""
+
+    name: str  # the LoRA's name, e.g. "subject-zorb"
+    category: str  # "subject" | "style" | "background"
+    attribute: str  # which attribute it sets
+    value: str  # the attribute value it introduces
+    trigger: str  # the word that calls it in prompts
+    concept_text: str  # a short text for per-concept CLIPScore
+
+
+HELD_OUT = (
+    HeldOut("subject-zorb", "subject", "shape", "zorb", "zorb", "a zorb"),
+    HeldOut("subject-quix", "subject", "shape", "quix", "quix", "a quix"),
+    HeldOut("style-striped", "style", "texture", "striped", "striped", "striped"),
+    HeldOut("style-dotted", "style", "texture", "dotted", "dotted", "dotted"),
+    HeldOut("background-bricks", "background", "background", "bricks", "bricks", "a bricks background"),
+    HeldOut("background-waves", "background", "background", "waves", "waves", "a waves background"),
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    texture: str
+    background: str
+    size: str
+    position: str
+
+    def caption(self) -> str:
+        return (f"a {self.size} {self.color} {self.shape}, {self.texture}, "
+                f"on a {self.background} background, {self.position}")
+
+    def value(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+@dataclass
+class SceneSampler:
+    """Draws random scenes; ``fixed`` pins attributes (e.g. a held-out concept), others come from ``pool``."""
+
+    pool: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(BASE))
+    fixed: dict[str, str] = field(default_factory=dict)
+
+    def sample(self, rng) -> Scene:
+        values = {a: self.fixed.get(a) or self.pool[a][rng.integers(len(self.pool[a]))] for a in ATTRIBUTES}
+        return Scene(**values)
+
+
+def held_out(name: str) -> HeldOut:
+    for concept in HELD_OUT:
+        if concept.name == name:
+            return concept
+    raise KeyError(f"no held-out concept '{name}'; known: {[c.name for c in HELD_OUT]}")

@@ -1,0 +1,91 @@
+"""Measuring the world: do the base models draw what they are asked, do the LoRAs show their concept, do the
+judges see correctly?
+
+Everything renders through the public :class:`studio.Studio` API on the shipped assets, so these numbers are
+what a user of ``tiny-sdxl`` / ``tiny-flux`` gets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .concepts import ATTRIBUTES, BASE, HELD_OUT, HeldOut, SceneSampler
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def _render(studio, prompts: list[str], seed: int, loras=(), strategy="merge", **kw):
+    images = []
+    for i, prompt in enumerate(prompts):
+        images.append(studio.compose(prompt, loras, strategy, seed=seed + i, **kw).image)
+    return images
+
+
+def base_accuracy(studio, judge, n: int = 48, seed: int = 0) -> dict[str, float]:
+    """Judge accuracy per attribute on renders of random base-concept prompts, plus all-correct rate."""
+    rng = np.random.default_rng(seed)
+    scenes = [SceneSampler(pool=dict(BASE)).sample(rng) for _ in range(n)]
+    predictions = judge.predict(_render(studio, [s.caption() for s in scenes], seed))
+    out = {a: float(np.mean([p[a] == s.value(a) for p, s in zip(predictions, scenes)])) for a in ATTRIBUTES}
+    out["all"] = float(np.mean([all(p[a] == s.value(a) for a in ATTRIBUTES) for p, s in zip(predictions, scenes)]))
+    return out
+
+
+def lora_alone(studio, judge, lora: str | Path, concept: HeldOut, n: int = 20, seed: int = 100) -> float:
+    """How often the judge sees the LoRA's concept in renders of prompts that use its trigger word."""
+    rng = np.random.default_rng(seed)
+    sampler = SceneSampler(pool=dict(BASE), fixed={concept.attribute: concept.value})
+    scenes = [sampler.sample(rng) for _ in range(n)]
+    predictions = judge.predict(_render(studio, [s.caption() for s in scenes], seed, loras=[str(lora)]))
+    return float(np.mean([p[concept.attribute] == concept.value for p in predictions]))
+
+
+def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int = 48, n_lora: int = 20) -> dict:
+    from studio import Studio
+
+    from .judge import load_judge
+
+    judge = load_judge(assets / "judges" / "concept-judge")
+    report: dict = {"families": {}}
+    for family in families:
+        studio = Studio(f"tiny-{family}")
+        entry = {"base": base_accuracy(studio, judge, n_base), "loras": {}}
+        for concept in HELD_OUT:
+            path = assets / "loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
+            entry["loras"][concept.name] = lora_alone(studio, judge, path, concept, n_lora)
+        report["families"][family] = entry
+    return report
+
+
+def evaluate_judges(world, assets: Path = ASSETS) -> dict:
+    """Judge and tiny-CLIP accuracy on held-out renderer images (clean and through the VAE)."""
+    from . import tokenizer
+    from .clip import zero_shot_accuracy
+    from .judge import accuracy, load_judge
+
+    data, vae = world.data("eval"), world.vae()
+    judge = load_judge(assets / "judges" / "concept-judge")
+    import open_clip
+
+    clip_dir = assets / "judges" / "tiny-clip"
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    model.eval()
+    tok = tokenizer.clip_tokenizer(clip_dir) if (clip_dir / "vocab.json").exists() else None
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(clip_dir))
+    with torch.no_grad():
+        return {
+            "judge": {"clean": accuracy(judge, data), "vae": accuracy(judge, data, vae)},
+            "clip": {"clean": zero_shot_accuracy(model, tok, data), "vae": zero_shot_accuracy(model, tok, data, vae)},
+        }
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,76 @@
+"""Training objectives of the two families, written against the stock pipelines' own encoders.
+
+Prompts are encoded with the pipeline's ``encode_prompt`` (so training and inference see the same text path);
+latents are the VAE posterior means, scaled the way each pipeline un-scales them when decoding.
+
+* SDXL: DDPM epsilon prediction on the scaled-linear schedule SDXL uses (1000 steps, betas 0.00085-0.012);
+  dropped captions get the all-zero embeddings SDXL's pipeline uses for an empty negative prompt
+  (``force_zeros_for_empty_prompt``), which is what classifier-free guidance will pair them with.
+* FLUX.1: rectified flow, ``x_t = (1 - σ) x_0 + σ ε`` with σ from a logit-normal, target ``ε - x_0``. The
+  guidance embedding receives random scales in [1, 5] and the target does not depend on them: the tiny model is
+  not guidance-distilled (the real FLUX.1-dev is), so its guidance input is present but has no learned effect.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .models import T5_MAX_LENGTH
+
+SIZE_IDS = (64, 64, 0, 0, 64, 64)
+
+
+def scale_latents(family: str, vae, raw: torch.Tensor) -> torch.Tensor:
+    if family == "flux":
+        return (raw - vae.config.shift_factor) * vae.config.scaling_factor
+    return raw * vae.config.scaling_factor
+
+
+def sdxl_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator,
+              noise_scheduler) -> torch.Tensor:
+    latents = scale_latents("sdxl", pipe.vae, raw_latents)
+    b = latents.shape[0]
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, device=latents.device, num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=False)
+    keep = torch.tensor([1.0 if c else 0.0 for c in captions])
+    prompt_embeds = prompt_embeds * keep.view(b, 1, 1)
+    pooled = pooled * keep.view(b, 1)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    time_ids = torch.tensor([SIZE_IDS] * b, dtype=latents.dtype)
+    pred = pipe.unet(noisy, t, encoder_hidden_states=prompt_embeds,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    return F.mse_loss(pred, noise)
+
+
+def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator, noise_scheduler=None
+              ) -> torch.Tensor:
+    latents = scale_latents("flux", pipe.vae, raw_latents)
+    b, c, h, w = latents.shape
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, device=latents.device,
+                                                         num_images_per_prompt=1,
+                                                         max_sequence_length=T5_MAX_LENGTH)
+    noise = torch.randn(latents.shape, generator=gen)
+    sigma = torch.sigmoid(torch.randn(b, generator=gen))
+    noisy = (1 - sigma.view(b, 1, 1, 1)) * latents + sigma.view(b, 1, 1, 1) * noise
+    packed = pipe._pack_latents(noisy, b, c, h, w)
+    target = pipe._pack_latents(noise - latents, b, c, h, w)
+    img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    guidance = 1 + 4 * torch.rand(b, generator=gen)
+    pred = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                            encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids).sample
+    return F.mse_loss(pred, target)
+
+
+LOSSES = {"sdxl": sdxl_loss, "flux": flux_loss}
+
+
+def noise_scheduler_for(family: str):
+    from diffusers import DDPMScheduler
+
+    if family == "sdxl":
+        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             num_train_timesteps=1000)
+    return None
