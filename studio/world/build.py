@@ -34,6 +34,7 @@ class BuildConfig:
     clip_steps: int = 2500
     base_steps: int = 6000
     lora_steps: int = 600
+    qr_steps: int = 600
 
     def steps(self, name: str) -> int:
         return max(10, int(getattr(self, f"{name}_steps") * self.scale))
@@ -146,7 +147,23 @@ class World:
         return out
 
 
-STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "loras-sdxl", "loras-flux")
+    def qr_loras(self, family: str) -> list[Path]:
+        from .qr_lora import train_qr_lora
+
+        out = []
+        for concept in HELD_OUT:
+            path = self.config.assets / "qr-loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
+            marker = self.work / f"qr-{family}-{concept.name}" / "EXPORTED"
+            if not (path.exists() and marker.exists()):
+                train_qr_lora(family, concept, self.load_base(family), self.data(concept.name),
+                              self.latents(concept.name), self.work, path, steps=self.config.steps("qr"))
+                marker.write_text("ok")
+            out.append(path)
+        return out
+
+
+STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "loras-sdxl", "loras-flux", "qr-sdxl",
+          "qr-flux")
 
 
 def run(stages, config: BuildConfig) -> None:
@@ -166,6 +183,8 @@ def run(stages, config: BuildConfig) -> None:
             world.base(stage.removeprefix("base-"))
         elif stage.startswith("loras-"):
             world.loras(stage.removeprefix("loras-"))
+        elif stage.startswith("qr-"):
+            world.qr_loras(stage.removeprefix("qr-"))
         print(f"[world] stage {stage} done in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -1,0 +1,89 @@
+"""Training the world's concepts as QR-LoRA adapters (Yang et al., ICCV 2025), for the ``qr`` merge.
+
+For every targeted linear layer the base weight gives a frozen basis (top-r SVD, then QR: ``s·Q R = W_r``, see
+:mod:`pipelines.adapters.kinds.qr`); only ``ΔR`` (r x in, initialised to zero) trains, in the layer
+``W x + s·Q ΔR x``, which equals the paper's ``W_res x + s·Q (R + ΔR) x``. All concepts of one family share the
+same Q and R (same base, rank and precision), which is what makes their ΔR mergeable. The "triu" variant of the
+paper is not used (full ΔR). Saved in the studio's QR-LoRA file format (:func:`save_qr_lora`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.adapters.qr_lora import qr_bases, save_qr_lora
+from pipelines.families import FAMILIES
+
+from .concepts import HELD_OUT, HeldOut
+from .data import DataSet, drop_captions
+from .objectives import LOSSES, noise_scheduler_for
+from .trainer import Checkpoint, train
+
+RANK = 16
+SDXL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2", "proj_mlp", "proj_out")
+
+
+class DeltaR(nn.Module):
+    """The trainable ΔR of every layer (frozen Q, R kept as plain tensors)."""
+
+    def __init__(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.keys = list(bases)
+        self.delta = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for _, r in bases.values()])
+        self.q = [q for q, _ in bases.values()]
+
+
+def attach(pipe, family: str, delta: DeltaR) -> list:
+    """Forward hooks adding ``Q ΔR x`` to each layer (s = 1: alpha = rank, as the released code)."""
+    denoiser = getattr(pipe, FAMILIES[family].denoiser)
+    handles = []
+    for key, q, d in zip(delta.keys, delta.q, delta.delta):
+        module = denoiser.get_submodule(key.split(".", 1)[1])
+        handles.append(module.register_forward_hook(lambda m, inp, out, q=q, d=d: out + F.linear(F.linear(inp[0], d), q)))
+    return handles
+
+
+def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: torch.Tensor, workdir: Path,
+                  out: Path, *, steps: int, batch_size: int = 32, lr: float = 2e-3) -> Path:
+    seed = 7000 + 10 * [c.name for c in HELD_OUT].index(concept.name) + (0 if family == "sdxl" else 1)
+    for p in pipe.components.values():
+        if isinstance(p, nn.Module):
+            p.requires_grad_(False)
+    targets = SDXL_TARGETS if family == "sdxl" else FLUX_TARGETS
+    bases = qr_bases(pipe, FAMILIES[family], RANK, targets=targets)
+    delta = DeltaR(bases)
+    handles = attach(pipe, family, delta)
+    optimizer = torch.optim.AdamW(delta.parameters(), lr=lr, weight_decay=0.0)
+    loss_fn, noise_scheduler = LOSSES[family], noise_scheduler_for(family)
+
+    def step_fn(step: int) -> float:
+        rng = np.random.default_rng([seed, step])
+        index = rng.integers(len(data), size=batch_size)
+        _, captions, _ = data.take(index)
+        captions = drop_captions(captions, 0.05, seed, step)
+        gen = torch.Generator().manual_seed(seed * 100_003 + step)
+        loss = loss_fn(pipe, latents[index], captions, gen, noise_scheduler)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    try:
+        train(f"qr-{family}-{concept.name}", Checkpoint(workdir / f"qr-{family}-{concept.name}", {"delta": delta},
+                                                        optimizer), steps, step_fn, lr=lr, every=200, warmup=50)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    delta_r = {k: d.detach().clone() for k, d in zip(delta.keys, delta.delta)}
+    save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}")
+    return out
