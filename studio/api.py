@@ -128,6 +128,24 @@ class Studio:
             self._loaded[key] = name
         return [self._loaded[k] for k in keys]
 
+    def inspect(self, source: str | Path) -> ParsedLora:
+        """Read and check a LoRA file against this model without attaching it.
+
+        Raises a :class:`StudioError` naming the file when it is unreadable or does not fit the model.
+        """
+        return parse_lora(resolve_source(source, self.lora_dir), self.pipe, self.family)
+
+    def block_names(self) -> list[str]:
+        """The blocks per-block weights address on this model (``te1``, ``down.0``, ``double.3``, ...)."""
+        return self.family.block_names(self.pipe)
+
+    def block_weights(self, spec: str | Mapping[str, float] | None) -> dict[str, float]:
+        """Expand a block-weight spec (preset name, ``"down=0,mid=1"`` or dict) to one weight per block.
+
+        Raises :class:`StudioError` for an unknown preset or block, or a value that is not a finite number.
+        """
+        return resolve_block_weights(self.family, self.block_names(), parse_block_spec(spec, self.family))
+
     def unload(self, names: Sequence[str] | None = None) -> None:
         """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model."""
         names = list(self.composer.adapters) if names is None else list(names)

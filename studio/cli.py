@@ -162,6 +162,33 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
     Console().print(table)
 
 
+@app.command()
+def ui(
+    lora_dir: list[Path] = typer.Option(..., "--lora-dir", "-d", help="LoRA folder (searched recursively); repeatable."),
+    model: str = typer.Option("tiny-sdxl", "--model", "-m", help="tiny-sdxl, tiny-flux, a Hub id, a folder or a .safetensors file."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the app has no login, so keep it local unless you know why."),
+    port: Optional[int] = typer.Option(None, help="Port (default: Gradio's, 7860 or the next free one)."),
+    out: Path = typer.Option(Path("outputs/ui"), "--out", "-o", help="Folder for the PNGs and recipe TOMLs."),
+    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
+    offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
+    max_upload_mb: float = typer.Option(1024, help="Largest LoRA upload accepted, in MB."),
+    preview_every: Optional[int] = typer.Option(None, help="Decode a live preview every N steps (0: off; default: ~6 per image)."),
+) -> None:
+    """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
+    from ui.app import launch, make_app
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach it can use the GPU and upload files")
+    try:
+        demo, callbacks = make_app(model, list(lora_dir), out_dir=out, device=device, dtype=dtype, offload=offload,
+                                   config=config, max_upload_mb=max_upload_mb, preview_every=preview_every)
+    except StudioError as e:
+        _fail(e)
+    launch(demo, callbacks, host=host, port=port)
+
+
 def main() -> None:
     try:
         app()
