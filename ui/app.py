@@ -28,11 +28,12 @@ from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
 from .handlers import Handlers, card_markdown, md_escape
 
 CSS = """
-#library-panel { max-height: 92vh; overflow-y: auto; }
+#library-panel { max-height: 96vh; overflow-y: auto; }
 .lora-card { padding: 6px !important; margin-bottom: 6px; }
 .lora-card .lora-thumb { flex-grow: 0 !important; }
 .stack-row { padding: 6px !important; margin-bottom: 6px; }
 .stack-row .stack-buttons button { min-width: 2.2em; }
+#live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 #compare-gallery .caption-label, #gallery .caption-label { white-space: normal; }
 """
 
@@ -77,7 +78,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                     if not entries:
                         gr.Markdown("No LoRA matches." + (" Try *all bases*." if base != ALL_BASES else ""))
                     for entry in entries:
-                        with gr.Group(elem_classes=["lora-card"]):
+                        with gr.Column(elem_classes=["lora-card"], variant="panel"):
                             with gr.Row(equal_height=False):
                                 thumb = cb.thumbnail(entry)
                                 if thumb is not None:
@@ -99,11 +100,12 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                  elem_id="library-upload")
 
             # ---------------------------------------------------------------------------------- main
-            with gr.Column(scale=5):
+            with gr.Column(scale=4, min_width=420):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative")
 
-                gr.Markdown("### LoRA stack")
+                gr.Markdown("### LoRA stack\n<small>weight; start and end of the LoRA's step window as fractions of "
+                            "the denoising steps; block weights from the model's presets or custom</small>")
                 stack_status = gr.Markdown(elem_id="stack-status")
 
                 @gr.render(inputs=[stack], triggers=[stack_rev.change, demo.load])
@@ -114,7 +116,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                     presets = cb.block_presets()
                     for i, entry in enumerate(entries):
                         uid = entry.uid
-                        with gr.Group(elem_classes=["stack-row"]):
+                        with gr.Column(elem_classes=["stack-row"], variant="panel"):
                             with gr.Row(equal_height=True):
                                 gr.Markdown(f"**{i + 1}. {md_escape(entry.label)}**  \n<small>{md_escape(entry.lora_id)}</small>",
                                             elem_classes=["stack-name"])
@@ -128,7 +130,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             with gr.Row():
                                 weight = gr.Slider(-2, 2, value=entry.weight, step=0.05, label="weight",
                                                    elem_classes=["stack-weight"])
-                                start = gr.Slider(0, 1, value=entry.start, step=0.05, label="start (fraction of steps)",
+                                start = gr.Slider(0, 1, value=entry.start, step=0.05, label="start",
                                                   elem_classes=["stack-start"])
                                 end = gr.Slider(0, 1, value=entry.end, step=0.05, label="end",
                                                 elem_classes=["stack-end"])
@@ -151,11 +153,8 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                 clear = gr.Button("Clear stack", size="sm", elem_id="stack-clear")
 
                 gr.Markdown("### Strategy")
-                with gr.Row(equal_height=False):
-                    strategy = gr.Dropdown(strategies, value=_default_strategy(), label="Strategy", elem_id="strategy",
-                                           scale=1)
-                    strategy_info = gr.Markdown(strategy_form.strategy_label(_default_strategy()),
-                                                elem_id="strategy-info")
+                strategy = gr.Dropdown(strategies, value=_default_strategy(), label="Strategy", elem_id="strategy")
+                strategy_info = gr.Markdown(strategy_form.strategy_label(_default_strategy()), elem_id="strategy-info")
 
                 @gr.render(inputs=[strategy, params], triggers=[strategy.change, params_rev.change, demo.load])
                 def strategy_params(name, store):
@@ -170,16 +169,20 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             control.change(functools.partial(h.set_param, name, param.name), [params, control],
                                            [params], **LIGHT)
 
+                gr.Markdown("### Settings")
                 with gr.Row():
                     seed = gr.Number(defaults.seed, label="seed (-1: random)", precision=0, elem_id="seed", min_width=120)
                     dice = gr.Button("Random seed", size="sm", scale=0, min_width=90, elem_id="seed-random")
+                    count = gr.Slider(1, 16, value=1, step=1, label="batch count", elem_id="count")
+                with gr.Row():
                     steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="steps", elem_id="steps")
                     guidance = gr.Slider(0, 20, value=defaults.guidance, step=0.5, label="guidance", elem_id="guidance")
                 with gr.Row():
                     width = gr.Slider(16, 2048, value=defaults.width, step=16, label="width", elem_id="width")
                     height = gr.Slider(16, 2048, value=defaults.height, step=16, label="height", elem_id="height")
-                    count = gr.Slider(1, 16, value=1, step=1, label="batch count", elem_id="count")
 
+            # ---------------------------------------------------------------------------------- outputs
+            with gr.Column(scale=4, min_width=420):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="tab-generate"):
                         with gr.Row():
@@ -187,12 +190,13 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             stop = gr.Button("Stop", variant="stop", elem_id="stop")
                         progress_text = gr.Markdown(elem_id="progress")
                         with gr.Row(equal_height=False):
-                            live = gr.Image(label="Live preview", interactive=False, height=280, elem_id="live-preview",
-                                            format="png", buttons=[])
-                            gallery = gr.Gallery(label="Images (click one for its recipe)", columns=4, height=280,
-                                                 elem_id="gallery", format="png", buttons=["download", "fullscreen"])
+                            live = gr.Image(label="Live preview", interactive=False, height=300, elem_id="live-preview",
+                                            format="png", buttons=[], min_width=160)
+                            gallery = gr.Gallery(label="Images (click one for its recipe)", columns=2, height=300,
+                                                 elem_id="gallery", format="png", buttons=["download", "fullscreen"],
+                                                 min_width=200)
                         recipe = gr.Code(label="Recipe of the selected image (TOML)", language=None, lines=8,
-                                         interactive=False, elem_id="recipe")
+                                         max_lines=16, interactive=False, elem_id="recipe")
                         with gr.Row():
                             png_download = gr.DownloadButton("Download PNG (recipe embedded)", interactive=False,
                                                              elem_id="download-png")
@@ -205,12 +209,12 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             include_base = gr.Checkbox(True, label="also without LoRAs", elem_id="compare-base")
                         compare = gr.Button("Compare", variant="primary", elem_id="compare")
                         compare_text = gr.Markdown(elem_id="compare-progress")
-                        compare_gallery = gr.Gallery(label="Side by side", columns=4, height=300, format="png",
+                        compare_gallery = gr.Gallery(label="Side by side", columns=3, height=300, format="png",
                                                      elem_id="compare-gallery", buttons=["download", "fullscreen"])
                         scores = gr.Dataframe(headers=["run", "CLIPScore", "render s"], interactive=False,
                                               elem_id="compare-table", type="array")
                         compare_recipe = gr.Code(label="Recipe of the selected image (TOML)", language=None, lines=8,
-                                                 interactive=False, elem_id="compare-recipe")
+                                                 max_lines=16, interactive=False, elem_id="compare-recipe")
                         with gr.Row():
                             compare_png = gr.DownloadButton("Download PNG", interactive=False, elem_id="compare-png")
                             compare_toml = gr.DownloadButton("Download recipe TOML", interactive=False,
