@@ -188,6 +188,10 @@ class Studio:
         width, height = int(width or self.default_size), int(height or self.default_size)
         if steps < 1 or count < 1:
             raise StudioError("steps and count must be at least 1")
+        multiple = self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1)
+        if width < multiple or height < multiple or width % multiple or height % multiple:
+            raise StudioError(f"width and height must be positive multiples of {multiple} for this model, "
+                              f"got {width}x{height}")
         names = self.load(specs)
         t_load = time.perf_counter()
         self._set_block_weights(names, specs)

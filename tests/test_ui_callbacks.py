@@ -87,7 +87,7 @@ def test_card_shows_name_base_format_rank_and_triggers(cb):
 # ---------------------------------------------------------------------------------------------- stack
 def test_add_and_insert_trigger_words(cb):
     stack, rev, message = cb.add(SUBJECT, [], 0)
-    assert [s.lora_id for s in stack] == [SUBJECT] and rev == 1 and SUBJECT in message
+    assert [s.lora_id for s in stack] == [SUBJECT] and rev == 1 and message == f"Added {SUBJECT}."
     assert cb.insert_triggers(SUBJECT, "a cat,") == "a cat, zorb"
     assert cb.insert_triggers(SUBJECT, "a Zorb cat") == "a Zorb cat"
     assert cb.insert_triggers(STYLE, "") == "inkwash"
@@ -134,6 +134,14 @@ def test_stack_edits(cb, h):
     assert [s.lora_id for s in removed] == [SUBJECT]
     with pytest.raises(gr.Error, match="no longer in the stack"):
         h.remove(moved[0].uid, removed, 5)
+
+
+def test_refresh_reports_unreadable_files(cb, h):
+    (cb.library.roots[0] / "broken.safetensors").write_bytes(b"\x00" * 16)
+    (cb.library.roots[0] / "styles" / "new.safetensors").write_bytes(cb.library.get(SUBJECT).path.read_bytes())
+    rev, message, filters = h.refresh(0)
+    assert rev == 1 and "styles/new.safetensors" in cb.library
+    assert message.startswith("4 LoRA\\(s\\) in the library\\. Skipped 1 unreadable file") and "broken" in message
 
 
 def test_block_presets_come_from_the_model_family(cb, studio):
@@ -242,6 +250,10 @@ def test_generate_handler_outputs(cb, h):
     (dict(prompt=""), "write a prompt first"),
     (dict(steps=0), "steps and batch count must be at least 1"),
     (dict(seed=1.5), "seed must be a whole number"),
+    (dict(seed=None), "seed must be a whole number, got None"),
+    (dict(width=float("nan")), "width must be a whole number"),
+    (dict(guidance=None), "guidance must be a number"),
+    (dict(guidance=float("inf")), "guidance must be a finite number"),
     (dict(strategy="nope"), "unknown strategy 'nope'"),
     (dict(params={"switch": {"tau": 0}}, strategy="switch"), "'tau' must be >= 1"),
 ])
@@ -252,6 +264,12 @@ def test_generate_errors_are_shown_before_anything_runs(cb, h, kwargs, message):
     with pytest.raises(gr.Error, match=message):
         list(h.generate(**args, progress=no_progress))
     assert not list(cb.out_dir.iterdir())
+
+
+def test_sizes_the_model_cannot_render_are_refused(cb, h):
+    multiple = cb.studio.pipe.vae_scale_factor
+    with pytest.raises(gr.Error, match=f"multiples of {multiple} for this model, got 63x64"):
+        list(h.generate("a zorb", "", 0, 2, 5.0, 63, 64, 1, "merge", {}, [], progress=no_progress))
 
 
 def test_a_lora_deleted_from_the_library_is_refused_at_generate(cb, h):
@@ -399,7 +417,7 @@ def test_upload_handler(cb, h, tmp_path):
     incoming.parent.mkdir()
     incoming.write_bytes(cb.library.get(SUBJECT).path.read_bytes())
     rev, message, cleared = h.upload(str(incoming), 0)
-    assert rev == 1 and "uploads/my_lora.safetensors" in message and cleared is None
+    assert rev == 1 and md_escape("Added uploads/my_lora.safetensors") in message and cleared is None
     assert "uploads/my_lora.safetensors" in cb.library
     flux = tmp_path / "gradio-cache" / "f.safetensors"
     flux.write_bytes(cb.library.get(FLUX).path.read_bytes())
@@ -410,3 +428,23 @@ def test_upload_handler(cb, h, tmp_path):
     with pytest.raises(gr.Error, match="only .safetensors"):
         h.upload(str(pickle), 1)
     assert sorted(p.name for p in (cb.library.roots[0] / "uploads").iterdir()) == ["my_lora.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_ui_binds_locally_by_default(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import ui.app
+    from studio.cli import app
+
+    calls = {}
+    monkeypatch.setattr(ui.app, "make_app", lambda model, dirs, **kw: calls.update(model=model, dirs=dirs, **kw)
+                        or ("demo", "callbacks"))
+    monkeypatch.setattr(ui.app, "launch", lambda demo, callbacks, **kw: calls.update(launch=kw))
+    library = build_library(tmp_path / "loras")
+    result = CliRunner().invoke(app, ["ui", "--lora-dir", str(library), "--max-upload-mb", "50"])
+    assert result.exit_code == 0, result.output
+    assert calls["model"] == "tiny-sdxl" and calls["dirs"] == [library] and calls["max_upload_mb"] == 50
+    assert calls["launch"] == {"host": "127.0.0.1", "port": None}
+    result = CliRunner().invoke(app, ["ui", "--lora-dir", str(library), "--host", "0.0.0.0", "--port", "7000"])
+    assert calls["launch"] == {"host": "0.0.0.0", "port": 7000} and "anyone who can reach it" in result.output

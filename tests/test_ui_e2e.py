@@ -7,6 +7,7 @@ The app runs in this process on a free localhost port with a temporary LoRA libr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from conftest import ARTIFACTS
 from studio import Lora, Recipe
 from ui.app import launch, make_app
 from ui_support import TinyClipScorer, build_library, free_port
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -33,6 +36,7 @@ def server(tmp_path_factory):
                                preview_every=1)
     port = free_port()
     launch(demo, callbacks, port=port, block=False, quiet=True)
+    assert demo.server_name == "127.0.0.1"  # local only unless --host says otherwise
     yield {"url": f"http://127.0.0.1:{port}", "callbacks": callbacks, "root": root}
     demo.close(verbose=False)
 

@@ -12,6 +12,7 @@ e.g. a CLIPScore; without one, Compare shows timings and "n/a" for scores.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import threading
@@ -21,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import gradio as gr
 from PIL import Image
 
 from studio import Recipe, Studio, StudioError
@@ -59,14 +59,23 @@ class Settings:
             raise StudioError("write a prompt first")
         for name in ("seed", "steps", "width", "height", "count"):
             value = getattr(self, name)
-            if value is None or float(value) != int(value):
+            try:
+                whole = float(value).is_integer()
+            except (TypeError, ValueError):
+                whole = False
+            if not whole:
                 raise StudioError(f"{name} must be a whole number, got {value!r}")
             setattr(self, name, int(value))
         if self.steps < 1 or self.count < 1:
             raise StudioError("steps and batch count must be at least 1")
         if self.width < 16 or self.height < 16:
             raise StudioError("width and height must be at least 16 pixels")
-        self.guidance = float(self.guidance)
+        try:
+            self.guidance = float(self.guidance)
+        except (TypeError, ValueError):
+            raise StudioError(f"guidance must be a number, got {self.guidance!r}") from None
+        if not math.isfinite(self.guidance):
+            raise StudioError(f"guidance must be a finite number, got {self.guidance!r}")
         if self.seed < 0:
             self.seed = random.randint(0, SEED_MAX)
         return self
@@ -103,6 +112,7 @@ class Item:
     toml: str
     caption: str
     recipe: str
+    label: str = ""
     scores: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,8 +164,11 @@ class Callbacks:
 
     def refresh_library(self, rev: int) -> tuple[int, str]:
         self.library.refresh()
-        errors = "".join(f"\n- skipped {e}" for e in self.library.errors)
-        return rev + 1, f"{len(self.library)} LoRA(s) in the library.{errors}"
+        message = f"{len(self.library)} LoRA(s) in the library."
+        if self.library.errors:
+            message += f" Skipped {len(self.library.errors)} unreadable file(s): " + "; ".join(
+                str(e) for e in self.library.errors)
+        return rev + 1, message
 
     @staticmethod
     @lru_cache(maxsize=512)
@@ -181,7 +194,7 @@ class Callbacks:
         with self.gpu:
             entry = self.library.add_upload(path, path.name, max_bytes=self.max_upload_bytes,
                                             validate=self.studio.inspect)
-        return rev + 1, f"Added **{entry.id}** to the library."
+        return rev + 1, f"Added {entry.id} to the library."
 
     # ------------------------------------------------------------------------------------------ stack
     def add(self, lora_id: str, stack: list[stk.StackEntry], rev: int) -> tuple[list[stk.StackEntry], int, str]:
@@ -193,7 +206,7 @@ class Callbacks:
         if any(item.lora_id == entry.id for item in stack):
             raise StudioError(f"{entry.id} is already in the stack")
         label = entry.info.name if entry.info.name == entry.path.stem else f"{entry.info.name} ({entry.path.stem})"
-        return [*stack, stk.new_entry(entry.id, label)], rev + 1, f"Added **{entry.id}**."
+        return [*stack, stk.new_entry(entry.id, label)], rev + 1, f"Added {entry.id}."
 
     def insert_triggers(self, lora_id: str, prompt: str) -> str:
         """Append the LoRA's trigger words that the prompt does not contain yet."""
@@ -260,7 +273,7 @@ class Callbacks:
         toml = self.out_dir / f"{stem}.toml"
         text = recipe.to_toml()
         toml.write_text(text, encoding="utf-8")
-        return Item(png=str(png), toml=str(toml), caption=caption, recipe=text)
+        return Item(png=str(png), toml=str(toml), caption=caption, recipe=text, label=label)
 
     def _preview_every(self, steps: int) -> int:
         if self.preview_every is not None:
@@ -333,7 +346,7 @@ class Callbacks:
                 result = self._compose(emit, settings, run_loras, strategy, params, label=label, index=i,
                                        total=len(plans))
                 results.append((label, result))
-                emit(Finished(Item(png="", toml="", caption=label, recipe=""), result.image))
+                emit(Finished(Item(png="", toml="", caption=label, recipe="", label=label), result.image))
             images = [r.image for _, r in results]
             scores = (list(self.scorer(images, [settings.prompt] * len(images))) if self.scorer is not None
                       else [None] * len(images))

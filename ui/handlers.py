@@ -84,7 +84,8 @@ class Handlers:
     # ------------------------------------------------------------------------------------------ library / stack
     @user_errors
     def add(self, lora_id, stack, rev):
-        return self.cb.add(lora_id, stack or [], rev or 0)
+        stack, rev, message = self.cb.add(lora_id, stack or [], rev or 0)
+        return stack, rev, md_escape(message)
 
     @user_errors
     def insert_triggers(self, lora_id, prompt):
@@ -93,12 +94,12 @@ class Handlers:
     @user_errors
     def upload(self, file, rev):
         rev, message = self.cb.upload(file, rev or 0)
-        return rev, message, None
+        return rev, md_escape(message), None
 
     @user_errors
     def refresh(self, rev):
         rev, message = self.cb.refresh_library(rev or 0)
-        return rev, message, gr.update(choices=self.cb.base_filters())
+        return rev, md_escape(message), gr.update(choices=self.cb.base_filters())
 
     @user_errors
     def set_field(self, uid, name, stack, value):
@@ -171,7 +172,7 @@ class Handlers:
                 yield list(done), skip, skip, skip, skip, skip, skip
             elif isinstance(event, list):
                 items: list[Item] = event
-                rows = [[item.caption.split(" · ")[0],
+                rows = [[item.label,
                          "n/a" if item.scores["clipscore"] is None else f"{item.scores['clipscore']:.2f}",
                          f"{item.scores['render_s']:.3f}"] for item in items]
                 first = items[0]
