@@ -96,6 +96,21 @@ def test_generate_with_two_loras_from_the_library(page, server, tmp_path):
     page.locator(".lora-card", has_text="random-style").get_by_role("button", name="Insert triggers").click()
     page.wait_for_function("document.querySelector('#prompt textarea').value.includes('inkwash')")
     page.locator("#prompt textarea").fill("a zorb in a garden, inkwash")
+    # edit the second LoRA (weight, step window, block preset), then move it first: the re-rendered rows show
+    # the stack as the server holds it
+    row = page.locator(".stack-row").nth(1)
+    for cls, value in (("stack-weight", 0.7), ("stack-start", 0.2)):
+        box = row.locator(f".{cls} input[type=number]")
+        box.fill(str(value))
+        box.press("Enter")
+    row.locator(".stack-preset input").click()
+    page.get_by_role("option", name="style: outer blocks", exact=True).click()
+    row.get_by_role("button", name="Up").click()
+    page.wait_for_function("document.querySelectorAll('.stack-row')[0].innerText.includes('random-style')")
+    first = page.locator(".stack-row").nth(0)
+    assert first.locator(".stack-weight input[type=number]").input_value() == "0.7"
+    assert first.locator(".stack-start input[type=number]").input_value() == "0.2"
+    assert first.locator(".stack-preset input").input_value() == "style: outer blocks"
     choose(page, "strategy", "switch")
     page.wait_for_selector(".strategy-param")  # switch's declared parameter, generated from the registry
     assert "tau" in page.locator(".strategy-param").first.inner_text()
@@ -118,8 +133,8 @@ def test_generate_with_two_loras_from_the_library(page, server, tmp_path):
     download.value.save_as(saved)
     restored = Recipe.from_png(saved)
     assert (restored.strategy, restored.seed, restored.steps) == ("composite", 7, 4)
-    assert [Path(lora.source).name for lora in restored.loras] == ["random-subject.safetensors",
-                                                                   "random-style.safetensors"]
+    assert [(Path(lora.source).name, lora.weight, lora.start, lora.blocks) for lora in restored.loras] == [
+        ("random-style.safetensors", 0.7, 0.2, "style: outer blocks"), ("random-subject.safetensors", 1.0, 0.0, None)]
     # the image in the browser is the one the API makes from the same recipe
     callbacks = server["callbacks"]
     again = callbacks.studio.reproduce(restored)
@@ -131,6 +146,10 @@ def test_compare_two_strategies_side_by_side(page):
     add_from_library(page, "random-style")
     page.locator("#prompt textarea").fill("a zorb, inkwash")
     set_number(page, "steps", 3)
+    choose(page, "strategy", "switch")  # edit switch's generated control: Compare runs switch with it
+    tau = page.locator(".strategy-param input[type=number]").first
+    tau.fill("2")
+    tau.press("Enter")
     page.get_by_role("tab", name="Compare").click()
     strategies = page.locator("#compare-strategies")
     for name in ("merge", "switch", "composite"):
@@ -146,6 +165,9 @@ def test_compare_two_strategies_side_by_side(page):
     for run, score, seconds in rows:  # a CLIPScore (from the injected scorer) and a timing on every row
         float(score), float(seconds)
     screenshot(page, "compare")
+    page.locator("#compare-gallery button.thumbnail-item, #compare-gallery .thumbnail-item").nth(1).click()
+    page.wait_for_function("document.querySelector('#compare-recipe').innerText.includes('strategy = \"switch\"')")
+    assert "tau = 2" in page.locator("#compare-recipe").inner_text()
 
 
 def test_restore_a_recipe_from_a_png(page, server, tmp_path):

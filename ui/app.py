@@ -120,7 +120,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             with gr.Row(equal_height=True):
                                 gr.Markdown(f"**{i + 1}. {md_escape(entry.label)}**  \n<small>{md_escape(entry.lora_id)}</small>",
                                             elem_classes=["stack-name"])
-                                enabled = gr.Checkbox(entry.enabled, label="on", scale=0, min_width=60,
+                                enabled = gr.Checkbox(entry.enabled, label="on", scale=0, min_width=60, interactive=True,
                                                       elem_classes=["stack-enabled"])
                                 with gr.Row(elem_classes=["stack-buttons"]):
                                     up = gr.Button("Up", size="sm", min_width=40, elem_classes=["stack-up"])
@@ -129,18 +129,19 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                                      elem_classes=["stack-remove"])
                             with gr.Row():
                                 weight = gr.Slider(-2, 2, value=entry.weight, step=0.05, label="weight",
-                                                   elem_classes=["stack-weight"])
+                                                   interactive=True, elem_classes=["stack-weight"])
                                 start = gr.Slider(0, 1, value=entry.start, step=0.05, label="start",
-                                                  elem_classes=["stack-start"])
+                                                  interactive=True, elem_classes=["stack-start"])
                                 end = gr.Slider(0, 1, value=entry.end, step=0.05, label="end",
-                                                elem_classes=["stack-end"])
+                                                interactive=True, elem_classes=["stack-end"])
                             with gr.Row():
                                 preset = gr.Dropdown(presets, value=entry.preset, label="block weights",
-                                                     elem_classes=["stack-preset"])
+                                                     interactive=True, elem_classes=["stack-preset"])
                                 custom = gr.Textbox(entry.custom_blocks, label="custom block weights",
                                                     placeholder="down=0,mid=1,up.0=0.5",
                                                     info="blocks: " + ", ".join(cb.block_names()),
-                                                    visible=entry.preset == "custom", elem_classes=["stack-custom"])
+                                                    visible=entry.preset == "custom", interactive=True,
+                                                    elem_classes=["stack-custom"])
                         for component, name in ((weight, "weight"), (start, "start"), (end, "end"),
                                                 (enabled, "enabled"), (custom, "custom_blocks")):
                             event = component.blur if component is custom else component.change

@@ -62,7 +62,7 @@ def _finite(x: float | None) -> bool:
 
 def control(param: Param, value: Any, key: str | None = None) -> gr.components.Component:
     """The Gradio control for one declared parameter."""
-    common = dict(label=param.name, info=param.help, key=key, elem_classes=["strategy-param"])
+    common = dict(label=param.name, info=param.help, key=key, interactive=True, elem_classes=["strategy-param"])
     if param.choices is not None:
         return gr.Dropdown(choices=list(param.choices), value=value, **common)
     if param.type is bool:
