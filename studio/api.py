@@ -183,6 +183,12 @@ class Studio:
         t0 = time.perf_counter()
         specs = [Lora.parse(spec) for spec in loras]
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, strategy_params)
+        seen = set()
+        for spec in specs:
+            key = id(spec.source) if isinstance(spec.source, dict) else str(spec.source)
+            if key in seen:
+                raise StudioError(f"LoRA {spec.label} appears twice in the stack; give it once with the weight you want")
+            seen.add(key)
         steps = int(steps or self.family.default_steps)
         guidance = float(self.family.default_guidance if guidance is None else guidance)
         width, height = int(width or self.default_size), int(height or self.default_size)

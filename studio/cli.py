@@ -143,7 +143,7 @@ def library(
 @app.command()
 def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the registered fusion strategies, their parameters and defaults."""
-    from fusion import REGISTRY
+    from studio.strategies import REGISTRY
 
     rows = [{"name": cls.name, "summary": cls.summary, "citation": cls.citation,
              "params": [{"name": p.name, "default": p.default, "type": p.type.__name__, "help": p.help,

@@ -1,7 +1,7 @@
 """Strategy choices and parameter controls, generated from the strategy registry.
 
-Nothing here knows a strategy by name: the dropdown lists ``fusion.REGISTRY`` and every control comes from a
-strategy's declared :class:`fusion.Param` (name, default, type, range, choices, help), so a strategy that
+Nothing here knows a strategy by name: the dropdown lists the strategy registry (``studio.strategies.REGISTRY``) and every control comes from a
+strategy's declared ``Param`` (name, default, type, range, choices, help), so a strategy that
 registers itself appears in the app with its controls and nothing in ``ui/`` changes.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import gradio as gr
 
-from fusion import REGISTRY, Param, strategy_class
+from studio.strategies import REGISTRY, Param, strategy_class
 
 # a slider needs a range; an integer range wider than this is clearer as a number box
 _MAX_INT_SLIDER_SPAN = 1000
