@@ -5,6 +5,8 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
+    studio score out/grid                                    # (re)score a folder
 """
 
 from __future__ import annotations
@@ -160,6 +162,11 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         params = "\n".join(f"{p['name']}={p['default']}  {p['help']}" for p in row["params"]) or "-"
         table.add_row(row["name"], row["summary"], params, row["citation"])
     Console().print(table)
+
+
+from studio.batch_cli import register as _register_batch  # noqa: E402
+
+_register_batch(app)
 
 
 def main() -> None:
