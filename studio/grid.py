@@ -380,7 +380,8 @@ def load_grid(path: str | Path) -> tuple[list[BatchItem], str]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
-        raise GridError(origin, f"invalid TOML ({e})", int(m.group(1)) if m else None) from None
+        line = int(m.group(1)) if m else (len(text.splitlines()) if "end of document" in str(e) else None)
+        raise GridError(origin, f"invalid TOML ({e})", line) from None
     where = TomlLines(text)
     _check_keys(data, TOP_KEYS, "the grid", origin, lambda k: where.key(k))
     if not isinstance(data.get("model"), str):

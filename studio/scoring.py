@@ -52,14 +52,18 @@ class ClipSpec:
     label: str                 # what reports show
 
     def create(self, device: torch.device):
+        import pickle
+
         import open_clip
+        from safetensors import SafetensorError
 
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 self.model, pretrained=self.pretrained, device=device, weights_only=True)
             tokenizer = open_clip.get_tokenizer(self.model)
-        except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as e:
-            raise ScorerError(f"cannot build the CLIP scorer {self.label}: {e}") from None
+        except (RuntimeError, ValueError, OSError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+            reason = str(e).split("\n")[0]  # torch's weights_only refusal is long; its first line says it
+            raise ScorerError(f"cannot build the CLIP scorer {self.label}: {type(e).__name__}: {reason}") from None
         return model.eval(), preprocess, tokenizer
 
 
