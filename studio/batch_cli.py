@@ -46,17 +46,20 @@ class RichReporter:
         self.progress: Progress | None = None
         self.task = None
         self.finished = 0
+        self.suffix = ""
 
     def start(self, items) -> None:
         from accelerate import PartialState
 
-        if not PartialState().is_main_process or not items:
+        state = PartialState()
+        if not state.is_main_process or not items:
             return
+        self.suffix = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
         self.progress = Progress(TextColumn("{task.fields[current]}", style="bold"), BarColumn(),
                                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), TextColumn("eta"),
                                  TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("batch", total=len(items), current="loading model",
-                                           count=f"0/{len(items)}")
+                                           count=f"0/{len(items)}{self.suffix}")
         self.progress.start()
 
     def item(self, item) -> None:
@@ -71,7 +74,8 @@ class RichReporter:
         if self.progress:
             self.finished += 1
             total = self.progress.tasks[0].total
-            self.progress.update(self.task, completed=self.finished, count=f"{self.finished}/{int(total)}")
+            self.progress.update(self.task, completed=self.finished,
+                                 count=f"{self.finished}/{int(total)}{self.suffix}")
             if record.get("status") != "ok":
                 self.progress.console.print(f"[yellow]failed:[/] {record['item']['group']} | {record['item']['row']} | "
                                             f"{record['item']['column']}: {record.get('error')}")
@@ -122,6 +126,7 @@ def batch(
     score: bool = typer.Option(True, "--score/--no-score", help="CLIPScore every image (can run later: studio score)."),
     clip_model: str = typer.Option(DEFAULT_CLIP_MODEL, help="open_clip model name, hf-hub:ID, a local model folder or a .json config."),
     clip_pretrained: Optional[str] = typer.Option(None, help=f"open_clip pretrained tag or weights file (default: {DEFAULT_CLIP_PRETRAINED} for {DEFAULT_CLIP_MODEL}; none for a model folder)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write scores.csv, report.html and grid PNGs at the end."),
     inline_images: bool = typer.Option(False, help="Embed the images in report.html (one file to share)."),
     dry_run: bool = typer.Option(False, help="Check the input and print the plan; render nothing."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: each process's accelerator)."),
@@ -146,7 +151,8 @@ def batch(
             console.print(f"{len(items)} image(s), {sum(i.id in done for i in items)} already in {out}")
             return
         options = BatchOptions(score=score, clip_model=clip_model, clip_pretrained=pretrained, device=device,
-                               dtype=dtype, offload=offload, config=config, resume=resume, inline_images=inline_images)
+                               dtype=dtype, offload=offload, config=config, resume=resume, report=report,
+                               inline_images=inline_images)
         summary = run_batch(items, out, options, RichReporter())
     except StudioError as e:
         _fail(e)

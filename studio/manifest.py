@@ -112,12 +112,16 @@ def repair_tail(path: Path) -> bool:
 
 
 def remove_stale_temp_files(folder: Path) -> int:
-    """Delete the temporary files of interrupted atomic writes (``.<name>.<random>.tmp``)."""
+    """Delete the temporary files of interrupted atomic writes (``.<name>.<random>.tmp``) of this folder's
+    outputs: images and grid sheets, the manifest, ``scores.csv`` and ``report.html``."""
+    patterns = [(folder / "images", "**/.*.png.*.tmp"), (folder / "grids", ".*.png.*.tmp")]
+    patterns += [(folder, f".{name}.*.tmp") for name in (MANIFEST, "scores.csv", "report.html")]
     count = 0
-    for tmp in folder.rglob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            count += 1
+    for base, pattern in patterns:
+        for tmp in base.glob(pattern) if base.is_dir() else ():
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                count += 1
     return count
 
 

@@ -63,6 +63,12 @@ def score_folder(folder: str | Path, scorer: ClipScorer, *, concepts: Mapping[st
         records, warnings = records_from_pngs(folder)
         if not records:
             raise StudioError(f"{folder}: no manifest.jsonl and no PNG with a studio recipe")
+    if concepts:
+        names = {lora.get("name") for r in records for lora in (r.get("recipe") or {}).get("loras", [])}
+        unknown = sorted(set(concepts) - names)
+        if unknown:
+            raise StudioError(f"--concept {unknown}: no image of {folder} has a LoRA of that name "
+                              f"(names: {sorted(n for n in names if n)})")
     todo = []
     for record in records:
         if record.get("status") != "ok":

@@ -4,7 +4,6 @@ out-of-memory items; two processes under ``accelerate launch``; the report in a 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import signal
