@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from studio import Studio  # noqa: E402
 from studio.batch import BatchOptions, run_batch  # noqa: E402
 from studio.grid import Axes, PromptSpec, StrategyChoice, build_stack, expand  # noqa: E402
-from studio.manifest import MANIFEST, read_lines  # noqa: E402
+from studio.grid import load_grid  # noqa: E402
+from studio.manifest import MANIFEST, append, read_lines  # noqa: E402
 from studio.report import write_outputs  # noqa: E402
 from studio.scoring import ClipScorer  # noqa: E402
 
@@ -119,6 +121,16 @@ def main() -> None:
         t0 = time.perf_counter()
         run_batch(items, work / "batch", BatchOptions(score=False, report=False, device=args.device))
         resume = time.perf_counter() - t0
+        record = read_lines(work / "batch" / MANIFEST)[0]
+        lines = []
+        for _ in range(200):                               # what the batch adds per image: one fsync'ed line
+            t0 = time.perf_counter()
+            append(work / "bench-manifest.jsonl", record)
+            lines.append(time.perf_counter() - t0)
+        manifest_line = statistics.median(lines)
+        t0 = time.perf_counter()
+        planned = load_grid(ROOT / "assets" / "grids" / "weights-sweep.toml")[0]
+        plan = (time.perf_counter() - t0) / len(planned)
         t0 = time.perf_counter()
         write_outputs(work / "batch", read_lines(work / "batch" / MANIFEST))
         report = time.perf_counter() - t0
@@ -130,6 +142,9 @@ def main() -> None:
         ("plain loop: Studio + compose + save", f"{plain:.2f} s", ""),
         ("studio batch (no score, no report)", f"{batch:.2f} s", f"{batch / plain:.3f}x plain"),
         ("render per image", f"{1000 * render_per_image:.0f} ms", ""),
+        ("manifest line + fsync per image (median of 200)", f"{1000 * manifest_line:.2f} ms",
+         f"{100 * manifest_line / render_per_image:.2f} % of render"),
+        ("planning per item (parse grid, resolve LoRAs, ids)", f"{1000 * plan:.2f} ms", ""),
         ("CLIPScore per image, ViT-B-32, one at a time", f"{1000 * score_one:.1f} ms",
          f"{100 * score_one / render_per_image:.1f} % of render"),
         ("CLIPScore per image, ViT-B-32, batched", f"{1000 * score_batched:.1f} ms",
@@ -147,6 +162,7 @@ def main() -> None:
             "machine": platform.processor() or platform.machine(), "repeats": args.repeat,
             "plain_s_all": plains, "batch_s_all": batches, "plain_s": plain, "batch_s": batch,
             "batch_over_plain": batch / plain, "render_per_image_s": render_per_image,
+            "manifest_line_s": manifest_line, "plan_per_item_s": plan,
             "clip_vit_b32_one_s": score_one, "clip_vit_b32_batched_s": score_batched, "resume_s": resume,
             "report_s": report}, indent=2))
 

@@ -41,6 +41,7 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -148,9 +149,9 @@ class BatchItem:
 
     def report_fields(self) -> dict[str, Any]:
         """What the manifest keeps besides the recipe, so a report can be built from the manifest alone."""
-        return {"prompt_index": self.prompt_index, "position": self.position, "stack": self.stack, "strategy": self.strategy.label,
-                "row": self.row, "column": self.column, "group": self.group, "weights": self.weights,
-                "concepts": dict(self.concepts)}
+        return {"prompt_index": self.prompt_index, "position": self.position, "stack": self.stack,
+                "strategy": self.strategy.label, "row": self.row, "column": self.column, "group": self.group,
+                "weights": self.weights, "concepts": dict(self.concepts)}
 
 
 def item_id(item: BatchItem) -> str:
@@ -222,7 +223,7 @@ def expand(model: str, prompts: Sequence[PromptSpec], stacks: Sequence[Stack], a
     varying = {"stack": len(stacks) > 1, "weights": len(axes.weights) > 1, "steps": len(axes.steps) > 1,
                "guidance": len(axes.guidance) > 1, "seed": len(axes.seeds) > 1}
     items: list[BatchItem] = []
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     for p_index, prompt in enumerate(prompts):
         for stack in stacks:
             unknown = sorted(set(prompt.concepts) - {lora.label for lora in stack.loras})
@@ -230,33 +231,25 @@ def expand(model: str, prompts: Sequence[PromptSpec], stacks: Sequence[Stack], a
                 raise GridError(prompt.origin or origin, f"concept(s) for {unknown}, but stack '{stack.name}' has LoRAs "
                                 f"{[lora.label for lora in stack.loras]}")
             concepts = {**stack.concepts, **prompt.concepts}
-            for weights in axes.weights:
-                loras = _weighted(stack, weights, origin)
-                for steps in axes.steps:
-                    for guidance in axes.guidance:
-                        for strategy in axes.strategies:
-                            for seed in axes.seeds:
-                                values = {"stack": f"stack {stack.name}", "weights": weights_label(weights),
-                                          "steps": f"{steps} steps" if steps else "default steps",
-                                          "guidance": f"guidance {guidance:g}" if guidance is not None else "default guidance",
-                                          "seed": f"seed {seed}"}
-                                group = " · ".join(values[k] for k in ("stack", "weights", "steps", "guidance", "seed")
-                                                   if varying[k] and k != column)
-                                item = BatchItem(
-                                    model=model, prompt=prompt.text,
-                                    negative=negative if prompt.negative is None else prompt.negative,
-                                    strategy=strategy, loras=loras, lora_sources=list(stack.sources),
-                                    concepts=concepts, seed=int(seed), steps=steps, guidance=guidance, width=width,
-                                    height=height, scheduler=scheduler, prompt_index=p_index,
-                                    position=len(items), stack=stack.name,
-                                    row=strategy.label, column=values[column],
-                                    group=f"{prompt.text}" + (f" · {group}" if group else ""),
-                                )
-                                if item.id in seen:
-                                    raise GridError(origin, f"the grid names the same image twice ({item.label}); "
-                                                            "remove the repeated axis value, prompt or strategy")
-                                seen[item.id] = len(items)
-                                items.append(item)
+            for weights, steps, guidance, strategy, seed in product(axes.weights, axes.steps, axes.guidance,
+                                                                    axes.strategies, axes.seeds):
+                values = {"stack": f"stack {stack.name}", "weights": weights_label(weights),
+                          "steps": f"{steps} steps" if steps else "default steps",
+                          "guidance": "default guidance" if guidance is None else f"guidance {guidance:g}",
+                          "seed": f"seed {seed}"}
+                fixed = [values[k] for k in ("stack", "weights", "steps", "guidance", "seed") if varying[k] and k != column]
+                item = BatchItem(
+                    model=model, prompt=prompt.text, negative=negative if prompt.negative is None else prompt.negative,
+                    strategy=strategy, loras=_weighted(stack, weights, origin), lora_sources=list(stack.sources),
+                    concepts=concepts, seed=int(seed), steps=steps, guidance=guidance, width=width, height=height,
+                    scheduler=scheduler, prompt_index=p_index, position=len(items), stack=stack.name,
+                    row=strategy.label, column=values[column], group=" · ".join([prompt.text, *fixed]),
+                )
+                if item.id in seen:
+                    raise GridError(origin, f"the grid names the same image twice ({item.label}); "
+                                            "remove the repeated axis value, prompt or strategy")
+                seen.add(item.id)
+                items.append(item)
     return items
 
 

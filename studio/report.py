@@ -134,11 +134,11 @@ def _image_src(folder: Path, file: str, inline: bool) -> str:
 
 
 def build_groups(folder: Path, records: list[dict[str, Any]], inline: bool) -> list[GridGroup]:
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in sorted(records, key=_position):
-        groups.setdefault(r["item"]["group"], []).append(r)
+        groups.setdefault((r["item"].get("prompt_index", 0), r["item"]["group"]), []).append(r)
     out = []
-    for title, members in groups.items():
+    for (index, title), members in groups.items():
         rows = list(dict.fromkeys(r["item"]["row"] for r in members))
         columns = list(dict.fromkeys(r["item"]["column"] for r in members))
         lookup = {(r["item"]["row"], r["item"]["column"]): r for r in members}
@@ -160,7 +160,7 @@ def build_groups(folder: Path, records: list[dict[str, Any]], inline: bool) -> l
             mean, std, n = mean_std(values)
             means.append(f"{mean:.1f} ± {std:.1f}" if n else "—")
         prompt = (members[0].get("recipe") or {}).get("prompt", title)
-        anchor = f"{slug(title, 40)}-{hashlib.sha256(title.encode()).hexdigest()[:6]}"
+        anchor = f"{slug(title, 40)}-{hashlib.sha256(f'{index}|{title}'.encode()).hexdigest()[:6]}"
         out.append(GridGroup(title=title, prompt=prompt, rows=rows, columns=columns, cells=cells, row_means=means,
                              anchor=anchor, sheet=f"grids/{anchor}.png"))
     return out
