@@ -95,8 +95,12 @@ def distributed_state(device: str | None):
 
 
 def run_batch(items: Sequence[BatchItem], out_dir: str | Path, options: BatchOptions | None = None,
-              reporter: Reporter | None = None) -> BatchSummary:
-    """Render what ``out_dir`` lacks of ``items``; see the module docstring."""
+              reporter: Reporter | None = None, studio=None) -> BatchSummary:
+    """Render what ``out_dir`` lacks of ``items``; see the module docstring.
+
+    ``studio``: an already-loaded :class:`~studio.Studio` to use for the items of its model (a notebook's
+    session, say); it is left loaded afterwards. Other models get a Studio of their own, freed after use.
+    """
     options = options or BatchOptions()
     reporter = reporter or SilentReporter()
     out = Path(out_dir)
@@ -131,7 +135,8 @@ def run_batch(items: Sequence[BatchItem], out_dir: str | Path, options: BatchOpt
             scorer = ClipScorer(options.clip_model, options.clip_pretrained, batch_size=options.clip_batch_size,
                                 device=device or state.device)
         for model, group in groupby(mine, key=lambda it: it.model):
-            _render_model(model, list(group), out, target, options, device, scorer, reporter, rank)
+            given = studio if studio is not None and studio.model == model else None
+            _render_model(model, list(group), out, target, options, device, scorer, reporter, rank, given)
     finally:
         reporter.close()
 
@@ -156,12 +161,12 @@ def run_batch(items: Sequence[BatchItem], out_dir: str | Path, options: BatchOpt
 
 
 def _render_model(model: str, items: list[BatchItem], out: Path, target: Path, options: BatchOptions,
-                  device: str | None, scorer: ClipScorer | None, reporter: Reporter, rank: int) -> None:
+                  device: str | None, scorer: ClipScorer | None, reporter: Reporter, rank: int, given=None) -> None:
     import torch
 
     from .api import Studio
 
-    studio = Studio(model, device=device, dtype=options.dtype, offload=options.offload, config=options.config)
+    studio = given or Studio(model, device=device, dtype=options.dtype, offload=options.offload, config=options.config)
     try:
         unique = {}
         for item in items:
@@ -175,10 +180,11 @@ def _render_model(model: str, items: list[BatchItem], out: Path, target: Path, o
             mf.append(target, record)
             reporter.done(record)
     finally:
-        del studio
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if given is None:
+            del studio
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _render_item(studio, item: BatchItem, out: Path, scorer: ClipScorer | None, reporter: Reporter) -> dict[str, Any]:

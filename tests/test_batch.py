@@ -32,6 +32,11 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_studio() -> Studio:
+    return Studio("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
 def rendered(tmp_path_factory, tiny_clip):
     """The 2 prompts x 2 strategies x 2 seeds grid, rendered once in this process (one Studio, LoRAs parsed once)."""
     import studio.api as api
@@ -93,10 +98,10 @@ def test_grid_renders_expected_files_and_report(rendered):
         assert sheet.size[0] > 2 * 128 and sheet.size[1] > 2 * 128     # 2 x 2 cells of at least 128 px
 
 
-def test_batch_image_is_the_studio_image(rendered):
+def test_batch_image_is_the_studio_image(rendered, tiny_studio):
     out, _, items, _, _ = rendered
     path = out / items[3].file
-    again = Studio("tiny-sdxl").reproduce(Recipe.from_png(path))
+    again = tiny_studio.reproduce(Recipe.from_png(path))
     assert np.array_equal(np.asarray(again.image), np.asarray(Image.open(path).convert("RGB")))
 
 
@@ -140,7 +145,7 @@ def test_studio_score_rescores_from_manifest_and_from_pngs(rendered, tiny_clip, 
         assert by_file[r["file"].removeprefix("images/")] == pytest.approx(r["scores"]["clip"], abs=1e-4)
 
 
-def test_out_of_memory_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypatch):
+def test_out_of_memory_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypatch, tiny_studio):
     import studio.api as api
 
     items, _ = load_grid(write_grid(tmp_path / "g.toml", prompts=1))
@@ -153,13 +158,13 @@ def test_out_of_memory_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypa
 
     monkeypatch.setattr(api.Studio, "compose", flaky)
     out = tmp_path / "out"
-    summary = run_batch(items, out, BatchOptions(score=False))
+    summary = run_batch(items, out, BatchOptions(score=False), studio=tiny_studio)
     assert (summary.rendered, summary.failed, summary.missing) == (3, 1, 1)
     failed = [r for r in read_lines(out / MANIFEST) if r["status"] == "failed"]
     assert len(failed) == 1 and "out of memory" in failed[0]["error"] and failed[0]["item"]["row"] == "composite"
     assert "Failed items" in (out / "report.html").read_text()
     monkeypatch.setattr(api.Studio, "compose", real)
-    summary = run_batch(items, out, BatchOptions(score=False))                # resume retries the failed item
+    summary = run_batch(items, out, BatchOptions(score=False), studio=tiny_studio)  # resume retries the failed one
     assert (summary.rendered, summary.failed, summary.missing) == (1, 0, 0)
     lines = read_lines(out / MANIFEST)
     assert len(lines) == 5 and sorted(r["id"] for r in lines if r["status"] == "ok") == sorted(i.id for i in items)
