@@ -5,6 +5,8 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
+    studio score out/grid                                    # (re)score a folder
 """
 
 from __future__ import annotations
@@ -175,18 +177,30 @@ def ui(
     offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
     max_upload_mb: float = typer.Option(1024, help="Largest LoRA upload accepted, in MB."),
     preview_every: Optional[int] = typer.Option(None, help="Decode a live preview every N steps (0: off; default: ~6 per image)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIPScore model for Compare (open_clip name, folder or file)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file."),
+    no_score: bool = typer.Option(False, "--no-score", help="Do not compute CLIPScores in Compare."),
 ) -> None:
     """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
+    from studio.scoring import DEFAULT_CLIP_MODEL, LazyClipScorer
     from ui.app import launch, make_app
+
+    scorer = None if no_score else LazyClipScorer(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained, device=device)
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach it can use the GPU and upload files")
     try:
-        demo, callbacks = make_app(model, list(lora_dir), out_dir=out, device=device, dtype=dtype, offload=offload,
-                                   config=config, max_upload_mb=max_upload_mb, preview_every=preview_every)
+        demo, callbacks = make_app(model, list(lora_dir), out_dir=out, scorer=scorer, device=device, dtype=dtype,
+                                   offload=offload, config=config, max_upload_mb=max_upload_mb,
+                                   preview_every=preview_every)
     except StudioError as e:
         _fail(e)
     launch(demo, callbacks, host=host, port=port)
+
+
+from studio.batch_cli import register as _register_batch  # noqa: E402
+
+_register_batch(app)
 
 
 def main() -> None:
