@@ -5,6 +5,7 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         params = "\n".join(f"{p['name']}={p['default']}  {p['help']}" for p in row["params"]) or "-"
         table.add_row(row["name"], row["summary"], params, row["citation"])
     Console().print(table)
+
+
+from studio.quantize import quantize as _quantize  # noqa: E402  (its own module; heavy imports are lazy)
+
+app.command(name="quantize")(_quantize)
 
 
 def main() -> None:
