@@ -21,7 +21,7 @@ tests treat it as the linear it replaces) and *hosts* a :class:`~pipelines.compo
 the branch concatenates the layer's own ``(L_down, L_up)`` as a fixed segment (gain 1) with every LoRA's
 ``(A, B)`` (live per-sample gains), so the SVD branch and all LoRAs run as one pair of GEMMs. Detaching the
 branch (:meth:`detach_branch`) leaves the layer exactly as loaded. :attr:`weight` is the effective
-dequantized weight (for DoRA norms and weight-space tools); it is computed on access, never stored.
+dequantized weight in float32 (for DoRA norms and weight-space tools); it is computed on access, never stored.
 """
 
 from __future__ import annotations
@@ -106,14 +106,10 @@ class QuantLinear(nn.Linear):
         return w
 
     @property
-    def weight(self) -> torch.Tensor:  # computed on access: nn.Linear users (DoRA norms, tests) see the real map
-        return self.dequantized_weight().to(self._float_dtype())
-
-    def _float_dtype(self) -> torch.dtype:
-        for t in (self.lora_down, self.smooth, self.bias):
-            if t is not None:
-                return t.dtype
-        return torch.float32
+    def weight(self) -> torch.Tensor:
+        """The effective weight in float32, computed on access (never stored): what ``nn.Linear`` users such as
+        DoRA's weight norm see. Float32 because rounding it to the model dtype would lose precision."""
+        return self.dequantized_weight()
 
     def fixed_segment(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The layer's own low-rank branch ``(L_down [r, in], L_up [out, r])`` for the adapter branch to host."""
