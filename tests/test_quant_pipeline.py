@@ -29,6 +29,16 @@ from studio.cli import app
 FAST = dict(alphas=(0.25, 0.5, 0.75))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The 4-bit reference path runs many small ops per layer; on the shared 2-core test machine intra-op
+    threads make them 10-40x slower (measured), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def calibration():
     return Calibration(read_prompts(None)[:1], steps=2, samples_per_layer=128)
 
@@ -117,9 +127,14 @@ def test_loras_on_the_quantized_model_add_their_exact_deltas(quant_dirs, sdxl_lo
                for k in parsed.deltas)
     with torch.no_grad():
         expected = ref.pipe.unet(**inputs).sample
-    for h in hooks:
-        h.remove()
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        for h in hooks:
+            h.remove()
+        base = ref.pipe.unet(**inputs).sample
+    # Layer by layer the two agree to float rounding (test_quant_linear); through the whole UNet such a
+    # rounding difference can flip a 4-bit activation code downstream now and then, so compare norms.
+    error = ((got - expected).norm() / expected.norm()).item()
+    effect = ((expected - base).norm() / expected.norm()).item()
+    assert error < 1e-4 and effect > 100 * error, (error, effect)
 
 
 def test_svdquant_model_is_closer_to_16_bit_than_rtn(quant_dirs):
