@@ -122,7 +122,15 @@ def test_svdquant_beats_round_to_nearest_on_outlier_layers(fmt):
     err_rtn = relative_error(rtn, linear.weight, held_out)
     assert err_svdq < 0.5 * err_rtn, (err_svdq, err_rtn)
     assert report.alpha is not None and report.error < report.rtn_error
-    # each ingredient helps: the branch alone and smoothing alone both beat RTN
+    # SVDQuant's refinement (SVD of λW − Q(R), a few times) lowers the weight error further
+    smooth = smoothing_factors(stats.amax, linear.weight, 0.5)
+    weight_error = {}
+    for iters in (0, 3):
+        layer = build_layer(linear.weight.detach(), None, fmt=fmt, group_size=config.group_size, rank=32,
+                            smooth=smooth, svd_iters=iters)
+        weight_error[iters] = ((layer.weight - linear.weight) * smooth.float()).norm().item()
+    assert weight_error[3] < 0.99 * weight_error[0], weight_error
+    # the branch alone (no smoothing) beats RTN too
     branch_only = build_layer(linear.weight.detach(), None, fmt=fmt, group_size=config.group_size, rank=32, smooth=None)
     assert relative_error(branch_only, linear.weight, held_out) < err_rtn
 
@@ -203,3 +211,19 @@ def test_dora_on_a_quantized_layer_uses_its_effective_weight():
     s = delta.magnitude.double() / (w_eff + dw).norm(dim=1)
     expected = base.double() + 0.7 * ((s - 1) * base_nobias.double() + s * (x.double() @ dw.T))
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_only_layer_hosts_loras_without_a_fixed_segment():
+    """FLUX's adaLN linears are W4A16 with no branch: LoRAs on them form the whole concatenated pair."""
+    linear, x = outlier_layer()
+    layer = build_layer(linear.weight.detach(), linear.bias.detach(), fmt="int4", group_size=64, rank=0, smooth=None,
+                        mode="w4a16")
+    with torch.no_grad():
+        base = layer(x)
+    delta = lora(256, 192, 4, 7)
+    composed, state = host(layer, {"a": delta})
+    state.set_gains(denoiser=torch.tensor([[0.6]]))
+    with torch.no_grad():
+        got = composed(x)
+    assert composed.studio_branch.fixed_rank == 0 and composed.studio_branch.down_cat.shape[0] == 4
+    torch.testing.assert_close(got, base + 0.6 * delta.scale * (x @ delta.down.T @ delta.up.T), rtol=1e-5, atol=1e-5)

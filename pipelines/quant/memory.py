@@ -81,8 +81,9 @@ class MemoryReport:
 
 
 def _row(family: str, name: str, n_in: int, n_out: int, count: int, *, bias: bool, fmt: str, group: int,
-         rank: int, method: str = "svdquant") -> LayerRow:
-    mode = layer_mode(family, name)
+         rank: int, method: str = "svdquant", path: str | None = None) -> LayerRow:
+    """``name`` labels the row; ``path`` (default ``name``) is a module path that decides the layer's mode."""
+    mode = layer_mode(family, path or name)
     dense = BYTES_16 * (n_in * n_out + (n_out if bias else 0))
     if mode is None or n_in % group:
         return LayerRow(name, n_in, n_out, count, None, dense, dense)
@@ -103,13 +104,13 @@ def flux_arithmetic(config: dict, *, fmt: str = "int4", group: int = 64, rank: i
     L, S = c["num_layers"], c["num_single_layers"]
     double = "transformer_blocks.0."
     single = "single_transformer_blocks.0."
-    rows = [_row("flux", double + p, i, o, L, bias=True, **kw) for p, i, o in [
+    rows = [_row("flux", f"double block: {p}", i, o, L, bias=True, path=double + p, **kw) for p, i, o in [
         ("norm1.linear", d, 6 * d), ("norm1_context.linear", d, 6 * d),
         ("attn.to_q", d, d), ("attn.to_k", d, d), ("attn.to_v", d, d), ("attn.to_out.0", d, d),
         ("attn.add_q_proj", d, d), ("attn.add_k_proj", d, d), ("attn.add_v_proj", d, d), ("attn.to_add_out", d, d),
         ("ff.net.0.proj", d, mlp), ("ff.net.2", mlp, d), ("ff_context.net.0.proj", d, mlp),
         ("ff_context.net.2", mlp, d)]]
-    rows += [_row("flux", single + p, i, o, S, bias=True, **kw) for p, i, o in [
+    rows += [_row("flux", f"single block: {p}", i, o, S, bias=True, path=single + p, **kw) for p, i, o in [
         ("norm.linear", d, 3 * d), ("attn.to_q", d, d), ("attn.to_k", d, d), ("attn.to_v", d, d),
         ("proj_mlp", d, mlp), ("proj_out", d + mlp, d)]]
     embed = [("time_text_embed.timestep_embedder.linear_1", 256, d), ("time_text_embed.timestep_embedder.linear_2", d, d),
@@ -177,10 +178,9 @@ def sdxl_arithmetic(config: dict, *, fmt: str = "int4", group: int = 64, rank: i
             rest += conv(out_ch, out_ch)  # upsampler
     rest += 2 * ch[0] + conv(ch[0], c["out_channels"])
     rows = []
+    block = "down_blocks.0.attentions.0.transformer_blocks.0."  # any transformer block: decides the mode
     for d, n in counts.items():
-        block = f"down_blocks.0.attentions.0.transformer_blocks.0.[{d}]."
-        name = block.replace(f".[{d}]", "")
-        rows += [LayerRow(**{**_row("sdxl", name + p, i, o, n, bias=b, **kw).__dict__, "name": block + p})
+        rows += [_row("sdxl", f"transformer block (width {d}): {p}", i, o, n, bias=b, path=block + p, **kw)
                  for p, i, o, b in [
                      ("attn1.to_q", d, d, False), ("attn1.to_k", d, d, False), ("attn1.to_v", d, d, False),
                      ("attn1.to_out.0", d, d, True), ("attn2.to_q", d, d, False), ("attn2.to_k", cross, d, False),

@@ -64,12 +64,10 @@ def save_quantized(out_dir: str | Path, denoiser: nn.Module, *, family: str, den
 
     out = Path(out_dir)
     (out / DENOISER_DIR).mkdir(parents=True, exist_ok=True)
-    quantized = {name for name, m in denoiser.named_modules() if isinstance(m, QuantLinear)}
     state = {}
     for key, value in denoiser.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner not in quantized and value.is_floating_point():
-            value = value.to(storage_dtype)  # layers kept 16-bit
+        if value.is_floating_point():  # 16-bit layers, biases, λ and the branch (4-bit codes and scale bits are ints)
+            value = value.to(storage_dtype)
         state[key] = value.detach().cpu().contiguous()
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "studio": FORMAT_NAME})
     denoiser.save_config(str(out / DENOISER_DIR))
