@@ -162,7 +162,7 @@ class QuantLinear(nn.Linear):
 
     def detach_branch(self) -> None:
         """Drop the adapter branch: the layer is again exactly the loaded quantized layer."""
-        del self._modules["studio_branch"]
+        self._modules.pop("studio_branch", None)
         self.studio_branch = None
 
 
