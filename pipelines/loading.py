@@ -127,9 +127,11 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, compon
             return diffusers.StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype, **extra,
                                                                        **components)
         repo = config or "black-forest-labs/FLUX.1-dev"
-        transformer = components.pop("transformer", None) or diffusers.FluxTransformer2DModel.from_single_file(
-            str(path), config=repo, subfolder="transformer", torch_dtype=dtype
-        )
+        transformer = components.pop("transformer", None)
+        if transformer is None:
+            transformer = diffusers.FluxTransformer2DModel.from_single_file(
+                str(path), config=repo, subfolder="transformer", torch_dtype=dtype
+            )
         return diffusers.FluxPipeline.from_pretrained(repo, transformer=transformer, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines.adapters.delta import LayerDelta
-from pipelines.composed import AdapterBranch, compose_module, prepare_delta, restore_module
+from pipelines.composed import compose_module, prepare_delta, restore_module
 from pipelines.mix_state import MixState
 from pipelines.quant.calibrate import LayerStats
 from pipelines.quant.linear import QuantLinear

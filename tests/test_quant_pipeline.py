@@ -169,6 +169,8 @@ def test_quantize_and_render_from_the_command_line(tmp_path):
     render = runner.invoke(app, ["render", "a fox", "--model", str(out), "--steps", "2", "--out", str(tmp_path / "img")])
     assert render.exit_code == 0, render.output
     assert list((tmp_path / "img").glob("*.png"))
+    twice = runner.invoke(app, ["quantize", str(out), "--out", str(tmp_path / "again")])
+    assert twice.exit_code == 2 and "already quantized" in twice.output
     bad = runner.invoke(app, ["quantize", "tiny-sdxl", "--out", str(tmp_path / "x"), "--format", "fp8"])
     assert bad.exit_code == 2 and "unknown 4-bit format 'fp8'" in bad.output
     busy = tmp_path / "busy"

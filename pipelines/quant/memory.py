@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .linear import QuantLinear
@@ -257,7 +256,3 @@ def summarize(report: MemoryReport) -> list[dict]:
                 "mode": "16-bit", "mib16": BYTES_16 * report.rest_params / 2 ** 20,
                 "mib_q": BYTES_16 * report.rest_params / 2 ** 20, "ratio": 1.0})
     return out
-
-
-def as_dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
