@@ -28,7 +28,7 @@ from pipelines import Composer, load_pipeline
 from pipelines.adapters import ParsedLora, parse_lora
 from pipelines.errors import OutOfMemoryError, StudioError
 from pipelines.families import parse_block_spec, resolve_block_weights
-from pipelines.loading import DEFAULT_MODEL
+from pipelines.loading import DEFAULT_MODEL, base_model_name
 from pipelines.render import run_pipeline
 from pipelines.tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
@@ -92,7 +92,7 @@ class Studio:
 
     @property
     def default_size(self) -> int:
-        if self.model in TINY_BUILDERS:
+        if base_model_name(self.model) in TINY_BUILDERS:  # also a quantized tiny model
             return TINY_IMAGE_SIZE
         if self.family.name == "sdxl":
             return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor

@@ -7,6 +7,7 @@
     studio strategies                                        # registered strategies and their parameters
     studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
     studio score out/grid                                    # (re)score a folder
+    studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
 """
 
 from __future__ import annotations
@@ -201,6 +202,10 @@ def ui(
 from studio.batch_cli import register as _register_batch  # noqa: E402
 
 _register_batch(app)
+
+from studio.quantize import quantize as _quantize  # noqa: E402  (its own module; heavy imports are lazy)
+
+app.command(name="quantize")(_quantize)
 
 
 def main() -> None:
