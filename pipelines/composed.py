@@ -10,6 +10,10 @@ weight of the adapter that owns it (``MixState.gains_for`` times the layer's blo
 number of adapters and any mix: merge (every sample, every adapter), switch (one-hot per step), composite (N
 replicas of the batch, replica i with adapter i only, all in one forward).
 
+A layer may bring its own low-rank segment (a 4-bit :class:`~pipelines.quant.linear.QuantLinear`'s SVDQuant
+branch ``L_up L_down``): the branch then hosts it as a *fixed* segment, concatenated in front of the adapters'
+ranks with a constant gain of 1, so the layer's branch and every LoRA still run as one pair of GEMMs.
+
 Adapters that are not low-rank at a fair cost take exact side paths in the same layer: dense deltas (large
 LoHa/LoKr, full diffs), bias deltas, and DoRA's rescaling of the base output (see
 :mod:`pipelines.adapters.kinds.dora`). ``ComposedLinear``/``ComposedConv2d`` subclass ``nn.Linear``/``nn.Conv2d``
@@ -29,6 +33,7 @@ from torch import nn
 from .adapters.delta import LayerDelta
 from .adapters.kinds import dora
 from .mix_state import MixState
+from .quant.linear import QuantLinear
 
 
 @dataclass
@@ -60,11 +65,11 @@ class PreparedDelta:
 
 def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
     """Fold scale and DoRA into ``delta`` for layer ``base`` and check that the shapes fit."""
-    weight = base.weight
-    shape = tuple(weight.shape)
+    shape = (base.out_features, base.in_features) if isinstance(base, nn.Linear) else tuple(base.weight.shape)
     kernel = shape[1:]
     s = None
     if delta.magnitude is not None:
+        weight = base.weight  # a QuantLinear gives its effective dequantized weight here
         if weight.is_meta:
             raise ValueError("DoRA needs the base weights, which are not loaded (meta device)")
         s = dora.norm_scale(weight.detach().cpu(), delta.to(device="cpu"))
@@ -82,7 +87,7 @@ def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
             down = down * s.view(1, -1, *[1] * (len(kernel) - 1))
         out.down, out.up = down.contiguous(), up.contiguous()
     if delta.dense is not None:
-        if delta.dense.numel() != weight.numel():
+        if delta.dense.numel() != int(torch.tensor(shape).prod()):
             raise ValueError(f"dense delta of shape {tuple(delta.dense.shape)} does not fit a layer of {shape}")
         dense = delta.dense.float().reshape(shape) * delta.scale
         if s is not None and delta.magnitude_axis == "out":
@@ -116,13 +121,15 @@ class AdapterBranch(nn.Module):
         self._pack_key = None
         self._gain_key = None
         self._empty = True
+        self.fixed_rank = 0
         for name in ("down_cat", "up_cat", "owner", "dense_cat", "dense_owner", "bias_cat", "bias_owner",
                      "dora_out_cat", "dora_out_owner", "dora_in_cat", "dora_in_owner"):
             self.register_buffer(name, None, persistent=False)
 
     # -------------------------------------------------------------------------------------------- packing
-    def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
-        key = (self.state.pack_version, device, dtype, tuple(self.entries))
+    def _pack(self, device: torch.device, dtype: torch.dtype, layer: nn.Module) -> None:
+        fixed = layer.fixed_segment() if hasattr(layer, "fixed_segment") else None
+        key = (self.state.pack_version, device, dtype, tuple(self.entries), fixed is not None)
         if key == self._pack_key:
             return
         cols = [(self.state.column(n), self.entries[n]) for n in self.state.active if n in self.entries]
@@ -134,9 +141,11 @@ class AdapterBranch(nn.Module):
             return torch.tensor(items, dtype=torch.long, device=device) if items else None
 
         low = [(c, e) for c, e in cols if e.down is not None]
-        self.down_cat = cat([e.down for _, e in low])
-        self.up_cat = cat([e.up for _, e in low], dim=1)
-        self.owner = owners([c for c, e in low for _ in range(e.down.shape[0])])
+        # the layer's fixed segment goes first; its owner is the extra constant-1 gain column N (see forward)
+        self.fixed_rank = 0 if fixed is None else fixed[0].shape[0]
+        self.down_cat = cat(([fixed[0]] if fixed else []) + [e.down for _, e in low])
+        self.up_cat = cat(([fixed[1]] if fixed else []) + [e.up for _, e in low], dim=1)
+        self.owner = owners([len(self.state.names)] * self.fixed_rank + [c for c, e in low for _ in range(e.down.shape[0])])
         dense = [(c, e) for c, e in cols if e.dense is not None]
         self.dense_cat = cat([e.dense for _, e in dense])
         self.dense_owner = owners([c for c, _ in dense])
@@ -149,17 +158,20 @@ class AdapterBranch(nn.Module):
         din = [(c, e) for c, e in cols if e.dora_in is not None]
         self.dora_in_cat = cat([e.dora_in[None] for _, e in din])
         self.dora_in_owner = owners([c for c, _ in din])
-        self._empty = not cols
+        self._empty = not cols and fixed is None
         self._pack_key = key
         self._gain_key = None
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """``y`` is the base layer's output for ``x``; returns ``y`` plus every active adapter's share."""
-        self._pack(y.device, y.dtype)
+        """``y`` is the base layer's output for ``x`` (without the layer's fixed segment, which is computed here);
+        returns ``y`` plus the fixed segment and every active adapter's share."""
+        self._pack(y.device, y.dtype, layer)
         if self._empty:
             return y
         gains = self.state.gains_for(self.block_id, y.device, y.dtype)  # [G, N]
+        if self.fixed_rank:
+            gains = F.pad(gains, (0, 1), value=1.0)  # column N: the fixed segment's constant gain
         rows = gains.shape[0]
         if rows != 1 and rows != x.shape[0]:
             raise RuntimeError(
@@ -179,6 +191,8 @@ class AdapterBranch(nn.Module):
             else:
                 h = F.linear(x, self.down_cat) * per_sample(gains[:, self.owner])
                 out = out + F.linear(h, self.up_cat)
+                if self.fixed_rank and self.dora_out_cat is not None:  # DoRA rescales the full base output
+                    y = y + F.linear(h[..., : self.fixed_rank], self.up_cat[:, : self.fixed_rank])
         if self.dense_cat is not None:
             n = self.dense_owner.numel()
             if conv:
@@ -246,12 +260,20 @@ class ComposedConv2d(nn.Conv2d):
         return self.studio_branch(x, self._base_op(x), self)
 
 
-ComposedLayer = ComposedLinear | ComposedConv2d
+ComposedLayer = ComposedLinear | ComposedConv2d | QuantLinear
 
 
 def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module:
-    """Wrap ``base`` (idempotent: a composed layer is returned as is)."""
+    """Wrap ``base`` (idempotent: a composed layer is returned as is).
+
+    A :class:`~pipelines.quant.linear.QuantLinear` is not wrapped: it hosts the branch itself (its own SVD
+    segment joins the adapters' concatenated ranks) and is returned.
+    """
     if isinstance(base, (ComposedLinear, ComposedConv2d)):
+        return base
+    if isinstance(base, QuantLinear):
+        if base.studio_branch is None:
+            base.attach_branch(AdapterBranch(state, block_id))
         return base
     branch = AdapterBranch(state, block_id)
     if isinstance(base, nn.Linear):
@@ -263,6 +285,9 @@ def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module
 
 def restore_module(layer: nn.Module) -> nn.Module:
     """The original module, re-bound to the (possibly moved) shared parameters."""
+    if isinstance(layer, QuantLinear):
+        layer.detach_branch()
+        return layer
     original = layer.original
     original.weight = layer.weight
     original.bias = layer.bias

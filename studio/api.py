@@ -28,7 +28,7 @@ from pipelines import Composer, load_pipeline
 from pipelines.adapters import ParsedLora, parse_lora
 from pipelines.errors import OutOfMemoryError, StudioError
 from pipelines.families import parse_block_spec, resolve_block_weights
-from pipelines.loading import DEFAULT_MODEL, model_defaults
+from pipelines.loading import DEFAULT_MODEL, base_model_name, model_defaults
 from pipelines.render import run_pipeline
 from pipelines.tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
@@ -82,7 +82,7 @@ class Studio:
         self.model = model
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
         self.pipe, self.family = load_pipeline(model, device=device, dtype=dtype, offload=offload, config=config)
-        self.defaults = model_defaults(model)
+        self.defaults = model_defaults(base_model_name(model))
         self.composer = Composer(self.pipe, self.family)
         self._loaded: dict[tuple, str] = {}  # (resolved source, sha256) -> adapter name
 
@@ -95,7 +95,7 @@ class Studio:
     def default_size(self) -> int:
         if "size" in self.defaults:
             return int(self.defaults["size"])
-        if self.model in TINY_BUILDERS:
+        if base_model_name(self.model) in TINY_BUILDERS:  # also a quantized tiny model
             return TINY_IMAGE_SIZE
         if self.family.name == "sdxl":
             return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -130,6 +130,24 @@ class Studio:
             self.composer.add(name, parsed)
             self._loaded[key] = name
         return [self._loaded[k] for k in keys]
+
+    def inspect(self, source: str | Path) -> ParsedLora:
+        """Read and check a LoRA file against this model without attaching it.
+
+        Raises a :class:`StudioError` naming the file when it is unreadable or does not fit the model.
+        """
+        return parse_lora(resolve_source(source, self.lora_dir), self.pipe, self.family)
+
+    def block_names(self) -> list[str]:
+        """The blocks per-block weights address on this model (``te1``, ``down.0``, ``double.3``, ...)."""
+        return self.family.block_names(self.pipe)
+
+    def block_weights(self, spec: str | Mapping[str, float] | None) -> dict[str, float]:
+        """Expand a block-weight spec (preset name, ``"down=0,mid=1"`` or dict) to one weight per block.
+
+        Raises :class:`StudioError` for an unknown preset or block, or a value that is not a finite number.
+        """
+        return resolve_block_weights(self.family, self.block_names(), parse_block_spec(spec, self.family))
 
     def unload(self, names: Sequence[str] | None = None) -> None:
         """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model."""
@@ -168,6 +186,12 @@ class Studio:
         t0 = time.perf_counter()
         specs = [Lora.parse(spec) for spec in loras]
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, strategy_params)
+        seen = set()
+        for spec in specs:
+            key = id(spec.source) if isinstance(spec.source, dict) else str(spec.source)
+            if key in seen:
+                raise StudioError(f"LoRA {spec.label} appears twice in the stack; give it once with the weight you want")
+            seen.add(key)
         steps = int(steps or self.defaults.get("steps", self.family.default_steps))
         guidance = float(self.defaults.get("guidance", self.family.default_guidance) if guidance is None else guidance)
         if "max_sequence_length" in self.defaults and self.family.name == "flux":
@@ -175,6 +199,10 @@ class Studio:
         width, height = int(width or self.default_size), int(height or self.default_size)
         if steps < 1 or count < 1:
             raise StudioError("steps and count must be at least 1")
+        multiple = self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1)
+        if width < multiple or height < multiple or width % multiple or height % multiple:
+            raise StudioError(f"width and height must be positive multiples of {multiple} for this model, "
+                              f"got {width}x{height}")
         names = self.load(specs)
         t_load = time.perf_counter()
         self._set_block_weights(names, specs)

@@ -5,6 +5,9 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
+    studio score out/grid                                    # (re)score a folder
+    studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def library(
 @app.command()
 def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the registered fusion strategies, their parameters and defaults."""
-    from fusion import REGISTRY
+    from studio.strategies import REGISTRY
 
     rows = [{"name": cls.name, "summary": cls.summary, "citation": cls.citation,
              "params": [{"name": p.name, "default": p.default, "type": p.type.__name__, "help": p.help,
@@ -160,6 +163,49 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         params = "\n".join(f"{p['name']}={p['default']}  {p['help']}" for p in row["params"]) or "-"
         table.add_row(row["name"], row["summary"], params, row["citation"])
     Console().print(table)
+
+
+@app.command()
+def ui(
+    lora_dir: list[Path] = typer.Option(..., "--lora-dir", "-d", help="LoRA folder (searched recursively); repeatable."),
+    model: str = typer.Option("tiny-sdxl", "--model", "-m", help="tiny-sdxl, tiny-flux, a Hub id, a folder or a .safetensors file."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the app has no login, so keep it local unless you know why."),
+    port: Optional[int] = typer.Option(None, help="Port (default: Gradio's, 7860 or the next free one)."),
+    out: Path = typer.Option(Path("outputs/ui"), "--out", "-o", help="Folder for the PNGs and recipe TOMLs."),
+    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
+    offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
+    max_upload_mb: float = typer.Option(1024, help="Largest LoRA upload accepted, in MB."),
+    preview_every: Optional[int] = typer.Option(None, help="Decode a live preview every N steps (0: off; default: ~6 per image)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIPScore model for Compare (open_clip name, folder or file)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file."),
+    no_score: bool = typer.Option(False, "--no-score", help="Do not compute CLIPScores in Compare."),
+) -> None:
+    """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
+    from studio.scoring import DEFAULT_CLIP_MODEL, LazyClipScorer
+    from ui.app import launch, make_app
+
+    scorer = None if no_score else LazyClipScorer(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained, device=device)
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach it can use the GPU and upload files")
+    try:
+        demo, callbacks = make_app(model, list(lora_dir), out_dir=out, scorer=scorer, device=device, dtype=dtype,
+                                   offload=offload, config=config, max_upload_mb=max_upload_mb,
+                                   preview_every=preview_every)
+    except StudioError as e:
+        _fail(e)
+    launch(demo, callbacks, host=host, port=port)
+
+
+from studio.batch_cli import register as _register_batch  # noqa: E402
+
+_register_batch(app)
+
+from studio.quantize import quantize as _quantize  # noqa: E402  (its own module; heavy imports are lazy)
+
+app.command(name="quantize")(_quantize)
 
 
 def _register_subcommands() -> None:
