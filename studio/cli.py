@@ -209,9 +209,10 @@ app.command(name="quantize")(_quantize)
 
 
 def _register_subcommands() -> None:
-    from studio.world.cli import world_app
+    from studio.world.cli import demo, world_app
 
     app.add_typer(world_app, name="world")
+    app.command(name="demo")(demo)
 
 
 _register_subcommands()

@@ -40,3 +40,36 @@ def evaluate(
     report = evaluate_world(assets, n_base=n_base, n_lora=n_lora)
     write_report(report, out or assets / "world" / "metrics.json")
     typer.echo(json.dumps(report, indent=2))
+
+
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), "--out", "-o", help="Folder for images, manifest and report.html."),
+    family: str = typer.Option("sdxl", help="sdxl or flux (tiny world models)."),
+    strategy: list[str] = typer.Option([], "--strategy", "-s", help="Strategies (default: every registered one)."),
+    seed: list[int] = typer.Option([], "--seed", help="Seeds (default: 0 and 1)."),
+    no_score: bool = typer.Option(False, "--no-score", help="Skip CLIPScore."),
+) -> None:
+    """Compose the tiny world's LoRAs under every strategy, offline, and write the HTML report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.errors import StudioError
+    from studio.batch_cli import RichReporter
+
+    from .demo import run_demo
+
+    if family not in ("sdxl", "flux"):
+        raise typer.BadParameter("family must be sdxl or flux")
+    try:
+        summary = run_demo(out, family=family, seeds=tuple(seed) or (0, 1), strategies=strategy or None,
+                           score=not no_score, reporter=RichReporter())
+    except StudioError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2) from None
+    table = Table(title=f"tiny-{family}: CLIPScore (tiny world CLIP) per strategy")
+    for column in ("strategy", "mean", "std", "images"):
+        table.add_column(column)
+    for name, (mean, std, n) in sorted(summary.means.items(), key=lambda kv: -kv[1][0]):
+        table.add_row(name, f"{mean:.2f}", f"{std:.2f}", str(n))
+    Console().print(table)
+    typer.echo(f"report: {summary.report}")

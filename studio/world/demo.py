@@ -1,0 +1,85 @@
+"""``studio demo``: real compositions on the tiny world, every registered strategy, one HTML report, offline.
+
+The demo is an ordinary ``studio batch`` (:mod:`studio.batch`): a fixed set of compositions of the world's
+LoRAs (subject + style, subject + background, subject + style + background), every strategy in the registry,
+two seeds, scored with the world's tiny CLIP for the full prompt and for each LoRA's concept, written with the
+batch report. It resumes like any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .concepts import HeldOut, held_out
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+TINY_CLIP = ASSETS / "judges" / "tiny-clip"
+
+
+@dataclass(frozen=True)
+class Composition:
+    concepts: tuple[str, ...]  # held-out concept names, subject first
+    color: str = "red"
+    size: str = "large"
+    position: str = "center"
+
+    def held(self) -> list[HeldOut]:
+        return [held_out(n) for n in self.concepts]
+
+    def prompt(self) -> str:
+        chosen = {c.attribute: c.value for c in self.held()}
+        shape = chosen.get("shape", "circle")
+        texture = chosen.get("texture", "solid")
+        background = chosen.get("background", "light")
+        return f"a {self.size} {self.color} {shape}, {texture}, on a {background} background, {self.position}"
+
+
+DEMO_COMPOSITIONS = (
+    Composition(("subject-zorb", "style-striped"), "blue"),
+    Composition(("subject-quix", "background-waves"), "yellow"),
+    Composition(("subject-zorb", "style-dotted", "background-bricks"), "green"),
+)
+
+
+def lora_path(family: str, concept: str, assets: Path = ASSETS) -> Path:
+    return assets / "loras" / f"tiny-{family}" / f"{concept}.safetensors"
+
+
+def composition_items(compositions, family: str, strategies, seeds, *, assets: Path = ASSETS, steps=None):
+    """Batch items for ``compositions`` on ``tiny-<family>`` (every strategy x seed)."""
+    from studio.grid import Axes, PromptSpec, StrategyChoice, build_stack, expand
+
+    choices = [s if isinstance(s, StrategyChoice) else StrategyChoice.parse(s) for s in strategies]
+    items = []
+    for comp in compositions:
+        entries = [{"source": str(lora_path(family, c.name, assets)), "name": c.name, "concept": c.concept_text}
+                   for c in comp.held()]
+        stack = build_stack(" + ".join(comp.concepts), entries, base_dir=None, lora_dir=None, origin="demo")
+        prompt = PromptSpec(text=comp.prompt())
+        axes = Axes(strategies=choices, seeds=list(seeds), steps=[steps])
+        for item in expand(f"tiny-{family}", [prompt], [stack], axes, origin="demo"):
+            item.position, item.prompt_index = len(items), len(items) // (len(choices) * len(seeds))
+            items.append(item)
+    return items
+
+
+def all_strategies() -> list[str]:
+    from studio.strategies import REGISTRY
+
+    return list(REGISTRY)
+
+
+def run_demo(out: Path, *, family: str = "sdxl", seeds=(0, 1), strategies=None, score: bool = True,
+             assets: Path = ASSETS, reporter=None):
+    from studio.batch import BatchOptions, run_batch
+
+    missing = [str(lora_path(family, c, assets)) for comp in DEMO_COMPOSITIONS for c in comp.concepts
+               if not lora_path(family, c, assets).exists()]
+    if missing:
+        from pipelines.errors import StudioError
+
+        raise StudioError(f"the tiny world's LoRAs are not built: {missing[0]} is missing (run `studio world build`)")
+    items = composition_items(DEMO_COMPOSITIONS, family, strategies or all_strategies(), seeds, assets=assets)
+    options = BatchOptions(score=score, clip_model=str(assets / "judges" / "tiny-clip"))
+    return run_batch(items, out, options, reporter)
