@@ -5,6 +5,7 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio merge --lora a.safetensors:0.8 --lora b.safetensors --strategy ties --out merged.safetensors
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.errors import StudioError
+from studio.merging import format_strategy_info, merge_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA Composition Studio: stack LoRAs on SDXL and FLUX.1.")
 console = Console(stderr=True, soft_wrap=True)
@@ -104,6 +106,8 @@ def render(
         _fail(e)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    for line in format_strategy_info(result.strategy_info):
+        console.print(line)
     for path in paths:
         typer.echo(str(path))
     console.print(f"{len(paths)} image(s) in {result.timings['total_s']:.1f} s "
@@ -160,6 +164,9 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         params = "\n".join(f"{p['name']}={p['default']}  {p['help']}" for p in row["params"]) or "-"
         table.add_row(row["name"], row["summary"], params, row["citation"])
     Console().print(table)
+
+
+app.command(name="merge")(merge_command)
 
 
 def main() -> None:
