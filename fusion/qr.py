@@ -22,7 +22,9 @@ span(Q_1..Q_i) = span(B_1..B_i). Every update is exactly ``ΔW_i = Q C_i`` with 
   the updates become exactly orthogonal (cos = 0) while every LoRA keeps whatever does not overlap: the part of
   a later LoRA that writes into an earlier LoRA's output directions *with the same input pattern* is what is
   removed. Stack order is priority order, as in LoRA Switch (put the subject first). The result does not depend
-  on the choice of basis inside a segment.
+  on the choice of basis inside a segment. For two LoRAs it is, per layer, w_1 ΔW_1 + w_2 (ΔW_2 − c ΔW_1) with
+  c = ⟨ΔW_2, ΔW_1⟩ / ‖ΔW_1‖²; with more, each later LoRA is orthogonalised separately inside each earlier
+  LoRA's new output directions (one projection coefficient per segment instead of one per update).
 * ``mode="auto"`` (default): the paper's sum on layers where every LoRA is a QR-LoRA, orthogonal elsewhere.
 
 Interference is the cosine between the flattened updates, cos(ΔW_i, ΔW_j) = ⟨C_i, C_j⟩ / (‖C_i‖‖C_j‖) (Q is

@@ -34,21 +34,32 @@ class MergeReport:
     strategy_info: dict[str, Any] = field(default_factory=dict)
 
 
-def save_merge(studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path) -> MergeReport:
-    """Merge ``loras`` with weight-space ``strategy`` on ``studio``'s model and write the result to ``out``."""
-    from fusion import make_strategy, merge_stack
-    from pipelines.adapters.export import save_lora
+def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any] | None):
+    """``(specs, strategy)`` for a merge to a file, or a :class:`StudioError` before any model is loaded."""
+    from fusion import WeightMerge, make_strategy
 
     from .lora import Lora
 
     specs = [Lora.parse(spec) for spec in loras]
-    if len(specs) < 1:
+    if not specs:
         raise StudioError("give at least one --lora to merge")
     windowed = [str(s.source) for s in specs if s.start != 0.0 or s.end != 1.0]
     if windowed:
         raise StudioError(f"step windows cannot be stored in a LoRA file (given for {', '.join(windowed)}); "
                           "render with them instead")
     strat = make_strategy(strategy, params)
+    if not isinstance(strat, WeightMerge):
+        raise StudioError(f"strategy '{strat.name}' is not a weight-space merge; it cannot be saved as a LoRA "
+                          "(weight-space merges: cat, svd, ties, dare, qr)")
+    return specs, strat
+
+
+def save_merge(studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path) -> MergeReport:
+    """Merge ``loras`` with weight-space ``strategy`` on ``studio``'s model and write the result to ``out``."""
+    from fusion import merge_stack
+    from pipelines.adapters.export import save_lora
+
+    specs, strat = check_merge_request(loras, strategy, params)
     names = studio.load(specs)
     studio._set_block_weights(names, specs)
     merged = merge_stack(strat, studio.composer, names, [s.weight for s in specs])
@@ -104,8 +115,10 @@ def merge_command(
     from studio.cli import _fail, _parse_params, console
 
     try:
+        params = _parse_params(param)
+        check_merge_request(lora, strategy, params)  # fail fast, before the model loads
         studio = Studio(model, device=device, dtype=dtype, config=config, lora_dir=lora_dir)
-        report = save_merge(studio, lora, strategy, _parse_params(param), out)
+        report = save_merge(studio, lora, strategy, params, out)
     except StudioError as e:
         _fail(e)
     for line in format_strategy_info(report.strategy_info):

@@ -138,15 +138,17 @@ def test_every_strategy_renders_on_tiny_models(family, sdxl_studio, flux_studio,
     studio = sdxl_studio if family == "sdxl" else flux_studio
     loras = [f"{f}:{w}" for f, w in zip(sdxl_te_loras if family == "sdxl" else flux_loras, [0.9, 0.7])]
     kw = dict(steps=2, seed=3, width=32, height=32, output_type="np")
-    merge = studio.compose("a corgi", loras, "merge", **kw).latents[0]
-    base = studio.compose("a corgi", [], "merge", **kw).latents[0]
-    for name in ["cat", "svd", "ties", "dare", "qr", "klora"]:
-        image = studio.compose("a corgi", loras, name, **kw).latents[0]
-        assert np.isfinite(image).all() and image.shape == merge.shape, name
-        assert np.abs(image - base).max() > 10 * ATOL, name  # the LoRAs act
-        if name == "cat":
-            np.testing.assert_allclose(image, merge, atol=ATOL, rtol=0)
-    studio.unload()
+    try:
+        merge = studio.compose("a corgi", loras, "merge", **kw).latents[0]
+        base = studio.compose("a corgi", [], "merge", **kw).latents[0]
+        for name in ["cat", "svd", "ties", "dare", "qr", "klora"]:
+            image = studio.compose("a corgi", loras, name, **kw).latents[0]
+            assert np.isfinite(image).all() and image.shape == merge.shape, name
+            assert np.abs(image - base).max() > 10 * ATOL, name  # the LoRAs act
+            if name == "cat":
+                np.testing.assert_allclose(image, merge, atol=ATOL, rtol=0)
+    finally:
+        studio.unload()
 
 
 def test_step_windows_build_one_merge_per_active_set(sdxl_studio, sdxl_loras):

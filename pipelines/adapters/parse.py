@@ -1,6 +1,6 @@
 """Reading a LoRA file into exact per-layer deltas for a loaded pipeline.
 
-Two routes, chosen by the file's layout:
+Three routes, chosen by the file's layout:
 
 * **diffusers route** (diffusers/PEFT ``lora_A``/``lora_B`` files, old diffusers attention-processor files,
   XLabs and BFL-control FLUX files): diffusers' ``lora_state_dict`` converts the keys; ranks and alphas are
@@ -10,6 +10,9 @@ Two routes, chosen by the file's layout:
   ``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``): each module's tensors become a delta through its kind
   (:mod:`.kinds`); module names are resolved by :mod:`.naming` (model module table, then diffusers'
   converters probed). ``scale = alpha / rank`` per module, as kohya defines it.
+* **QR-LoRA route** (``*.lora.q.weight``/``lora.base_r.weight``/``lora.delta_r.weight``, :mod:`.kinds.qr`):
+  each layer becomes ``s · Q ΔR`` after Q and R are checked against the base weight they claim to come from;
+  the file's other keys take the diffusers route.
 
 Before anything is attached, every delta is checked against its target layer; a LoRA for another base model,
 a file that matches no layer, or mismatched shapes raise :class:`IncompatibleLoraError` naming the file and,
