@@ -52,11 +52,12 @@ class PreparedDelta:
             w += (up @ down.reshape(down.shape[0], -1)).reshape(shape)
         if self.dense is not None:
             w += self.dense.to(device).reshape(shape)
-        base = base_weight.detach().float().to(device)
-        if self.dora_out is not None:
-            w += self.dora_out.to(device).view(-1, *[1] * (len(shape) - 1)) * base
-        if self.dora_in is not None:
-            w += self.dora_in.to(device).view(1, -1, *[1] * (len(shape) - 2)) * base
+        if self.dora_out is not None or self.dora_in is not None:
+            base = base_weight.detach().float().to(device)
+            if self.dora_out is not None:
+                w += self.dora_out.to(device).view(-1, *[1] * (len(shape) - 1)) * base
+            if self.dora_in is not None:
+                w += self.dora_in.to(device).view(1, -1, *[1] * (len(shape) - 2)) * base
         return w
 
 

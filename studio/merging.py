@@ -54,7 +54,9 @@ def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any
     return specs, strat
 
 
-def save_merge(studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path) -> MergeReport:
+def save_merge(
+    studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path
+) -> MergeReport:
     """Merge ``loras`` with weight-space ``strategy`` on ``studio``'s model and write the result to ``out``."""
     from fusion import merge_stack
     from pipelines.adapters.export import save_lora
@@ -105,7 +107,7 @@ def merge_command(
     param: list[str] = typer.Option([], "--param", "-p", help="Strategy parameter name=value; repeatable."),
     out: Path = typer.Option(..., "--out", "-o", help="The merged LoRA (.safetensors)."),
     model: str = typer.Option("tiny-sdxl", "--model", "-m", help="The base model the LoRAs are for."),
-    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a checkpoint lacks."),
     lora_dir: Optional[Path] = typer.Option(None, help="LoRA library; relative LoRA names resolve inside it."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ... (the merge runs where the model is)."),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),

@@ -118,6 +118,24 @@ def test_ties_and_dare_equal_peft_merge_utils(sdxl_studio, stack):
         assert not torch.equal(other_seed.deltas[key].dense, dense_dare.deltas[key].dense)
 
 
+def test_dora_parts_are_merged_exactly_but_not_saved(sdxl_studio, stack, lora_dir, tmp_path):
+    """DoRA's rescaling is not low-rank: cat adds it as an exact dense part; such a merge is refused on saving."""
+    from pipelines.adapters.export import save_lora
+
+    names, _ = stack
+    dora = writers.peft_sdxl(lora_dir / "sdxl-dora-merge", 15, rank=2, alpha=2, use_dora=True)
+    both = [names[0], sdxl_studio.load([dora])[0]]
+    composer = sdxl_studio.composer
+    merged = merge_stack(make_strategy("cat"), composer, both, [0.7, 0.9])
+    for key, delta in list(merged.deltas.items())[:6]:
+        expected = 0.7 * composer.delta_weight(both[0], key) + 0.9 * composer.delta_weight(both[1], key)
+        assert delta.dense is not None and delta.rank == 4
+        torch.testing.assert_close(merged_weight(delta, expected), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(StudioError, match="not low-rank"):
+        save_lora(tmp_path / "dora-cat.safetensors", merged.deltas, sdxl_studio.pipe, sdxl_studio.family)
+    sdxl_studio.unload([both[1]])
+
+
 def test_block_weights_are_baked_into_the_merge(sdxl_studio, stack):
     names, tasks = stack
     state = sdxl_studio.composer.state

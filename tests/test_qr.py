@@ -173,9 +173,9 @@ def test_shared_basis_reconstructs_every_update_and_keeps_cosines():
     coeffs = [(q.T @ b) @ a for b, a in factors]
     for (b, a), c in zip(factors, coeffs):
         torch.testing.assert_close(q @ c, b @ a, atol=1e-4, rtol=1e-5)
+    updates = [b @ a for b, a in factors]
     for i, j in itertools.combinations(range(3), 2):  # projection alone changes no interference
-        assert flat_cos(coeffs[i], coeffs[j]) == pytest.approx(flat_cos(*[f[0] @ f[1] for f in (factors[i], factors[j])]),
-                                                               abs=1e-5)
+        assert flat_cos(coeffs[i], coeffs[j]) == pytest.approx(flat_cos(updates[i], updates[j]), abs=1e-5)
     # a B that lies in the span of earlier ones adds no direction (QR-LoRA adapters share one Q)
     q2, seg2 = shared_basis([factors[0][0], 2 * factors[0][0]])
     assert q2.shape[1] == 3 and seg2[1].stop == seg2[1].start

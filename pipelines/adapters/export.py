@@ -55,7 +55,8 @@ def _lora_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """The PEFT ``LoraConfig`` (as a dict) that gives every module of ``state_dict`` scale 1."""
     from peft import LoraConfig
 
-    ranks = {k.removesuffix(".lora_B.weight"): v.shape[1] for k, v in state_dict.items() if k.endswith(".lora_B.weight")}
+    suffix = ".lora_B.weight"
+    ranks = {k.removesuffix(suffix): v.shape[1] for k, v in state_dict.items() if k.endswith(suffix)}
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: rk for m, rk in ranks.items() if rk != r}
     config = LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern),
