@@ -47,19 +47,22 @@ class PreparedDelta:
     dora_out: torch.Tensor | None = None  # s - 1 per output row: adds (s-1) ⊙ W x
     dora_in: torch.Tensor | None = None  # s - 1 per input column: adds W ((s-1) ⊙ x)
 
-    def weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """The exact dense change of the layer weight at gain 1 (for tests and weight-space merges)."""
+    def weight(self, base_weight: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """The exact dense change of the layer weight at gain 1, in float32 on ``device`` (default: CPU)."""
         shape = tuple(base_weight.shape)
-        w = torch.zeros(shape)
+        device = torch.device(device or "cpu")
+        w = torch.zeros(shape, device=device)
         if self.down is not None:
-            w += (self.up @ self.down.reshape(self.down.shape[0], -1)).reshape(shape)
+            up, down = self.up.to(device), self.down.to(device)
+            w += (up @ down.reshape(down.shape[0], -1)).reshape(shape)
         if self.dense is not None:
-            w += self.dense.reshape(shape)
-        base = base_weight.detach().float().cpu()
-        if self.dora_out is not None:
-            w += self.dora_out.view(-1, *[1] * (len(shape) - 1)) * base
-        if self.dora_in is not None:
-            w += self.dora_in.view(1, -1, *[1] * (len(shape) - 2)) * base
+            w += self.dense.to(device).reshape(shape)
+        if self.dora_out is not None or self.dora_in is not None:
+            base = base_weight.detach().float().to(device)
+            if self.dora_out is not None:
+                w += self.dora_out.to(device).view(-1, *[1] * (len(shape) - 1)) * base
+            if self.dora_in is not None:
+                w += self.dora_in.to(device).view(1, -1, *[1] * (len(shape) - 2)) * base
         return w
 
 
@@ -113,10 +116,11 @@ class AdapterBranch(nn.Module):
     the active set or the layer's device/dtype changes.
     """
 
-    def __init__(self, state: MixState, block_id: int):
+    def __init__(self, state: MixState, block_id: int, layer_id: int | None = None):
         super().__init__()
         self.state = state
         self.block_id = block_id
+        self.layer_id = layer_id
         self.entries: dict[str, PreparedDelta] = {}
         self._pack_key = None
         self._gain_key = None
@@ -169,7 +173,7 @@ class AdapterBranch(nn.Module):
         self._pack(y.device, y.dtype, layer)
         if self._empty:
             return y
-        gains = self.state.gains_for(self.block_id, y.device, y.dtype)  # [G, N]
+        gains = self.state.gains_for(self.block_id, y.device, y.dtype, self.layer_id)  # [G, N]
         if self.fixed_rank:
             gains = F.pad(gains, (0, 1), value=1.0)  # column N: the fixed segment's constant gain
         rows = gains.shape[0]
@@ -263,7 +267,7 @@ class ComposedConv2d(nn.Conv2d):
 ComposedLayer = ComposedLinear | ComposedConv2d | QuantLinear
 
 
-def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module:
+def compose_module(base: nn.Module, state: MixState, block_id: int, layer_id: int | None = None) -> nn.Module:
     """Wrap ``base`` (idempotent: a composed layer is returned as is).
 
     A :class:`~pipelines.quant.linear.QuantLinear` is not wrapped: it hosts the branch itself (its own SVD
@@ -273,9 +277,9 @@ def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module
         return base
     if isinstance(base, QuantLinear):
         if base.studio_branch is None:
-            base.attach_branch(AdapterBranch(state, block_id))
+            base.attach_branch(AdapterBranch(state, block_id, layer_id))
         return base
-    branch = AdapterBranch(state, block_id)
+    branch = AdapterBranch(state, block_id, layer_id)
     if isinstance(base, nn.Linear):
         return ComposedLinear(base, branch)
     if isinstance(base, nn.Conv2d):

@@ -48,6 +48,7 @@ class Result:
     scores: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list, repr=False)
+    strategy_info: dict[str, Any] = field(default_factory=dict)  # what the strategy measured (e.g. interference)
 
     @property
     def image(self) -> Image.Image:
@@ -102,7 +103,8 @@ class Studio:
         return 1024
 
     def loaded(self) -> dict[str, ParsedLora]:
-        return {n: a.parsed for n, a in self.composer.adapters.items()}
+        """The LoRAs loaded from files or state dicts (not the adapters strategies derived from them)."""
+        return {n: a.parsed for n, a in self.composer.adapters.items() if not a.derived_from}
 
     # ------------------------------------------------------------------------------------------ adapters
     def load(self, loras: Iterable[LoraLike]) -> list[str]:
@@ -153,7 +155,8 @@ class Studio:
         """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model."""
         names = list(self.composer.adapters) if names is None else list(names)
         for name in names:
-            self.composer.remove(name)
+            if name in self.composer.adapters:  # derived adapters leave with their sources
+                self.composer.remove(name)
         self._loaded = {k: v for k, v in self._loaded.items() if v not in names}
 
     def _unique_name(self, base: str) -> str:
@@ -209,26 +212,32 @@ class Studio:
         if scheduler:
             self._set_scheduler(scheduler)
         state = self.composer.state
-        columns = torch.tensor([state.column(n) for n in names], dtype=torch.long)
         weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
-        run = RunContext(names=names, weights=weights, num_steps=steps, family=self.family.name, pipe=self.pipe,
-                         composer=self.composer, sources=[str(s.source) for s in specs])
-        strat.prepare(run)
 
-        def to_columns(rows: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(rows.shape[0], len(state.names))
-            if len(names):
+        def weights_at(step: int) -> torch.Tensor:
+            progress = step / steps
+            return torch.tensor([s.weight if s.start <= progress < s.end else 0.0 for s in specs])
+
+        step_weights = torch.stack([weights_at(s) for s in range(steps)]) if specs else torch.zeros(steps, 0)
+        run = RunContext(names=names, weights=weights, num_steps=steps, family=self.family.name, pipe=self.pipe,
+                         composer=self.composer, sources=[str(s.source) for s in specs], step_weights=step_weights)
+        strat.prepare(run)
+        stack = list(run.stack)  # the K LoRAs, or the adapters the strategy derived from them
+        columns = torch.tensor([state.column(n) for n in stack], dtype=torch.long)
+
+        def to_columns(rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            out = torch.full((rows.shape[0], len(state.names)), fill)
+            if len(stack):
                 out[:, columns] = rows
             return out
 
         def plan_for_step(step: int) -> StepPlan:
-            progress = step / steps
-            now = torch.tensor([s.weight if s.start <= progress < s.end else 0.0 for s in specs])
             if not specs:
                 return StepPlan(gains=torch.zeros(1, len(state.names)), weights=torch.ones(1), text_lanes=[0])
-            plan = strat.plan(StepContext(step=step, num_steps=steps, weights=now))
+            plan = strat.plan(StepContext(step=step, num_steps=steps, weights=step_weights[step]))
+            layer_weights = None if plan.layer_weights is None else to_columns(plan.layer_weights, fill=1.0)
             return StepPlan(gains=to_columns(plan.gains), weights=plan.weights, text_lanes=plan.text_lanes,
-                            extras=plan.extras)
+                            extras=plan.extras, layer_weights=layer_weights)
 
         text_lanes = to_columns(strat.text_lanes(weights)) if specs else torch.zeros(1, len(state.names))
         images, recipes, latents = [], [], []
@@ -236,7 +245,7 @@ class Studio:
             generator = torch.Generator(self.device.type).manual_seed(seed + k)
             try:
                 output, _ = run_pipeline(
-                    self.composer, stack=names, plan_for_step=plan_for_step, text_lanes=text_lanes,
+                    self.composer, stack=stack, plan_for_step=plan_for_step, text_lanes=text_lanes,
                     prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                     guidance_scale=guidance, width=width, height=height, generator=generator,
                     output_type=output_type, callback=callback, pipeline_kwargs=pipeline_kwargs,
@@ -260,7 +269,8 @@ class Studio:
                     for n in names if self.loaded()[n].skipped]
         return Result(images=images, recipes=recipes, latents=latents, warnings=warnings,
                       timings={"load_s": t_load - t0, "render_s": t_end - t_load, "total_s": t_end - t0,
-                               "per_image_s": (t_end - t_load) / count})
+                               "per_image_s": (t_end - t_load) / count},
+                      strategy_info=dict(strat.info))
 
     def reproduce(self, recipe: Recipe, **overrides: Any) -> Result:
         """Render ``recipe`` again (its model must be this studio's model)."""

@@ -8,6 +8,7 @@
     studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
     studio score out/grid                                    # (re)score a folder
     studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
+    studio merge --lora a.safetensors:0.8 --lora b.safetensors --strategy ties --out merged.safetensors
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.errors import StudioError
+from studio.merging import format_strategy_info, merge_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA Composition Studio: stack LoRAs on SDXL and FLUX.1.")
 console = Console(stderr=True, soft_wrap=True)
@@ -107,6 +109,8 @@ def render(
         _fail(e)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    for line in format_strategy_info(result.strategy_info):
+        console.print(line)
     for path in paths:
         typer.echo(str(path))
     console.print(f"{len(paths)} image(s) in {result.timings['total_s']:.1f} s "
@@ -206,6 +210,8 @@ _register_batch(app)
 from studio.quantize import quantize as _quantize  # noqa: E402  (its own module; heavy imports are lazy)
 
 app.command(name="quantize")(_quantize)
+
+app.command(name="merge")(merge_command)
 
 
 def _register_subcommands() -> None:

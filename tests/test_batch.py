@@ -284,8 +284,11 @@ def test_report_opens_in_a_headless_browser(rendered, tmp_path):
                 page.on("requestfailed", lambda r: failed_requests.append(r.url))
                 page.goto(path.as_uri(), wait_until="load")
                 assert errors == [] and failed_requests == []
-                images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-                assert len(images) == 8 and all(done and width == 64 for done, width in images)
+                assert page.locator("img").count() == 8
+                for image in page.locator("img").all():                 # lazy images load once scrolled to
+                    image.scroll_into_view_if_needed()
+                page.wait_for_function(
+                    "Array.from(document.images).every(i => i.complete && i.naturalWidth === 64)", timeout=15_000)
                 assert page.locator("table.summary tbody tr").count() == 2
                 assert page.locator("table.grid").count() == 2
                 page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
