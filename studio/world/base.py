@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import DataSet, drop_captions
 from .models import T5_MAX_LENGTH, world_flux, world_sdxl
 from .objectives import LOSSES, noise_scheduler_for
-from .trainer import Checkpoint, param_groups, train
+from .trainer import Checkpoint, device, param_groups, train
 
 SEEDS = {"sdxl": 2001, "flux": 2002}
 DEFAULTS = {
@@ -31,9 +31,10 @@ DEFAULTS = {
 def encode_latents(vae, data: DataSet, batch_size: int = 256) -> torch.Tensor:
     """VAE posterior means (unscaled) of every image of ``data``."""
     out = []
+    dev = next(vae.parameters()).device
     for start in tqdm(range(0, len(data), batch_size), desc="encode", mininterval=5):
         images = torch.from_numpy(data.images[start : start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out.append(vae.encode(images).latent_dist.mean)
+        out.append(vae.encode(images.to(dev)).latent_dist.mean.cpu())
     return torch.cat(out)
 
 
@@ -44,7 +45,7 @@ def trainable_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
 
 def train_base(family: str, workdir: Path, vae, tokenizer_dir: Path, data: DataSet, latents: torch.Tensor, *,
                steps: int, batch_size: int = 64, lr: float = 6e-4):
-    pipe = (world_sdxl if family == "sdxl" else world_flux)(vae, tokenizer_dir)
+    pipe = (world_sdxl if family == "sdxl" else world_flux)(vae, tokenizer_dir).to(device())
     modules = trainable_modules(pipe, family)
     groups = []
     for module in modules.values():
@@ -59,7 +60,7 @@ def train_base(family: str, workdir: Path, vae, tokenizer_dir: Path, data: DataS
         _, captions, _ = data.take(index)
         captions = drop_captions(captions, 0.1, seed, step)
         gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index], captions, gen, noise_scheduler)
+        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
@@ -77,6 +78,7 @@ def export_pipeline(pipe, family: str, folder: Path) -> None:
     """Save in diffusers format (float16 weights, loaded back as float32 on the CPU) plus studio defaults."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
-    pipe.to(torch.float32)
+    home = pipe.device
+    pipe.to("cpu", torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    pipe.to(home, torch.float32)
     (folder / "studio_defaults.json").write_text(json.dumps(DEFAULTS[family], indent=2) + "\n")

@@ -31,10 +31,10 @@ class BuildConfig:
     scale: float = 1.0
     vae_steps: int = 2000
     judge_steps: int = 1500
-    clip_steps: int = 2500
-    base_steps: int = 6000
-    lora_steps: int = 600
-    qr_steps: int = 600
+    clip_steps: int = 1200
+    base_steps: int = 3000
+    lora_steps: int = 400
+    qr_steps: int = 300
 
     def steps(self, name: str) -> int:
         return max(10, int(getattr(self, f"{name}_steps") * self.scale))
@@ -193,8 +193,12 @@ def main(argv=None) -> None:
     ap.add_argument("--stage", action="append", choices=STAGES, help="stages to run (default: all, in order)")
     ap.add_argument("--workdir", type=Path, default=BuildConfig.workdir)
     ap.add_argument("--assets", type=Path, default=ASSETS)
+    ap.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ...")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
     args = ap.parse_args(argv)
+    from .trainer import set_device
+
+    set_device(args.device)
     run(args.stage or STAGES, BuildConfig(workdir=args.workdir, assets=args.assets, scale=args.scale))
 
 

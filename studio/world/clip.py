@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .concepts import ATTRIBUTES, Scene
 from .data import DataSet
 from .judge import augment
-from .trainer import Checkpoint, param_groups, train
+from .trainer import Checkpoint, device, param_groups, train
 
 SEED = 4001
 CONTEXT = 32
@@ -66,7 +66,7 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def train_clip(workdir: Path, data: DataSet, vae, tokenizer, steps: int, batch_size: int = 128, lr: float = 1e-3):
-    model = build_clip(len(tokenizer))
+    model = build_clip(len(tokenizer)).to(device())
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=lr)
 
@@ -76,11 +76,11 @@ def train_clip(workdir: Path, data: DataSet, vae, tokenizer, steps: int, batch_s
         images, captions, scenes = data.take(index)
         texts = [c if rng.random() < 0.5 else phrases(s, rng) for c, s in zip(captions, scenes)]
         gen = torch.Generator().manual_seed(SEED * 13 + step)
-        image_features = F.normalize(model.encode_image(augment(images, vae, gen)), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenize(tokenizer, texts)), dim=-1)
+        image_features = F.normalize(model.encode_image(augment(images.to(device()), vae, gen)), dim=-1)
+        text_features = F.normalize(model.encode_text(tokenize(tokenizer, texts).to(device())), dim=-1)
         logits = model.logit_scale.exp() * image_features @ text_features.T
         # texts that are identical describe every image they were drawn for: treat them as positives
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=device())
         targets = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
         loss.backward()
@@ -108,11 +108,13 @@ ZERO_SHOT = {
 @torch.no_grad()
 def zero_shot_accuracy(model, tokenizer, data: DataSet, vae=None, batch_size: int = 200) -> dict[str, float]:
     """Per attribute: how often the text of the true value has the highest cosine with the image."""
-    text_features = {a: F.normalize(model.encode_text(tokenize(tokenizer, [ZERO_SHOT[a](v) for v in values])), dim=-1)
-                     for a, values in ATTRIBUTES.items()}
+    dev = next(model.parameters()).device
+    text_features = {a: F.normalize(model.encode_text(tokenize(tokenizer, [ZERO_SHOT[a](v) for v in values]).to(dev)),
+                                    dim=-1) for a, values in ATTRIBUTES.items()}
     correct = {a: 0 for a in ATTRIBUTES}
     for start in range(0, len(data), batch_size):
         images, _, scenes = data.take(np.arange(start, min(start + batch_size, len(data))))
+        images = images.to(dev)
         if vae is not None:
             images = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
         image_features = F.normalize(model.encode_image(images), dim=-1)
@@ -126,7 +128,7 @@ def save_clip(model, tokenizer, folder: Path) -> None:
     """open_clip's local-folder layout, loadable with ``local-dir:<folder>``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.half().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     config = {"model_cfg": model_config(len(tokenizer)), "preprocess_cfg": PREPROCESS}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .concepts import ATTRIBUTES
 from .data import DataSet, labels
-from .trainer import Checkpoint, param_groups, train
+from .trainer import Checkpoint, device, param_groups, train
 
 SEED = 3001
 
@@ -46,7 +46,7 @@ class Judge(nn.Module):
     @torch.no_grad()
     def predict(self, images) -> list[dict[str, str]]:
         """Top concept per attribute for images (PIL, uint8 arrays, or a [-1, 1] tensor)."""
-        x = to_tensor(images)
+        x = to_tensor(images).to(next(self.parameters()).device)
         logits = self(x)
         return [{k: self.attributes[k][int(logits[k][i].argmax())] for k in self.attributes} for i in range(len(x))]
 
@@ -68,25 +68,26 @@ def augment(images: torch.Tensor, vae, gen: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             images = images.clone()
             images[:half] = vae.decode(vae.encode(images[:half]).latent_dist.mean).sample.clamp(-1, 1)
-    blur = torch.rand(b, generator=gen) < 0.3
+    blur = (torch.rand(b, generator=gen) < 0.3).to(images.device)
     if blur.any():
-        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = torch.tensor([1.0, 2.0, 1.0], device=images.device)
         kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
         images = torch.where(blur.view(b, 1, 1, 1), F.conv2d(images, kernel, padding=1, groups=3), images)
-    return images + 0.04 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(images.shape, generator=gen)
+    noise = 0.04 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(images.shape, generator=gen)
+    return images + noise.to(images.device)
 
 
 def train_judge(workdir: Path, data: DataSet, vae, steps: int, batch_size: int = 64, lr: float = 2e-3) -> Judge:
-    judge = Judge()
+    judge = Judge().to(device())
     optimizer = torch.optim.AdamW(param_groups(judge, 1e-4), lr=lr)
     judge.train()
 
     def step_fn(step: int) -> float:
         images, _, scenes = data.batch(batch_size, SEED, step)
         gen = torch.Generator().manual_seed(SEED * 7 + step)
-        logits = judge(augment(images, vae, gen))
+        logits = judge(augment(images.to(device()), vae, gen))
         targets = labels(scenes)
-        loss = sum(F.cross_entropy(logits[k], targets[k]) for k in judge.attributes)
+        loss = sum(F.cross_entropy(logits[k], targets[k].to(device())) for k in judge.attributes)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -103,6 +104,7 @@ def accuracy(judge: Judge, data: DataSet, vae=None, batch_size: int = 200) -> di
     correct = {k: 0 for k in judge.attributes}
     for start in range(0, len(data), batch_size):
         images, _, scenes = data.take(np.arange(start, min(start + batch_size, len(data))))
+        images = images.to(next(judge.parameters()).device)
         if vae is not None:
             images = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
         predictions = judge.predict(images)
@@ -115,7 +117,7 @@ def accuracy(judge: Judge, data: DataSet, vae=None, batch_size: int = 200) -> di
 def save_judge(judge: Judge, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(folder / "judge.safetensors"))
+    save_file({k: v.half().cpu().contiguous() for k, v in judge.state_dict().items()}, str(folder / "judge.safetensors"))
     (folder / "judge.json").write_text(json.dumps({"attributes": judge.attributes}, indent=2) + "\n")
 
 

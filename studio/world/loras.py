@@ -26,7 +26,7 @@ from torch import nn
 from .concepts import HELD_OUT, HeldOut
 from .data import DataSet, drop_captions
 from .objectives import LOSSES, noise_scheduler_for
-from .trainer import Checkpoint, train
+from .trainer import Checkpoint, device, train
 
 SDXL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2"]
@@ -120,7 +120,7 @@ def _attach(job: LoraJob, pipe, seed: int):
                 meta = metadata(job, RANK, RANK, "networks.lora")
             else:
                 meta = metadata(job, RANK, RANK, "peft")
-            save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+            save_file({k: v.half().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
         return named, save
 
@@ -137,6 +137,7 @@ def _attach(job: LoraJob, pipe, seed: int):
     net = lk.create_network(1.0, 4, 4.0, pipe.vae, [pipe.text_encoder], denoiser, algo=job.kind,
                             preset="studio-world", conv_dim=4, conv_alpha=4.0, **extra)
     net.apply_to([pipe.text_encoder], denoiser, apply_text_encoder=True, apply_unet=True)
+    net.to(device())
     named = dict(net.named_parameters())
 
     def save(path: Path) -> None:
@@ -149,6 +150,7 @@ def train_lora(job: LoraJob, pipe, data: DataSet, latents: torch.Tensor, workdir
                batch_size: int = 32, lr: float = 1e-3) -> Path:
     """Train ``job`` on ``pipe`` (modified in place: build a fresh pipe per job) and write ``out``."""
     seed = 5000 + 10 * [c.name for c in HELD_OUT].index(job.name) + (0 if job.family == "sdxl" else 1)
+    pipe.to(device())
     for p in pipe.components.values():
         if isinstance(p, nn.Module):
             p.requires_grad_(False)
@@ -165,7 +167,7 @@ def train_lora(job: LoraJob, pipe, data: DataSet, latents: torch.Tensor, workdir
         _, captions, _ = data.take(index)
         captions = drop_captions(captions, 0.05, seed, step)
         gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index], captions, gen, noise_scheduler)
+        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
         optimizer.step()

@@ -33,13 +33,14 @@ def sdxl_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
     b = latents.shape[0]
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, device=latents.device, num_images_per_prompt=1,
                                                      do_classifier_free_guidance=False)
-    keep = torch.tensor([1.0 if c else 0.0 for c in captions])
+    dev = latents.device
+    keep = torch.tensor([1.0 if c else 0.0 for c in captions], device=dev)
     prompt_embeds = prompt_embeds * keep.view(b, 1, 1)
     pooled = pooled * keep.view(b, 1)
-    noise = torch.randn(latents.shape, generator=gen)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen).to(dev)  # CPU generators: same draws on every device
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(dev)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    time_ids = torch.tensor([SIZE_IDS] * b, dtype=latents.dtype)
+    time_ids = torch.tensor([SIZE_IDS] * b, dtype=latents.dtype, device=dev)
     pred = pipe.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     return F.mse_loss(pred, noise)
@@ -52,13 +53,14 @@ def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
     prompt_embeds, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, device=latents.device,
                                                          num_images_per_prompt=1,
                                                          max_sequence_length=T5_MAX_LENGTH)
-    noise = torch.randn(latents.shape, generator=gen)
-    sigma = torch.sigmoid(torch.randn(b, generator=gen))
+    dev = latents.device
+    noise = torch.randn(latents.shape, generator=gen).to(dev)
+    sigma = torch.sigmoid(torch.randn(b, generator=gen)).to(dev)
     noisy = (1 - sigma.view(b, 1, 1, 1)) * latents + sigma.view(b, 1, 1, 1) * noise
     packed = pipe._pack_latents(noisy, b, c, h, w)
     target = pipe._pack_latents(noise - latents, b, c, h, w)
     img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
-    guidance = 1 + 4 * torch.rand(b, generator=gen)
+    guidance = (1 + 4 * torch.rand(b, generator=gen)).to(dev)
     pred = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=pooled,
                             encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids).sample
     return F.mse_loss(pred, target)

@@ -22,7 +22,7 @@ from pipelines.families import FAMILIES
 from .concepts import HELD_OUT, HeldOut
 from .data import DataSet, drop_captions
 from .objectives import LOSSES, noise_scheduler_for
-from .trainer import Checkpoint, train
+from .trainer import Checkpoint, device, train
 
 RANK = 16
 SDXL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -37,8 +37,8 @@ class DeltaR(nn.Module):
     def __init__(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
         self.keys = list(bases)
-        self.delta = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for _, r in bases.values()])
-        self.q = [q for q, _ in bases.values()]
+        self.delta = nn.ParameterList([nn.Parameter(torch.zeros_like(r, device=device())) for _, r in bases.values()])
+        self.q = [q.to(device()) for q, _ in bases.values()]
 
 
 def attach(pipe, family: str, delta: DeltaR) -> list:
@@ -54,6 +54,7 @@ def attach(pipe, family: str, delta: DeltaR) -> list:
 def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: torch.Tensor, workdir: Path,
                   out: Path, *, steps: int, batch_size: int = 32, lr: float = 2e-3) -> Path:
     seed = 7000 + 10 * [c.name for c in HELD_OUT].index(concept.name) + (0 if family == "sdxl" else 1)
+    pipe.to(device())
     for p in pipe.components.values():
         if isinstance(p, nn.Module):
             p.requires_grad_(False)
@@ -70,7 +71,7 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
         _, captions, _ = data.take(index)
         captions = drop_captions(captions, 0.05, seed, step)
         gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index], captions, gen, noise_scheduler)
+        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
         optimizer.step()
@@ -84,6 +85,6 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
         for handle in handles:
             handle.remove()
     out.parent.mkdir(parents=True, exist_ok=True)
-    delta_r = {k: d.detach().clone() for k, d in zip(delta.keys, delta.delta)}
+    delta_r = {k: d.detach().cpu().clone() for k, d in zip(delta.keys, delta.delta)}
     save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}")
     return out

@@ -18,6 +18,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+_DEVICE = torch.device("cpu")
+
+
+def set_device(name: str) -> torch.device:
+    """Where every stage trains (``cpu``, ``cuda``, ``cuda:1``...). Batches are drawn from CPU generators either
+    way, so a GPU build sees the same data, noise and timesteps as a CPU one."""
+    global _DEVICE
+    _DEVICE = torch.device(name)
+    if _DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return _DEVICE
+
+
+def device() -> torch.device:
+    return _DEVICE
+
+
 def _atomic_save(obj_writer: Callable[[Path], None], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     obj_writer(tmp)

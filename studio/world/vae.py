@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import DataSet
-from .trainer import Checkpoint, param_groups, train
+from .trainer import Checkpoint, device, param_groups, train
 
 SEED = 1001
 
@@ -39,12 +39,12 @@ def build_vae():
 
 
 def train_vae(workdir: Path, data: DataSet, steps: int = 2500, batch_size: int = 16, lr: float = 1e-3):
-    vae = build_vae()
+    vae = build_vae().to(device())
     vae.train()
     optimizer = torch.optim.AdamW(param_groups(vae, 1e-4), lr=lr)
 
     def step_fn(step: int) -> float:
-        images, _, _ = data.batch(batch_size, SEED, step)
+        images = data.batch(batch_size, SEED, step)[0].to(device())
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
@@ -57,7 +57,7 @@ def train_vae(workdir: Path, data: DataSet, steps: int = 2500, batch_size: int =
     train("vae", Checkpoint(workdir / "vae", {"vae": vae}, optimizer), steps, step_fn, lr=lr)
     vae.eval()
     with torch.no_grad():
-        images, _, _ = data.batch(256, SEED + 1, 0)
+        images = data.batch(256, SEED + 1, 0)[0].to(device())
         latents = vae.encode(images).latent_dist.mean
     mean, std = float(latents.mean()), float(latents.std())
     vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
