@@ -58,7 +58,7 @@ def vit_b32_random(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-sdxl")
-    parser.add_argument("--lora", action="append", default=None, help="LoRA files (default: the tiny-sdxl examples)")
+    parser.add_argument("--lora", action="append", default=None, help="LoRA files (default: two tiny-sdxl world LoRAs)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=2)
@@ -66,11 +66,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating repeats; the fastest of each counts")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
-    loras = args.lora or [f"{LORAS / 'random-subject.safetensors'}:0.9:name=subject",
-                          f"{LORAS / 'random-style.safetensors'}:0.7:name=style"]
-    prompts = [PromptSpec(text=f"a zorb, scene {i}, inkwash painting") for i in range(args.prompts)]
+    loras = args.lora or [f"{LORAS / 'subject-zorb.safetensors'}:0.9:name=subject",
+                          f"{LORAS / 'style-striped.safetensors'}:0.7:name=style"]
+    colors = ("red", "green", "blue", "yellow")
+    prompts = [PromptSpec(text=f"a large {colors[i % 4]} zorb, striped, on a light background, center")
+               for i in range(args.prompts)]
     stack = build_stack("stack", loras, base_dir=None, lora_dir=None, origin="--lora")
-    stack.concepts.update({"subject": "a zorb", "style": "an inkwash painting"})
+    stack.concepts.update({"subject": "a zorb", "style": "striped"})
     axes = Axes(strategies=[StrategyChoice.parse("merge"), StrategyChoice.parse("composite")],
                 seeds=list(range(args.seeds)), steps=[args.steps])
     items = expand(args.model, prompts, [stack], axes, origin="bench")

@@ -146,10 +146,10 @@ def bench_psnr(args):
 
     print("\n## Image PSNR vs the 16-bit tiny model (dB, higher is closer)\n")
     root = Path(tempfile.mkdtemp(prefix="bench-quant-"))
-    loras = {"sdxl": ["assets/loras/tiny-sdxl/random-subject.safetensors:0.9",
-                      "assets/loras/tiny-sdxl/random-style.safetensors:0.7"],
-             "flux": ["assets/loras/tiny-flux/random-subject.safetensors:0.9",
-                      "assets/loras/tiny-flux/random-style.safetensors:0.7"]}
+    loras = {"sdxl": ["assets/loras/tiny-sdxl/subject-zorb.safetensors:0.9",
+                      "assets/loras/tiny-sdxl/style-striped.safetensors:0.7"],
+             "flux": ["assets/loras/tiny-flux/subject-zorb.safetensors:0.9",
+                      "assets/loras/tiny-flux/style-striped.safetensors:0.7"]}
     prompts = ["a corgi astronaut on the moon", "a lighthouse at dusk, oil painting"]
     calib = Calibration(read_prompts(None)[: args.calib_prompts], steps=args.calib_steps)
     results = {}

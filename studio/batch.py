@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from itertools import groupby
 from pathlib import Path
@@ -32,7 +32,7 @@ from pipelines.errors import OutOfMemoryError, StudioError
 
 from . import manifest as mf
 from .grid import BatchItem
-from .scoring import DEFAULT_CLIP_MODEL, ClipScorer, resolve_clip
+from .scoring import ClipScorer, default_clip_model, resolve_clip
 
 
 class BatchError(StudioError):
@@ -42,7 +42,7 @@ class BatchError(StudioError):
 @dataclass
 class BatchOptions:
     score: bool = True
-    clip_model: str = DEFAULT_CLIP_MODEL
+    clip_model: str | None = None  # None: default_clip_model() of the batch's models
     clip_pretrained: str | None = None     # None: the folder's own weights, or 'openai' for ViT-B-32
     clip_batch_size: int = 32
     device: str | None = None
@@ -105,6 +105,8 @@ def run_batch(items: Sequence[BatchItem], out_dir: str | Path, options: BatchOpt
     reporter = reporter or SilentReporter()
     out = Path(out_dir)
     t0 = time.perf_counter()
+    if options.score and options.clip_model is None:
+        options = replace(options, clip_model=default_clip_model(item.model for item in items))
     if options.score:
         resolve_clip(options.clip_model, options.clip_pretrained)  # a bad scorer name fails before rendering
     state = distributed_state(options.device)

@@ -19,7 +19,12 @@ from rich.table import Table
 
 from pipelines.errors import StudioError
 
-from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, default_clip_model
+
+CLIP_MODEL_HELP = (f"open_clip model name, hf-hub:ID, a local model folder or a .json config (default: tiny-clip for "
+                   f"the tiny world models, else {DEFAULT_CLIP_MODEL}).")
+CLIP_PRETRAINED_HELP = (f"open_clip pretrained tag or weights file (default: {DEFAULT_CLIP_PRETRAINED} for "
+                        f"{DEFAULT_CLIP_MODEL}; none for a model folder).")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -124,8 +129,8 @@ def batch(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
                                           help="Render only what is missing (the default when OUT has a manifest)."),
     score: bool = typer.Option(True, "--score/--no-score", help="CLIPScore every image (can run later: studio score)."),
-    clip_model: str = typer.Option(DEFAULT_CLIP_MODEL, help="open_clip model name, hf-hub:ID, a local model folder or a .json config."),
-    clip_pretrained: Optional[str] = typer.Option(None, help=f"open_clip pretrained tag or weights file (default: {DEFAULT_CLIP_PRETRAINED} for {DEFAULT_CLIP_MODEL}; none for a model folder)."),
+    clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
+    clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
     report: bool = typer.Option(True, "--report/--no-report", help="Write scores.csv, report.html and grid PNGs at the end."),
     inline_images: bool = typer.Option(False, help="Embed the images in report.html (one file to share)."),
     dry_run: bool = typer.Option(False, help="Check the input and print the plan; render nothing."),
@@ -176,8 +181,8 @@ def batch(
 
 def score(
     folder: Path = typer.Argument(..., help="A studio batch folder (manifest.jsonl) or any folder of studio PNGs."),
-    clip_model: str = typer.Option(DEFAULT_CLIP_MODEL, help="open_clip model name, hf-hub:ID, a local model folder or a .json config."),
-    clip_pretrained: Optional[str] = typer.Option(None, help=f"open_clip pretrained tag or weights file (default: {DEFAULT_CLIP_PRETRAINED} for {DEFAULT_CLIP_MODEL}; none for a model folder)."),
+    clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
+    clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
     concept: list[str] = typer.Option([], "--concept", help="LORA_NAME=TEXT to score as a concept; repeatable."),
     batch_size: int = typer.Option(32, help="Images per CLIP forward pass."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu (default: cuda if available)."),
@@ -192,6 +197,11 @@ def score(
 
     try:
         pretrained = clip_pretrained or None
+        if clip_model is None:
+            from .manifest import load_records
+
+            models = [r.get("recipe", {}).get("model") for r in load_records(folder).values()]
+            clip_model = default_clip_model(m for m in models if m)
         scorer = ClipScorer(clip_model, pretrained, batch_size=batch_size,
                             device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         records, warnings = score_folder(folder, scorer, concepts=_pairs(concept, "--concept"), batch_size=batch_size)

@@ -187,10 +187,10 @@ def ui(
     no_score: bool = typer.Option(False, "--no-score", help="Do not compute CLIPScores in Compare."),
 ) -> None:
     """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
-    from studio.scoring import DEFAULT_CLIP_MODEL, LazyClipScorer
+    from studio.scoring import LazyClipScorer, default_clip_model
     from ui.app import launch, make_app
 
-    scorer = None if no_score else LazyClipScorer(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained, device=device)
+    scorer = None if no_score else LazyClipScorer(clip_model or default_clip_model([model]), clip_pretrained, device=device)
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach it can use the GPU and upload files")

@@ -10,9 +10,9 @@ inputs describe one:
 
       [[stacks]]
       name = "zorb+inkwash"
-      loras = [{ source = "../loras/tiny-sdxl/random-subject.safetensors", name = "subject", weight = 0.9,
+      loras = [{ source = "../loras/tiny-sdxl/subject-zorb.safetensors", name = "subject", weight = 0.9,
                  concept = "a zorb" },
-               "../loras/tiny-sdxl/random-style.safetensors:0.7:name=style"]
+               "../loras/tiny-sdxl/style-striped.safetensors:0.7:name=style"]
 
       [[prompts]]
       text = "a zorb in a garden, inkwash painting"

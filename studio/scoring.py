@@ -40,6 +40,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CONFIG_NAME = "open_clip_config.json"
 
 
+WORLD_MODELS = ("tiny-sdxl", "tiny-flux")
+WORLD_CLIP = "tiny-clip"
+
+
+def default_clip_model(models: Iterable[str]) -> str:
+    """The scorer used when none is named: the tiny world's CLIP (``assets/models/tiny-clip``, trained on the
+    world's captions) for images of the tiny world models, which the web-scale CLIPs do not understand and which
+    must score offline; ``ViT-B-32``/``openai`` for everything else."""
+    names = {str(m) for m in models}
+    if names and names <= set(WORLD_MODELS) and (ASSET_MODELS / WORLD_CLIP / CONFIG_NAME).is_file():
+        return WORLD_CLIP
+    return DEFAULT_CLIP_MODEL
+
+
 class ScorerError(StudioError):
     """A CLIP scorer that cannot be built: unknown name, missing weights or config."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_LORAS = ROOT / "assets" / "loras" / "tiny-sdxl"
+EXAMPLE_LORAS = ROOT / "tests" / "fixtures" / "loras" / "tiny-sdxl-random"
 
 # A ViT/transformer CLIP at toy width, built from a custom config (no download): open_clip's CLIP class.
 TINY_CLIP_CONFIG = {
@@ -39,7 +39,7 @@ def write_grid(path: Path, *, prompts: int = 2, strategies=("merge", "composite"
     texts = ["a zorb in a garden, inkwash painting", "a zorb on a beach, inkwash painting",
              "a zorb in the snow, inkwash painting"][:prompts]
     prompt_tables = "\n".join(f'[[prompts]]\ntext = "{t}"\n' for t in texts)
-    path.write_text(f"""model = "tiny-sdxl"
+    path.write_text(f"""model = "tiny-sdxl-random"
 steps = {steps}
 guidance = 5.0
 

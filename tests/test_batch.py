@@ -33,7 +33,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_studio() -> Studio:
-    return Studio("tiny-sdxl")
+    return Studio("tiny-sdxl-random")
 
 
 @pytest.fixture(scope="module")

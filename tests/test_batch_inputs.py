@@ -18,7 +18,7 @@ STYLE = str(EXAMPLE_LORAS / "random-style.safetensors")
 def test_grid_expands_with_stable_ids(tmp_path):
     grid = write_grid(tmp_path / "g.toml", prompts=2, strategies=("merge", "switch:tau=2"), seeds=(0, 1, 2))
     items, model = load_grid(grid)
-    assert model == "tiny-sdxl" and len(items) == 2 * 2 * 3
+    assert model == "tiny-sdxl-random" and len(items) == 2 * 2 * 3
     assert len({i.id for i in items}) == 12 and len({i.file for i in items}) == 12
     assert [i.row for i in items[:6]] == ["merge"] * 3 + ["switch(tau=2)"] * 3
     assert [i.column for i in items[:3]] == ["seed 0", "seed 1", "seed 2"]
@@ -49,18 +49,18 @@ def test_weights_axis_and_columns(tmp_path):
 
 
 @pytest.mark.parametrize("text, message, line", [
-    ('model = "tiny-sdxl"\ncolour = "red"\n[[prompts]]\ntext = "x"\n', "unknown key 'colour' in the grid", 2),
-    ('model = "tiny-sdxl"\n[[prompts]]\ntext = "x"\n[axes]\nseed = [0]\nsampler = ["euler"]\n',
+    ('model = "tiny-sdxl-random"\ncolour = "red"\n[[prompts]]\ntext = "x"\n', "unknown key 'colour' in the grid", 2),
+    ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[axes]\nseed = [0]\nsampler = ["euler"]\n',
      "unknown key 'sampler' in [axes]", 6),
-    ('model = "tiny-sdxl"\n[[prompts]]\ntext = "x"\n[axes]\nstrategy = ["merge",\n  "mystery"]\n',
+    ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[axes]\nstrategy = ["merge",\n  "mystery"]\n',
      "unknown strategy 'mystery'", 6),
-    ('model = "tiny-sdxl"\n[[prompts]]\ntext = "x"\n[axes]\nstrategy = ["switch:tao=2"]\n', "has no parameter 'tao'", 5),
-    ('model = "tiny-sdxl"\n[[stacks]]\nname = "s"\nloras = [\n  "missing/nowhere.safetensors:0.5",\n]\n'
+    ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[axes]\nstrategy = ["switch:tao=2"]\n', "has no parameter 'tao'", 5),
+    ('model = "tiny-sdxl-random"\n[[stacks]]\nname = "s"\nloras = [\n  "missing/nowhere.safetensors:0.5",\n]\n'
      '[[prompts]]\ntext = "x"\n', "LoRA missing/nowhere.safetensors: file not found", 5),
-    ('model = "tiny-sdxl"\n[[prompts]]\ntext = "x"\nconcept = "y"\n', "unknown key 'concept' in prompt #1", 4),
-    ('model = "tiny-sdxl"\n[[prompts]]\ntext = "x"\n[axes]\nseed = [0, 0]\n', "names the same image twice", None),
-    ('model = "tiny-sdxl"\nsteps = [\n', "invalid TOML", 2),
-    ('model = "tiny-sdxl"\n[[prompts]]\ntext = "x"\n[report]\ncolumns = "colour"\n', "columns must be one of", 5),
+    ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\nconcept = "y"\n', "unknown key 'concept' in prompt #1", 4),
+    ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[axes]\nseed = [0, 0]\n', "names the same image twice", None),
+    ('model = "tiny-sdxl-random"\nsteps = [\n', "invalid TOML", 2),
+    ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[report]\ncolumns = "colour"\n', "columns must be one of", 5),
 ])
 def test_bad_grids_name_file_and_line(tmp_path, text, message, line):
     path = tmp_path / "bad.toml"
@@ -86,15 +86,15 @@ def test_bad_lora_entries(tmp_path):
 
 def test_prompt_lists(tmp_path):
     (tmp_path / "p.txt").write_text("# prompts\na zorb\n\na zorb at night\n")
-    items = load_prompt_list(tmp_path / "p.txt", model="tiny-sdxl", loras=[f"{SUBJECT}:0.8:name=subject"],
+    items = load_prompt_list(tmp_path / "p.txt", model="tiny-sdxl-random", loras=[f"{SUBJECT}:0.8:name=subject"],
                              concepts={"subject": "a zorb"}, strategies=["merge", "composite"], seeds=[1, 2])
     assert len(items) == 2 * 2 * 2 and items[0].concepts == {"subject": "a zorb"}
     (tmp_path / "p.csv").write_text('prompt,negative,concept:style\n"a zorb, inkwash",blurry,inkwash\nzorb 2,,\n')
-    items = load_prompt_list(tmp_path / "p.csv", model="tiny-sdxl", loras=[f"{STYLE}:0.7:name=style"])
+    items = load_prompt_list(tmp_path / "p.csv", model="tiny-sdxl-random", loras=[f"{STYLE}:0.7:name=style"])
     assert [(i.prompt, i.negative, i.concepts) for i in items] == [
         ("a zorb, inkwash", "blurry", {"style": "inkwash"}), ("zorb 2", "", {})]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a zorb", "concepts": {"style": "ink"}}\n"plain prompt"\n')
-    items = load_prompt_list(tmp_path / "p.jsonl", model="tiny-sdxl", loras=[f"{STYLE}:0.7:name=style"])
+    items = load_prompt_list(tmp_path / "p.jsonl", model="tiny-sdxl-random", loras=[f"{STYLE}:0.7:name=style"])
     assert [i.prompt for i in items] == ["a zorb", "plain prompt"]
 
 
@@ -111,7 +111,7 @@ def test_prompt_lists(tmp_path):
 def test_broken_prompt_rows_name_file_and_line(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(GridError, match=message):
-        load_prompt_list(tmp_path / name, model="tiny-sdxl")
+        load_prompt_list(tmp_path / name, model="tiny-sdxl-random")
 
 
 def test_cli_bad_input_fails_before_rendering(tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ def pair(sdxl_loras):
 
 
 def test_klora_picks_the_lora_the_formula_picks(pair):
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     names = studio.load(pair)
     strategy = make_strategy("klora")
     run = RunContext(names=names, weights=torch.tensor([1.0, 0.5]), num_steps=STEPS, family="sdxl",
@@ -95,7 +95,7 @@ def test_klora_image_equals_peft_with_the_same_per_layer_choice(pair):
                         generator=torch.Generator("cpu").manual_seed(6), output_type="np",
                         callback_on_step_end=on_step_end).images[0]
     hook.remove()
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     loras = [f"{f}:{w}" for f, w in zip(pair, weights)]
     got = studio.compose("a corgi", loras, "klora", steps=STEPS, seed=6, width=32, height=32,
                          output_type="np").latents[0]

@@ -22,7 +22,7 @@ def library(tmp_path):
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return Studio("tiny-sdxl")
+    return Studio("tiny-sdxl-random")
 
 
 def test_ids_metadata_and_search(library):
@@ -127,9 +127,9 @@ def test_block_weights_expand_presets_and_reject_unknown_blocks(sdxl):
         sdxl.block_weights("middle=1")
 
 
-@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny-sdxl-random", "tiny-flux-random"])
 def test_preview_of_the_last_step_is_the_final_image(model, sdxl):
-    studio = sdxl if model == "tiny-sdxl" else Studio(model)
+    studio = sdxl if model == "tiny-sdxl-random" else Studio(model)
     seen = []
     preview = LatentPreview(studio, lambda step, n, image: seen.append((step, image)), every=2,
                             max_side=None).set_size(64, 64)

@@ -30,12 +30,12 @@ SCALES = [8 / 4, 2 / 2, 4 / 8]  # alpha / rank of the sdxl_loras fixtures
 
 @pytest.fixture(scope="module")
 def sdxl_studio():
-    return Studio("tiny-sdxl")
+    return Studio("tiny-sdxl-random")
 
 
 @pytest.fixture(scope="module")
 def flux_studio():
-    return Studio("tiny-flux")
+    return Studio("tiny-flux-random")
 
 
 def file_deltas(path, scale) -> dict[str, torch.Tensor]:

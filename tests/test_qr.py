@@ -25,7 +25,7 @@ ATOL = 2e-4
 
 @pytest.fixture(scope="module")
 def flux_studio():
-    return Studio("tiny-flux")
+    return Studio("tiny-flux-random")
 
 
 def qr_layers(path):
@@ -213,7 +213,7 @@ def test_orthogonal_merge_equals_gram_schmidt_with_explicit_projectors():
 def test_orthogonal_merge_on_lora_files_reports_interference(sdxl_loras):
     """Two LoRA files: per layer the merge is w_1 ΔW_1 + w_2 (ΔW_2 − c ΔW_1), c = ⟨ΔW_2, ΔW_1⟩/‖ΔW_1‖², and
     the reported 'before' interference is the mean |cos(ΔW_1, ΔW_2)| over the layers, from the files directly."""
-    studio = Studio("tiny-sdxl")
+    studio = Studio("tiny-sdxl-random")
     files = sdxl_loras[:2]
     weights = [0.8, 0.6]
     names = studio.load(files)

@@ -44,10 +44,10 @@ def calibration():
 
 
 RECIPES = {
-    "sdxl": ("tiny-sdxl", lambda: QuantConfig(fmt="int4", **FAST), calibration),
-    "flux": ("tiny-flux", lambda: QuantConfig(fmt="nvfp4", **FAST), calibration),
-    "sdxl-rtn": ("tiny-sdxl", lambda: QuantConfig(fmt="int4", method="rtn"), lambda: None),
-    "sdxl-r8": ("tiny-sdxl", lambda: QuantConfig(fmt="int4", rank=8, alphas=None), calibration),
+    "sdxl": ("tiny-sdxl-random", lambda: QuantConfig(fmt="int4", **FAST), calibration),
+    "flux": ("tiny-flux-random", lambda: QuantConfig(fmt="nvfp4", **FAST), calibration),
+    "sdxl-rtn": ("tiny-sdxl-random", lambda: QuantConfig(fmt="int4", method="rtn"), lambda: None),
+    "sdxl-r8": ("tiny-sdxl-random", lambda: QuantConfig(fmt="int4", rank=8, alphas=None), calibration),
 }
 
 
@@ -148,7 +148,7 @@ def test_svdquant_model_is_closer_to_16_bit_than_rtn(quant_dirs):
             errors[name] = ((unet(**inputs).sample - target).norm() / target.norm()).item()
     assert errors["sdxl"] < 0.75 * errors["sdxl-rtn"], errors
     # and the image stays close to the 16-bit model's
-    studio16, studio4 = Studio("tiny-sdxl"), Studio(str(quant_dirs["sdxl"]))
+    studio16, studio4 = Studio("tiny-sdxl-random"), Studio(str(quant_dirs["sdxl"]))
     a = studio16.compose("a red fox", [], steps=3, seed=3, output_type="np").latents[0]
     b = studio4.compose("a red fox", [], steps=3, seed=3, output_type="np").latents[0]
     psnr = 10 * np.log10(1.0 / np.mean((a - b) ** 2))
@@ -160,7 +160,7 @@ def test_quantize_and_render_from_the_command_line(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# calibration\na lighthouse at dusk\n")
     out = tmp_path / "q"
-    result = runner.invoke(app, ["quantize", "tiny-sdxl", "--out", str(out), "--calib-prompts", str(prompts),
+    result = runner.invoke(app, ["quantize", "tiny-sdxl-random", "--out", str(out), "--calib-prompts", str(prompts),
                                  "--calib-steps", "1", "--alpha", "0.5", "--rank", "16"])
     assert result.exit_code == 0, result.output
     info = json.loads((out / QUANT_FILE).read_text())
@@ -171,12 +171,12 @@ def test_quantize_and_render_from_the_command_line(tmp_path):
     assert list((tmp_path / "img").glob("*.png"))
     twice = runner.invoke(app, ["quantize", str(out), "--out", str(tmp_path / "again")])
     assert twice.exit_code == 2 and "already quantized" in twice.output
-    bad = runner.invoke(app, ["quantize", "tiny-sdxl", "--out", str(tmp_path / "x"), "--format", "fp8"])
+    bad = runner.invoke(app, ["quantize", "tiny-sdxl-random", "--out", str(tmp_path / "x"), "--format", "fp8"])
     assert bad.exit_code == 2 and "unknown 4-bit format 'fp8'" in bad.output
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    refused = runner.invoke(app, ["quantize", "tiny-sdxl", "--out", str(busy)])
+    refused = runner.invoke(app, ["quantize", "tiny-sdxl-random", "--out", str(busy)])
     assert refused.exit_code == 2 and "not empty" in refused.output and (busy / "keep.txt").exists()
 
 

@@ -56,11 +56,11 @@ def test_a1111_parameters_parse():
 
 
 def test_toml_recipe_round_trip_and_errors(tmp_path):
-    recipe = Recipe(model="tiny-sdxl", prompt="a fox", strategy="composite", seed=3, steps=5, width=64, height=64)
+    recipe = Recipe(model="tiny-sdxl-random", prompt="a fox", strategy="composite", seed=3, steps=5, width=64, height=64)
     path = tmp_path / "r.toml"
     path.write_text(recipe.to_toml())
     assert Recipe.load(path) == recipe
-    path.write_text('model = "tiny-sdxl"\nprompt = "x"\ncolour = "red"\n')
+    path.write_text('model = "tiny-sdxl-random"\nprompt = "x"\ncolour = "red"\n')
     with pytest.raises(RecipeError, match=r"r\.toml: unknown recipe keys \['colour'\]"):
         Recipe.load(path)
     path.write_text("model = [")

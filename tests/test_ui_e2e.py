@@ -32,7 +32,7 @@ TIMEOUT_MS = 90_000
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     library = build_library(root / "loras")
-    demo, callbacks = make_app("tiny-sdxl", [library], out_dir=root / "out", scorer=TinyClipScorer(),
+    demo, callbacks = make_app("tiny-sdxl-random", [library], out_dir=root / "out", scorer=TinyClipScorer(),
                                preview_every=1)
     port = free_port()
     launch(demo, callbacks, port=port, block=False, quiet=True)

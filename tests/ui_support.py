@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "loras"
+ASSETS = Path(__file__).resolve().parent / "fixtures" / "loras"
 
 
 def build_library(root: Path) -> Path:
@@ -19,11 +19,11 @@ def build_library(root: Path) -> Path:
     ``random-subject`` gets a sibling preview image; the FLUX file does not fit the tiny SDXL model.
     """
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ASSETS / "tiny-sdxl" / "random-subject.safetensors", root / "random-subject.safetensors")
+    shutil.copy(ASSETS / "tiny-sdxl-random" / "random-subject.safetensors", root / "random-subject.safetensors")
     (root / "styles").mkdir(exist_ok=True)
-    shutil.copy(ASSETS / "tiny-sdxl" / "random-style.safetensors", root / "styles" / "random-style.safetensors")
+    shutil.copy(ASSETS / "tiny-sdxl-random" / "random-style.safetensors", root / "styles" / "random-style.safetensors")
     (root / "flux").mkdir(exist_ok=True)
-    shutil.copy(ASSETS / "tiny-flux" / "random-style.safetensors", root / "flux" / "flux-style.safetensors")
+    shutil.copy(ASSETS / "tiny-flux-random" / "random-style.safetensors", root / "flux" / "flux-style.safetensors")
     gradient = np.linspace(0, 255, 96, dtype=np.uint8)
     preview = np.stack([np.tile(gradient, (96, 1)), np.tile(gradient[:, None], (1, 96)),
                         np.full((96, 96), 160, np.uint8)], axis=-1)

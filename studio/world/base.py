@@ -65,7 +65,7 @@ def train_base(family: str, workdir: Path, vae, tokenizer_dir: Path, data: DataS
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     train(f"base-{family}", Checkpoint(workdir / f"base-{family}", modules, optimizer), steps, step_fn, lr=lr,
           every=250, warmup=200)

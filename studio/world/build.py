@@ -109,7 +109,7 @@ class World:
 
         tok = tokenizer.clip_tokenizer(self.tokenizer_dir())
         model = train_clip(self.work, self.data("all"), self.vae(), tok, steps=self.config.steps("clip"))
-        save_clip(model, tok, self.config.assets / "judges" / "tiny-clip")
+        save_clip(model, tok, self.config.assets / "models" / "tiny-clip")
         return model
 
     # ---------------------------------------------------------------------------------------- base models

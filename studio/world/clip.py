@@ -2,8 +2,8 @@
 
 It makes CLIPScore meaningful offline. Saved in open_clip's own local-folder layout (``open_clip_config.json``
 + ``open_clip_model.safetensors`` + the world tokenizer in Hugging Face format), so any open_clip user loads it
-with ``open_clip.create_model_and_transforms("local-dir:assets/judges/tiny-clip")`` and
-``open_clip.get_tokenizer("local-dir:assets/judges/tiny-clip")``.
+with ``open_clip.create_model_and_transforms("local-dir:assets/models/tiny-clip")`` and
+``open_clip.get_tokenizer("local-dir:assets/models/tiny-clip")``.
 
 Texts are full captions or, half of the time, a random subset of the caption's phrases (``"a zorb"``,
 ``"striped"``, ``"a red zorb on a bricks background"``), so that per-concept texts score sensibly. Images get
@@ -88,7 +88,7 @@ def train_clip(workdir: Path, data: DataSet, vae, tokenizer, steps: int, batch_s
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
-        return float(loss)
+        return loss.item()
 
     train("clip", Checkpoint(workdir / "clip", {"clip": model}, optimizer), steps, step_fn, lr=lr, every=250)
     model.eval()

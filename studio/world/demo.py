@@ -14,7 +14,7 @@ from pathlib import Path
 from .concepts import HeldOut, held_out
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-TINY_CLIP = ASSETS / "judges" / "tiny-clip"
+TINY_CLIP = ASSETS / "models" / "tiny-clip"
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,21 @@ DEMO_COMPOSITIONS = (
 )
 
 
-def lora_path(family: str, concept: str, assets: Path = ASSETS) -> Path:
-    return assets / "loras" / f"tiny-{family}" / f"{concept}.safetensors"
+def lora_path(family: str, concept: str, assets: Path = ASSETS, folder: str = "loras") -> Path:
+    """A world LoRA file: ``folder`` is ``loras`` (ordinary formats) or ``qr-loras`` (QR-LoRA adapters)."""
+    return assets / folder / f"tiny-{family}" / f"{concept}.safetensors"
 
 
-def composition_items(compositions, family: str, strategies, seeds, *, assets: Path = ASSETS, steps=None):
+def composition_items(compositions, family: str, strategies, seeds, *, assets: Path = ASSETS, steps=None,
+                      lora_folder: str = "loras"):
     """Batch items for ``compositions`` on ``tiny-<family>`` (every strategy x seed)."""
     from studio.grid import Axes, PromptSpec, StrategyChoice, build_stack, expand
 
     choices = [s if isinstance(s, StrategyChoice) else StrategyChoice.parse(s) for s in strategies]
     items = []
     for comp in compositions:
-        entries = [{"source": str(lora_path(family, c.name, assets)), "name": c.name, "concept": c.concept_text}
-                   for c in comp.held()]
+        entries = [{"source": str(lora_path(family, c.name, assets, lora_folder)), "name": c.name,
+                    "concept": c.concept_text} for c in comp.held()]
         stack = build_stack(" + ".join(comp.concepts), entries, base_dir=None, lora_dir=None, origin="demo")
         prompt = PromptSpec(text=comp.prompt())
         axes = Axes(strategies=choices, seeds=list(seeds), steps=[steps])
@@ -81,5 +83,5 @@ def run_demo(out: Path, *, family: str = "sdxl", seeds=(0, 1), strategies=None, 
 
         raise StudioError(f"the tiny world's LoRAs are not built: {missing[0]} is missing (run `studio world build`)")
     items = composition_items(DEMO_COMPOSITIONS, family, strategies or all_strategies(), seeds, assets=assets)
-    options = BatchOptions(score=score, clip_model=str(assets / "judges" / "tiny-clip"))
+    options = BatchOptions(score=score, clip_model=str(assets / "models" / "tiny-clip"))
     return run_batch(items, out, options, reporter)

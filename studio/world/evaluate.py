@@ -71,7 +71,7 @@ def evaluate_judges(world, assets: Path = ASSETS) -> dict:
     judge = load_judge(assets / "judges" / "concept-judge")
     import open_clip
 
-    clip_dir = assets / "judges" / "tiny-clip"
+    clip_dir = assets / "models" / "tiny-clip"
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     model.eval()
     tok = tokenizer.clip_tokenizer(clip_dir) if (clip_dir / "vocab.json").exists() else None

@@ -91,7 +91,7 @@ def train_judge(workdir: Path, data: DataSet, vae, steps: int, batch_size: int =
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     train("judge", Checkpoint(workdir / "judge", {"judge": judge}, optimizer), steps, step_fn, lr=lr, every=250)
     judge.eval()

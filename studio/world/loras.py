@@ -172,7 +172,7 @@ def train_lora(job: LoraJob, pipe, data: DataSet, latents: torch.Tensor, workdir
         torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     train(f"lora-{job.family}-{job.name}", Checkpoint(workdir / f"lora-{job.family}-{job.name}", {"lora": bag},
                                                       optimizer), steps, step_fn, lr=lr, every=200, warmup=50)

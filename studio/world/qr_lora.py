@@ -76,7 +76,7 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
         torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     try:
         train(f"qr-{family}-{concept.name}", Checkpoint(workdir / f"qr-{family}-{concept.name}", {"delta": delta},

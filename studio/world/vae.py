@@ -52,7 +52,7 @@ def train_vae(workdir: Path, data: DataSet, steps: int = 2500, batch_size: int =
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     train("vae", Checkpoint(workdir / "vae", {"vae": vae}, optimizer), steps, step_fn, lr=lr)
     vae.eval()

@@ -1,0 +1,131 @@
+"""The tiny world: renderer, data, resumable training, the build end to end, the benchmark's bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from studio.world import composlora
+from studio.world.concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler, held_out
+from studio.world.data import render_set
+from studio.world.render import render
+from studio.world.trainer import Checkpoint, train
+
+
+def test_held_out_concepts_stay_out_of_the_base_pool():
+    assert {c.category for c in HELD_OUT} == {"subject", "style", "background"}
+    assert sum(c.category == "subject" for c in HELD_OUT) >= 2
+    for concept in HELD_OUT:
+        assert concept.value in ATTRIBUTES[concept.attribute]
+        assert concept.value not in BASE[concept.attribute]
+
+
+def test_renderer_is_seeded_and_draws_what_the_caption_says():
+    scene = SceneSampler(fixed={"shape": "zorb", "background": "bricks"}).sample(np.random.default_rng(0))
+    a, b = render(scene, np.random.default_rng(5)), render(scene, np.random.default_rng(5))
+    assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    assert "zorb" in scene.caption() and "bricks background" in scene.caption()
+    other = render(SceneSampler(fixed={"shape": "zorb", "background": "light"}).sample(np.random.default_rng(0)),
+                   np.random.default_rng(5))
+    assert np.abs(a - other).mean() > 0.02  # the background changes the picture
+
+
+def test_data_batches_depend_on_seed_and_step_only():
+    data = render_set(SceneSampler(), 40, seed=3)
+    again = render_set(SceneSampler(), 40, seed=3)
+    assert np.array_equal(data.images, again.images)
+    x1, captions1, _ = data.batch(8, seed=1, step=7)
+    x2, captions2, _ = again.batch(8, seed=1, step=7)
+    assert torch.equal(x1, x2) and captions1 == captions2
+    assert x1.shape == (8, 3, 64, 64) and -1 <= float(x1.min()) and float(x1.max()) <= 1
+    assert not torch.equal(x1, data.batch(8, seed=1, step=8)[0])
+
+
+def _toy_training(folder, total, stop_at=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step_fn(step):
+        if stop_at is not None and step == stop_at:
+            raise KeyboardInterrupt  # the session ends mid-run
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 4, generator=g)
+        loss = (model(x) - x[:, :2]).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    try:
+        train("toy", Checkpoint(folder, {"m": model}, optimizer), total, step_fn, lr=0.1, every=4, warmup=2)
+    except KeyboardInterrupt:
+        pass
+    return model
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    straight = _toy_training(tmp_path / "a", 12)
+    _toy_training(tmp_path / "b", 12, stop_at=10)  # checkpoint at step 8, steps 8-9 are lost
+    assert not (tmp_path / "b" / "DONE").exists()
+    resumed = _toy_training(tmp_path / "b", 12)
+    assert (tmp_path / "b" / "DONE").exists()
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_the_whole_build_runs_and_its_products_load(tmp_path):
+    """Every stage at a tiny step count: the assets it writes load with the stock tools and the studio."""
+    from studio import Studio
+    from studio.world.build import BuildConfig, run
+    from studio.world.judge import load_judge
+
+    assets = tmp_path / "assets"
+    run(["data", "vae", "judge", "clip", "base-sdxl", "loras-sdxl", "qr-sdxl"],
+        BuildConfig(workdir=tmp_path / "work", assets=assets, scale=0.001))
+    folder = assets / "models" / "tiny-sdxl"
+    assert (folder / "model_index.json").exists() and (folder / "studio_defaults.json").exists()
+    loras = sorted(p.name for p in (assets / "loras" / "tiny-sdxl").glob("*.safetensors"))
+    assert loras == sorted(f"{c.name}.safetensors" for c in HELD_OUT)
+    assert len(list((assets / "qr-loras" / "tiny-sdxl").glob("*.safetensors"))) == len(HELD_OUT)
+    judge = load_judge(assets / "judges" / "concept-judge")
+    assert set(judge.predict([np.zeros((64, 64, 3), np.uint8)])[0]) == set(ATTRIBUTES)
+    from studio.scoring import ClipScorer
+
+    scorer = ClipScorer(str(assets / "models" / "tiny-clip"), device="cpu")
+    from PIL import Image
+
+    blank = Image.new("RGB", (64, 64))
+    assert len(scorer.score_many([blank], [["a zorb", "striped"]])[0]) == 2
+    studio = Studio(str(folder))
+    lora = assets / "loras" / "tiny-sdxl" / "style-striped.safetensors"  # LyCORIS LoHa, written by lycoris
+    image = studio.compose("a large red zorb, striped", [str(lora)], "merge", steps=2, seed=0).image
+    assert image.size == (64, 64)
+
+
+def test_composlora_mini_has_every_2_and_3_lora_composition():
+    comps = composlora.compositions()
+    assert len(comps) == 16 and len({c.concepts for c in comps}) == 16
+    assert sum(len(c.concepts) == 2 for c in comps) == 8
+    for c in comps:
+        categories = [held_out(n).category for n in c.concepts]
+        assert categories[0] == "subject" and len(set(categories)) == len(categories)
+
+
+def test_composlora_summary_counts_success_only_when_every_concept_is_seen():
+    def record(strategy, detected, clip, seconds):
+        return {"item": {"strategy": strategy, "concepts": dict.fromkeys(detected, "x")},
+                "detected": detected, "scores": {"clip": clip, "concepts": {k: clip / 2 for k in detected}},
+                "timings": {"render_s": seconds}}
+
+    judged = [record("merge", {"subject-zorb": True, "style-striped": True}, 30.0, 1.0),
+              record("merge", {"subject-zorb": True, "style-striped": False}, 20.0, 3.0),
+              record("composite", {"subject-quix": True, "background-waves": True, "style-dotted": True}, 25.0, 4.0)]
+    scores = {s.label: s for s in composlora.summarise(judged)}
+    assert scores["merge"].success == 0.5 and scores["composite"].success == 1.0
+    assert scores["merge"].per_category == {"style": 0.5, "subject": 1.0}
+    assert scores["merge"].clip == (25.0, 5.0) and scores["merge"].seconds == 2.0
+    assert scores["merge"].concept_clip == pytest.approx(12.5)
+    table = composlora.markdown_table(list(scores.values()))
+    assert "| composite | 1 | 100% |" in table and "2.00x" in table
