@@ -105,6 +105,7 @@ class Strategy:
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
+    max_loras: ClassVar[int | None] = None  # a strategy defined for a fixed number of LoRAs says how many
 
     def __init__(self, **values: Any):
         known = {p.name: p for p in self.params}

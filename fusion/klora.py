@@ -58,6 +58,7 @@ def trimmed_mean_ratio(ratios: list[float], outlier: float) -> float:
 
 class KLora(Strategy):
     name = "klora"
+    max_loras = 2
     summary = "per layer and step, the subject or the style LoRA, by a top-k rule with a time-dependent scale"
     citation = "Ouyang et al., CVPR 2025, K-LoRA: Training-Free Fusion of Any Subject and Style LoRAs"
     params = (
@@ -80,7 +81,7 @@ class KLora(Strategy):
 
     # --------------------------------------------------------------------------------------------- protocol
     def prepare(self, run: RunContext) -> None:
-        if len(run.names) != 2:
+        if len(run.names) != self.max_loras:
             raise StrategyError(
                 f"K-LoRA fuses exactly two LoRAs, a subject LoRA first and a style LoRA second; got {len(run.names)}"
             )

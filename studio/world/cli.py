@@ -19,11 +19,15 @@ def build(
     workdir: Path = typer.Option(BuildConfig.workdir, help="Checkpoints and rendered data (resumable)."),
     assets: Path = typer.Option(ASSETS, help="Where trained weights are written."),
     scale: float = typer.Option(1.0, help="Multiply every step count (e.g. 0.02 for a smoke run)."),
+    device: str = typer.Option("cpu", help="Where to train: cpu, cuda, cuda:1 ..."),
 ) -> None:
     """Train everything from nothing (seeded; a stopped build resumes where it stopped)."""
     unknown = [s for s in stage if s not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    from .trainer import set_device
+
+    set_device(device)
     run(stage or STAGES, BuildConfig(workdir=workdir, assets=assets, scale=scale))
 
 
@@ -33,11 +37,15 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Write the JSON report here (default assets/world/metrics.json)."),
     n_base: int = typer.Option(48, help="Prompts per family for the base-model check."),
     n_lora: int = typer.Option(20, help="Seeds per LoRA for the LoRA-alone check."),
+    family: list[str] = typer.Option([], "--family", help="sdxl and/or flux (default: those whose model is built)."),
 ) -> None:
-    """Judge accuracy of the base models and of each LoRA alone, on renders through the studio."""
-    from .evaluate import evaluate_world, write_report
+    """Judge accuracy of the base models and of each LoRA alone (renders through the studio), and of the
+    judge and the tiny CLIP on fresh renderer images."""
+    from .evaluate import evaluate_judges, evaluate_world, write_report
 
-    report = evaluate_world(assets, n_base=n_base, n_lora=n_lora)
+    families = family or [f for f in ("sdxl", "flux") if (assets / "models" / f"tiny-{f}" / "model_index.json").exists()]
+    report = evaluate_world(assets, families=tuple(families), n_base=n_base, n_lora=n_lora)
+    report["judges"] = evaluate_judges(assets)
     write_report(report, out or assets / "world" / "metrics.json")
     typer.echo(json.dumps(report, indent=2))
 

@@ -6,7 +6,7 @@ asked whether the image shows *every* requested concept. Here the question goes 
 (:mod:`.judge`) instead of GPT-4V, and CLIPScore comes from the world's tiny CLIP.
 
 Compositions: 2 subjects x (2 styles + 2 backgrounds) two-LoRA stacks and 2 x 2 x 2 three-LoRA stacks, 16 in
-all. Strategies that only take two LoRAs (``klora``) run on the two-LoRA half. ``qr`` runs twice: on the
+all. Strategies defined for two LoRAs (``klora``, ``max_loras = 2``) run on the two-LoRA half. ``qr`` runs twice: on the
 ordinary LoRAs (its orthogonal merge) and on the world's QR-LoRA adapters (the merge the QR-LoRA paper
 describes), reported as ``qr[qr-lora]``.
 
@@ -27,7 +27,6 @@ from .concepts import HELD_OUT
 from .demo import ASSETS, TINY_CLIP, Composition, composition_items
 
 QR_LORA_LABEL = "qr[qr-lora]"
-TWO_LORA_ONLY = {"klora"}
 COLORS = ("red", "green", "blue", "yellow")
 
 
@@ -49,10 +48,9 @@ def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int]
     comps = list(comps or compositions())
     items = []
     for strategy in strategies:
-        eligible = [c for c in comps if strategy not in TWO_LORA_ONLY or len(c.concepts) == 2]
-        items += composition_items(eligible, family, [strategy], seeds, assets=assets, steps=steps)
+        items += composition_items(comps, family, [strategy], seeds, assets=assets, steps=steps)
         if strategy == "qr":
-            items += composition_items(eligible, family, [{"name": "qr", "label": QR_LORA_LABEL}], seeds,
+            items += composition_items(comps, family, [{"name": "qr", "label": QR_LORA_LABEL}], seeds,
                                        assets=assets, steps=steps, lora_folder="qr-loras")
     prompts = {c.prompt(): i for i, c in enumerate(comps)}
     for position, item in enumerate(items):  # one report section per composition

@@ -49,19 +49,25 @@ def lora_path(family: str, concept: str, assets: Path = ASSETS, folder: str = "l
 
 def composition_items(compositions, family: str, strategies, seeds, *, assets: Path = ASSETS, steps=None,
                       lora_folder: str = "loras"):
-    """Batch items for ``compositions`` on ``tiny-<family>`` (every strategy x seed)."""
+    """Batch items for ``compositions`` on ``tiny-<family>`` (every strategy x seed; a strategy defined for
+    fewer LoRAs than a composition has, such as K-LoRA's two, skips it)."""
     from studio.grid import Axes, PromptSpec, StrategyChoice, build_stack, expand
+
+    from studio.strategies import REGISTRY
 
     choices = [s if isinstance(s, StrategyChoice) else StrategyChoice.parse(s) for s in strategies]
     items = []
     for comp in compositions:
+        fitting = [c for c in choices if (REGISTRY[c.name].max_loras or len(comp.concepts)) >= len(comp.concepts)]
+        if not fitting:
+            continue
         entries = [{"source": str(lora_path(family, c.name, assets, lora_folder)), "name": c.name,
                     "concept": c.concept_text} for c in comp.held()]
         stack = build_stack(" + ".join(comp.concepts), entries, base_dir=None, lora_dir=None, origin="demo")
         prompt = PromptSpec(text=comp.prompt())
-        axes = Axes(strategies=choices, seeds=list(seeds), steps=[steps])
+        axes = Axes(strategies=fitting, seeds=list(seeds), steps=[steps])
         for item in expand(f"tiny-{family}", [prompt], [stack], axes, origin="demo"):
-            item.position, item.prompt_index = len(items), len(items) // (len(choices) * len(seeds))
+            item.position, item.prompt_index = len(items), compositions.index(comp)
             items.append(item)
     return items
 

@@ -61,13 +61,18 @@ def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int
     return report
 
 
-def evaluate_judges(world, assets: Path = ASSETS) -> dict:
-    """Judge and tiny-CLIP accuracy on held-out renderer images (clean and through the VAE)."""
+def evaluate_judges(assets: Path = ASSETS, n: int = 1000, seed: int = 99) -> dict:
+    """Judge and tiny-CLIP accuracy on fresh renderer images of every concept (a seed no training set used),
+    clean and through the shipped VAE (what generated images go through)."""
+    from diffusers import AutoencoderKL
+
     from . import tokenizer
     from .clip import zero_shot_accuracy
+    from .data import render_set
     from .judge import accuracy, load_judge
 
-    data, vae = world.data("eval"), world.vae()
+    data = render_set(SceneSampler(pool=dict(ATTRIBUTES)), n, seed, desc="eval renders")
+    vae = AutoencoderKL.from_pretrained(str(assets / "models" / "tiny-sdxl" / "vae"), torch_dtype=torch.float32)
     judge = load_judge(assets / "judges" / "concept-judge")
     import open_clip
 
