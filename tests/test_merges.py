@@ -217,8 +217,8 @@ def test_saved_merges_load_in_diffusers_and_render_the_same(sdxl_studio, flux_st
 def test_merge_cli_and_its_errors(sdxl_loras, tmp_path):
     runner = CliRunner()
     out = tmp_path / "merged.safetensors"
-    args = ["merge", "--lora", f"{sdxl_loras[0]}:0.8", "--lora", str(sdxl_loras[1]), "--strategy", "qr", "--out",
-            str(out)]
+    args = ["merge", "--model", "tiny-sdxl-random", "--lora", f"{sdxl_loras[0]}:0.8", "--lora", str(sdxl_loras[1]),
+            "--strategy", "qr", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "interference" in result.output and "mean |cos|" in result.output and str(out) in result.output
@@ -227,7 +227,8 @@ def test_merge_cli_and_its_errors(sdxl_loras, tmp_path):
     assert dense.exit_code == 2 and "not low-rank" in dense.output
     switch = runner.invoke(app, [*args[:-4], "--strategy", "switch", "--out", str(out)])
     assert switch.exit_code == 2 and "not a weight-space merge" in switch.output
-    windowed = runner.invoke(app, ["merge", "--lora", f"{sdxl_loras[0]}:0.8:start=0.5", "--out", str(out)])
+    windowed = runner.invoke(app, ["merge", "--model", "tiny-sdxl-random", "--lora", f"{sdxl_loras[0]}:0.8:start=0.5",
+                                   "--out", str(out)])
     assert windowed.exit_code == 2 and "step windows" in windowed.output
     with pytest.raises(StudioError, match="parameter 'density' must be <= 1"):
         make_strategy("ties", {"density": 2})

@@ -444,7 +444,7 @@ def test_cli_ui_binds_locally_by_default(monkeypatch, tmp_path):
     library = build_library(tmp_path / "loras")
     result = CliRunner().invoke(app, ["ui", "--lora-dir", str(library), "--max-upload-mb", "50"])
     assert result.exit_code == 0, result.output
-    assert calls["model"] == "tiny-sdxl-random" and calls["dirs"] == [library] and calls["max_upload_mb"] == 50
+    assert calls["model"] == "tiny-sdxl" and calls["dirs"] == [library] and calls["max_upload_mb"] == 50
     assert calls["launch"] == {"host": "127.0.0.1", "port": None}
     result = CliRunner().invoke(app, ["ui", "--lora-dir", str(library), "--host", "0.0.0.0", "--port", "7000"])
     assert calls["launch"] == {"host": "0.0.0.0", "port": 7000} and "anyone who can reach it" in result.output

@@ -31,10 +31,10 @@ class BuildConfig:
     scale: float = 1.0
     vae_steps: int = 2000
     judge_steps: int = 1500
-    clip_steps: int = 1200
+    clip_steps: int = 800
     base_steps: int = 3000
     lora_steps: int = 400
-    qr_steps: int = 300
+    qr_steps: int = 200
 
     def steps(self, name: str) -> int:
         return max(10, int(getattr(self, f"{name}_steps") * self.scale))
