@@ -7,8 +7,8 @@ asked whether the image shows *every* requested concept. Here the question goes 
 
 Compositions: 2 subjects x (2 styles + 2 backgrounds) two-LoRA stacks and 2 x 2 x 2 three-LoRA stacks, 16 in
 all. Strategies defined for two LoRAs (``klora``, ``max_loras = 2``) run on the two-LoRA half. ``qr`` runs twice: on the
-ordinary LoRAs (its orthogonal merge) and on the world's QR-LoRA adapters (the merge the QR-LoRA paper
-describes), reported as ``qr[qr-lora]``.
+ordinary LoRAs (its orthogonal merge) and, when they are built, on the world's QR-LoRA adapters (the merge
+the QR-LoRA paper describes), reported as ``qr[qr-lora]``.
 
 Rendering is an ordinary resumable batch (:func:`studio.batch.run_batch`), so an interrupted benchmark picks up
 where it stopped and leaves a browsable ``report.html``.
@@ -49,7 +49,7 @@ def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int]
     items = []
     for strategy in strategies:
         items += composition_items(comps, family, [strategy], seeds, assets=assets, steps=steps)
-        if strategy == "qr":
+        if strategy == "qr" and (assets / "qr-loras" / f"tiny-{family}").is_dir():
             items += composition_items(comps, family, [{"name": "qr", "label": QR_LORA_LABEL}], seeds,
                                        assets=assets, steps=steps, lora_folder="qr-loras")
     prompts = {c.prompt(): i for i, c in enumerate(comps)}
