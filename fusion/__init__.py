@@ -11,11 +11,13 @@ from typing import Any, Mapping
 from pipelines.errors import StrategyError
 
 from .base import Param, RunContext, StepContext, StepPlan, Strategy
+from .cmlora import CMLoRA
 from .composite import Composite
+from .gated import Gated
 from .merge import Merge
 from .switch import Switch
 
-_BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite)
+_BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 

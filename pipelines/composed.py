@@ -10,6 +10,11 @@ weight of the adapter that owns it (``MixState.gains_for`` times the layer's blo
 number of adapters and any mix: merge (every sample, every adapter), switch (one-hot per step), composite (N
 replicas of the batch, replica i with adapter i only, all in one forward).
 
+An optional *gate* (for learned, feature-dependent fusion such as AutoLoRA's) replaces the sum over adapters:
+when ``AdapterBranch.gate`` is set on a linear layer, the branch computes every adapter's own output ``o_i``
+(the rank dimension split by owner, plus that adapter's dense, bias and DoRA parts) and returns
+``y + gate(x, y, o, columns)``. The ungated path is unchanged.
+
 Adapters that are not low-rank at a fair cost take exact side paths in the same layer: dense deltas (large
 LoHa/LoKr, full diffs), bias deltas, and DoRA's rescaling of the base output (see
 :mod:`pipelines.adapters.kinds.dora`). ``ComposedLinear``/``ComposedConv2d`` subclass ``nn.Linear``/``nn.Conv2d``
@@ -21,6 +26,7 @@ restores the model bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,9 +122,16 @@ class AdapterBranch(nn.Module):
         self._pack_key = None
         self._gain_key = None
         self._empty = True
+        self._columns: list[int] = []
+        # optional learned gate: gate(x, y, outputs[K, *y.shape], columns[K]) -> the layer's total change
+        self.gate: Callable[..., torch.Tensor] | None = None
         for name in ("down_cat", "up_cat", "owner", "dense_cat", "dense_owner", "bias_cat", "bias_owner",
                      "dora_out_cat", "dora_out_owner", "dora_in_cat", "dora_in_owner"):
             self.register_buffer(name, None, persistent=False)
+
+    def set_gate(self, gate: Callable[..., torch.Tensor] | None) -> None:
+        """Attach (or, with ``None``, detach) a gate; it is not registered as a submodule of the model."""
+        object.__setattr__(self, "gate", gate)
 
     # -------------------------------------------------------------------------------------------- packing
     def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -150,6 +163,7 @@ class AdapterBranch(nn.Module):
         self.dora_in_cat = cat([e.dora_in[None] for _, e in din])
         self.dora_in_owner = owners([c for c, _ in din])
         self._empty = not cols
+        self._columns = [c for c, _ in cols]
         self._pack_key = key
         self._gain_key = None
 
@@ -166,6 +180,9 @@ class AdapterBranch(nn.Module):
                 f"mix state holds gains for {rows} samples but this layer sees a batch of {x.shape[0]}"
             )
         conv = isinstance(layer, nn.Conv2d)
+        if self.gate is not None and not conv:
+            outputs = self.adapter_outputs(x, y, layer, gains)
+            return y + self.gate(x, y, outputs, self._columns)
 
         def per_sample(v: torch.Tensor) -> torch.Tensor:  # [G, K] -> broadcastable against the output
             return v.view(rows, v.shape[1], 1, 1) if conv else v.view(rows, *[1] * (y.dim() - 2), v.shape[1])
@@ -201,6 +218,50 @@ class AdapterBranch(nn.Module):
                 g = gains[:, self.dora_in_owner[i]].view(rows, *[1] * (y.dim() - 1))
                 out = out + wx * g
         return out
+
+
+    def adapter_outputs(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module,
+                        gains: torch.Tensor | None = None) -> torch.Tensor:
+        """Each active adapter's own change of a linear layer's output, at its gain: ``[K, *y.shape]``.
+
+        Row k belongs to adapter column ``self._columns[k]``; the rows sum to what the ungated branch adds.
+        """
+        self._pack(y.device, y.dtype)
+        if gains is None:
+            gains = self.state.gains_for(self.block_id, y.device, y.dtype)
+        rows = gains.shape[0]
+        lead = [1] * (y.dim() - 2)
+        parts: dict[int, list[torch.Tensor]] = {c: [] for c in self._columns}
+
+        def gain(c: int) -> torch.Tensor:
+            return gains[:, c].view(rows, *lead, 1)
+
+        if self.down_cat is not None:
+            h = F.linear(x, self.down_cat) * gains[:, self.owner].view(rows, *lead, -1)
+            owner = self.owner.tolist()
+            start = 0
+            while start < len(owner):
+                end = start
+                while end < len(owner) and owner[end] == owner[start]:
+                    end += 1
+                parts[owner[start]].append(F.linear(h[..., start:end], self.up_cat[:, start:end]))
+                start = end
+        if self.dense_cat is not None:
+            z = F.linear(x, self.dense_cat).unflatten(-1, (self.dense_owner.numel(), -1))
+            for i, c in enumerate(self.dense_owner.tolist()):
+                parts[c].append(z[..., i, :] * gain(c))
+        if self.bias_cat is not None:
+            for i, c in enumerate(self.bias_owner.tolist()):
+                parts[c].append(gain(c) * self.bias_cat[i])
+        if self.dora_out_cat is not None:
+            wx = y if layer.bias is None else y - layer.bias
+            for i, c in enumerate(self.dora_out_owner.tolist()):
+                parts[c].append(wx * self.dora_out_cat[i] * gain(c))
+        if self.dora_in_cat is not None:
+            for i, c in enumerate(self.dora_in_owner.tolist()):
+                parts[c].append(layer._base_op(x * self.dora_in_cat[i], with_bias=False) * gain(c))
+        return torch.stack([sum(parts[c][1:], parts[c][0]).expand_as(y) if parts[c] else torch.zeros_like(y)
+                            for c in self._columns])
 
 
 class ComposedLinear(nn.Linear):
