@@ -36,7 +36,7 @@ Differences from the released code (Yqcca/CMLoRA), where we follow the paper:
 * each replica is conditioned on the prompt encoded with only its own LoRA's text-encoder part (as for
   ``composite``).
 
-Profiling renders each LoRA alone (its trigger words as prompt, or its name), seed ``profile_seed``, at the
+Profiling renders each LoRA alone (its trigger words as prompt, or the name in its file or its file name), seed ``profile_seed``, at the
 run's size and guidance, with ``min(profile_steps, steps)`` steps; with ``order=stack`` no profiling happens.
 """
 
@@ -137,7 +137,7 @@ class CMLoRA(Strategy):
         name = run.names[index]
         parsed = run.composer.adapters[name].parsed if run.composer is not None else None
         triggers = parsed.info.triggers if parsed is not None else []
-        prompt = ", ".join(triggers) if triggers else name
+        prompt = ", ".join(triggers) if triggers else (parsed.name if parsed is not None else name)
         steps = min(self.profile_steps, run.num_steps)
         weight = float(run.weights[index])
         sha = run.hashes[index] if index < len(run.hashes) else None

@@ -5,6 +5,7 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio train-gates --lora a.safetensors --lora b.safetensors   # learned gates for `--strategy gated`
 """
 
 from __future__ import annotations
@@ -160,6 +161,15 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         params = "\n".join(f"{p['name']}={p['default']}  {p['help']}" for p in row["params"]) or "-"
         table.add_row(row["name"], row["summary"], params, row["citation"])
     Console().print(table)
+
+
+def _register_commands() -> None:
+    from .train_gates import train_gates_command
+
+    app.command("train-gates")(train_gates_command)
+
+
+_register_commands()
 
 
 def main() -> None:
