@@ -222,6 +222,8 @@ class DenoiserSeam:
             if self.feature_cache is not None:
                 self.feature_cache.pause()
             return
+        if len(request["keys"]) != plan.lanes:
+            raise ValueError(f"feature cache request names {len(request['keys'])} lanes, the plan has {plan.lanes}")
         if self.feature_cache is None:
             self.feature_cache = DeepFeatureCache(deep_span(module, self.family.name), self.state).install()
         self.feature_cache.begin(self.step, batch, request["keys"], request["reuse"])

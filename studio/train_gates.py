@@ -181,6 +181,9 @@ def train_gates(
     config = config or GateTraining()
     if config.steps < 1 or config.renders < 1:
         raise StudioError("training needs at least one step and one image per LoRA")
+    if not (config.lr > 0 and config.margin >= 0 and 0 <= config.caption_dropout < 1):
+        raise StudioError(f"bad training settings: lr {config.lr} (> 0), margin {config.margin} (>= 0), "
+                          f"caption dropout {config.caption_dropout} (in [0, 1))")
     specs = [Lora.parse(spec) for spec in loras]
     if len(specs) < 2:
         raise StudioError("gates fuse several LoRAs: give at least two")
