@@ -5,16 +5,18 @@
     python benchmarks/bench_strategies.py --arch narrow            # real SDXL/FLUX.1 block structure, 1/8 width
 
 Strategies come from the registry (``fusion.REGISTRY``), each with its default parameters (or ``DEFAULTS``),
-plus the variants in ``VARIANTS`` (e.g. ``cmlora`` without its cache, ``gated`` with learned gates); a strategy added later shows up
-without touching this file. A strategy that cannot run on these LoRAs is listed with the reason.
+plus the variants in ``VARIANTS`` (e.g. ``cmlora`` without its cache, ``gated`` with learned gates); a strategy
+added later shows up without touching this file. A strategy that cannot run on these LoRAs is listed with the
+reason.
 
 Every LoRA is written by PEFT through diffusers' ``save_lora_weights`` (UNet/transformer attention and
 feed-forward, CLIP attention and MLP). Each round renders one image per strategy, in turn, with the same seed,
 after one warm-up round (which also fills CMLoRA's frequency-profile cache, a one-off cost reported
 separately). ``gated[mode=learned]`` runs with freshly initialised gates written where ``studio train-gates``
-puts them: inference costs the same whether the gates are trained or not. The ratio is taken within a round (strategy time / merge time of the same
-round) and the median over rounds is reported, for wall-clock time and for this process's CPU time; on a shared
-machine the CPU-time ratio is the steadier one. Times exclude model and LoRA loading.
+puts them: inference costs the same whether the gates are trained or not. The ratio is taken within a round
+(strategy time / merge time of the same round) and the median over rounds is reported, for wall-clock time and
+for this process's CPU time (one torch thread by default); on a shared machine the CPU-time ratio is the
+steadier one. Times exclude model and LoRA loading.
 """
 
 from __future__ import annotations
@@ -187,8 +189,9 @@ def main() -> None:
             results[family_name] = bench_family(family_name, counts, args.steps, args.rounds, Path(tmp), args.arch,
                                                 size, only)
     cpu = platform.processor() or platform.machine()
-    print(f"\nCPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}, float32, {size}x{size} images; "
-          f"time per image relative to merge (median of {args.rounds} rounds, process CPU time)\n")
+    print(f"\nCPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}, float32, "
+          f"{size}x{size} images; time per image relative to merge (median of {args.rounds} rounds, "
+          "process CPU time)\n")
     for family_name in families:
         print(table(family_name, results[family_name], counts, args.steps, args.arch))
         for key, items in results[family_name]["one_off"].items():

@@ -36,7 +36,7 @@ Differences from the released code (Yqcca/CMLoRA), where we follow the paper:
 * each replica is conditioned on the prompt encoded with only its own LoRA's text-encoder part (as for
   ``composite``).
 
-Profiling renders each LoRA alone (its trigger words as prompt, or the name in its file or its file name), seed ``profile_seed``, at the
+Profiling renders each LoRA alone (prompt: its trigger words, else its name), seed ``profile_seed``, at the
 run's size and guidance, with ``min(profile_steps, steps)`` steps; with ``order=stack`` no profiling happens.
 """
 

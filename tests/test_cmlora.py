@@ -23,6 +23,7 @@ from studio import Studio
 
 ATOL = 2e-4
 PROMPT = "a corgi in a garden"
+SMALL = {"width": 32, "height": 32}  # 32x32 images keep these tests fast (every block still runs)
 
 
 @pytest.fixture(scope="module")
@@ -125,21 +126,23 @@ def test_profiles_are_renders_of_each_lora_alone_and_cached_on_disk(studio_for, 
     monkeypatch.setattr(studio, "cache_dir", tmp_path / "cache")
     files = [str(f) for f in sdxl_loras[:2]]
     strat = make_strategy("cmlora", {"profile_steps": 2})
-    result = studio.compose(PROMPT, [f"{files[0]}:0.9", files[1]], strat, steps=2, seed=4, output_type="np")
+    result = studio.compose(PROMPT, [f"{files[0]}:0.9", files[1]], strat, steps=2, seed=4, output_type="np",
+                            **SMALL)
     assert len(result.latents) == 1
     entries = sorted((tmp_path / "cache" / "cmlora").glob("*.json"))
     assert len(entries) == 2
     # the profile of LoRA 0 is the radial profile of that LoRA rendered alone (seed 0, its name as prompt)
     parsed = studio.loaded()[studio.load([files[0]])[0]]
     prompt = ", ".join(parsed.info.triggers) or parsed.name
-    alone = studio.compose(prompt, [f"{files[0]}:0.9"], "merge", steps=2, seed=0, output_type="np").latents[0]
+    alone = studio.compose(prompt, [f"{files[0]}:0.9"], "merge", steps=2, seed=0, output_type="np",
+                           **SMALL).latents[0]
     expected = radial_profile(grayscale(alone))
     assert strat.scores[0] == pytest.approx(frequency_score(expected, 0.2), rel=1e-5)
     assert strat.ranking == sorted(range(2), key=lambda i: -strat.scores[i])
     # a second run reads the disk cache instead of rendering again
     monkeypatch.setattr("fusion.cmlora.radial_profile", lambda *a: pytest.fail("profile recomputed"))
     again = make_strategy("cmlora", {"profile_steps": 2})
-    studio.compose(PROMPT, [f"{files[0]}:0.9", files[1]], again, steps=2, seed=4, output_type="np")
+    studio.compose(PROMPT, [f"{files[0]}:0.9", files[1]], again, steps=2, seed=4, output_type="np", **SMALL)
     assert again.scores == pytest.approx(strat.scores)
 
 
@@ -159,11 +162,11 @@ def test_uncached_cmlora_equals_weighted_single_lora_passes(family, studio_for, 
     strat = make_strategy("cmlora", {"cache": False, "order": "stack"})
     studio = studio_for(family)
     got = studio.compose(PROMPT, [f"{f}:{w}" for f, w in zip(files, weights)], strat, steps=steps, seed=2,
-                         guidance=guidance, negative_prompt="blurry", output_type="np").latents[0]
+                         guidance=guidance, negative_prompt="blurry", output_type="np", **SMALL).latents[0]
     ref = build_tiny_sdxl() if family == "sdxl" else build_tiny_flux()
     names = load_adapters(ref, files)
     expected = run_lanes(ref, family, _dominant_reference(strat, steps, 2), names=names, weights=weights,
-                         prompt=PROMPT, negative_prompt="blurry", steps=steps, guidance=guidance, seed=2)
+                         prompt=PROMPT, negative_prompt="blurry", steps=steps, guidance=guidance, seed=2, size=32)
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
@@ -214,7 +217,7 @@ def test_cached_cmlora_equals_deepcache_reference_and_skips_deep_rows(family, st
                                                                      sdxl_loras, flux_loras):
     files = [*sdxl_te_loras, sdxl_loras[2]] if family == "sdxl" else flux_loras
     n = len(files)
-    weights, steps = [0.9, 0.7, 1.0][:n], 5
+    weights, steps = [0.9, 0.7, 1.0][:n], 4  # refresh steps 0, 1, 3: at step 2 two of three lanes reuse
     guidance = 5.0 if family == "sdxl" else 3.5
     strat = make_strategy("cmlora", {"order": "stack"})
     studio = studio_for(family)
@@ -227,7 +230,7 @@ def test_cached_cmlora_equals_deepcache_reference_and_skips_deep_rows(family, st
              deep.register_forward_pre_hook(lambda m, a: seen["deep"].append(a[0].shape[0]))]
     try:
         got = studio.compose(PROMPT, [f"{f}:{w}" for f, w in zip(files, weights)], strat, steps=steps, seed=6,
-                             guidance=guidance, output_type="np").latents[0]
+                             guidance=guidance, output_type="np", **SMALL).latents[0]
     finally:
         for h in hooks:
             h.remove()
@@ -239,7 +242,7 @@ def test_cached_cmlora_equals_deepcache_reference_and_skips_deep_rows(family, st
         return step not in refresh and index != strat.dominant(step, steps, list(range(n)))
 
     expected = run_lanes(ref, family, _dominant_reference(strat, steps, n), names=names, weights=weights,
-                         prompt=PROMPT, negative_prompt="", steps=steps, guidance=guidance, seed=6,
+                         prompt=PROMPT, negative_prompt="", steps=steps, guidance=guidance, seed=6, size=32,
                          lane_context=DeepCacheReference(ref, family, reuse))
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
     # the deep blocks really ran on fewer rows: all lanes at refresh steps, only the dominant lane otherwise
@@ -257,7 +260,7 @@ def test_cache_on_stays_close_to_cache_off(studio_for, sdxl_loras, flux_loras, c
 
         def run(params=None, stack=loras, seed=11):
             return studio.compose(PROMPT, stack, "cmlora", strategy_params={"order": "stack", **(params or {})},
-                                  steps=8, seed=seed, output_type="np").latents[0]
+                                  steps=6, seed=seed, output_type="np", **SMALL).latents[0]
 
         cached, uncached, base, other_seed = run(), run({"cache": False}), run(stack=[]), run({"cache": False}, seed=12)
         diff = np.abs(cached - uncached)

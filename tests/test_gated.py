@@ -25,6 +25,7 @@ from studio.train_gates import GateTraining, autolora_loss, train_gates
 
 ATOL = 2e-4
 PROMPT = "a corgi in a garden"
+SMALL = {"width": 32, "height": 32}  # 32x32 images keep these tests fast (every block still runs)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_schedule_equals_diffusers_per_block_scales_changed_every_step(studio_fo
     studio = studio_for("sdxl")
     got = studio.compose(PROMPT, [f"{f}:{w}" for f, w in zip(files, weights)], "gated", steps=steps, seed=3,
                          strategy_params={"mode": "schedule", "schedule": str(schedule)},
-                         output_type="np").latents[0]
+                         output_type="np", **SMALL).latents[0]
 
     ref = build_tiny_sdxl()
     names = load_adapters(ref, files)
@@ -185,11 +186,11 @@ def test_schedule_equals_diffusers_per_block_scales_changed_every_step(studio_fo
 
     ref.unet.forward = forward
     with torch.no_grad():
-        expected = ref(PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=64, width=64, output_type="np",
+        expected = ref(PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=32, width=32, output_type="np",
                        generator=torch.Generator("cpu").manual_seed(3), callback_on_step_end=on_step_end).images[0]
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
     merged = studio.compose(PROMPT, [f"{f}:{w}" for f, w in zip(files, weights)], "merge", steps=steps, seed=3,
-                            output_type="np").latents[0]
+                            output_type="np", **SMALL).latents[0]
     assert np.abs(merged - got).max() > 10 * ATOL
 
 
@@ -198,10 +199,10 @@ def test_constant_schedule_equals_static_block_weights_on_flux(studio_for, flux_
     schedule.write_text('[subject]\ndouble = 0.5\n[style]\n"single.1" = 0.0\n"double.0" = 2.0\n')
     studio = studio_for("flux")
     a, b = (str(f) for f in flux_loras)
-    got = studio.compose(PROMPT, [a, f"{b}:0.7"], "gated", steps=3, seed=5, output_type="np",
+    got = studio.compose(PROMPT, [a, f"{b}:0.7"], "gated", steps=3, seed=5, output_type="np", **SMALL,
                          strategy_params={"mode": "schedule", "schedule": str(schedule)}).latents[0]
     expected = studio.compose(PROMPT, [f"{a}:1:blocks=double=0.5", f"{b}:0.7:blocks=single.1=0,double.0=2"],
-                              "merge", steps=3, seed=5, output_type="np").latents[0]
+                              "merge", steps=3, seed=5, output_type="np", **SMALL).latents[0]
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
@@ -227,7 +228,7 @@ def _timesteps_seen_by_gates(studio, files, params=None):
     GateSet.attach = attach
     try:
         strat = make_strategy("gated", params)
-        result = studio.compose(PROMPT, files, strat, steps=3, seed=2, output_type="np")
+        result = studio.compose(PROMPT, files, strat, steps=3, seed=2, output_type="np", **SMALL)
     finally:
         GateSet.attach = original
         for h in gate_hooks:
@@ -239,10 +240,11 @@ def test_train_gates_api_keeps_the_model_frozen_and_gated_uses_the_gates(studio_
     studio = studio_for("sdxl")
     files = _copy(sdxl_loras[:2], tmp_path / "stack")
     before = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items()}
-    trained = train_gates(studio, files, config=GateTraining(steps=3, renders=1, render_steps=2, seed=1))
+    trained = train_gates(studio, files, config=GateTraining(steps=2, renders=1, render_steps=2, seed=1,
+                                                                    size=32))
     assert trained.path == gates_path(files, "tiny-sdxl", [studio.loaded()[n].sha256 for n in studio.load(files)])
     assert trained.path.parent == tmp_path / "stack" and trained.path.exists()
-    assert len(trained.losses) == 3 and all(np.isfinite(trained.losses))
+    assert len(trained.losses) == 2 and all(np.isfinite(trained.losses))
     after = studio.pipe.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # model frozen, nothing left attached
     assert not any(layer.studio_branch.gate for layer in studio.composer.layers.values())
@@ -255,7 +257,7 @@ def test_train_gates_api_keeps_the_model_frozen_and_gated_uses_the_gates(studio_
     expected_t = [float(t) / 1000 for t in studio.pipe.scheduler.timesteps]
     assert seen[:3] == pytest.approx(expected_t)  # the gates see each step's timestep
     scheduled = studio.compose(PROMPT, files, "gated", strategy_params={"mode": "schedule"}, steps=3, seed=2,
-                               output_type="np").latents[0]
+                               output_type="np", **SMALL).latents[0]
     assert np.abs(learned - scheduled).max() > 10 * ATOL
     assert not any(layer.studio_branch.gate for layer in studio.composer.layers.values())
 
@@ -268,19 +270,21 @@ def test_train_gates_cli_on_flux_and_gated_render(studio_for, flux_loras, tmp_pa
     files = _copy(flux_loras, tmp_path / "flux-stack")
     result = CliRunner().invoke(app, ["train-gates", "--model", "tiny-flux", "--lora", files[0], "--lora",
                                       f"{files[1]}:0.8", "--steps", "2", "--renders", "1", "--render-steps", "2",
-                                      "--caption", "0=a zorb", "--seed", "3"])
+                                      "--size", "32", "--caption", "0=a zorb", "--seed", "3"])
     assert result.exit_code == 0, result.output
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.parent == tmp_path / "flux-stack" and path.name.startswith("studio-gates-")
     studio = studio_for("flux")
     strat, image, seen = _timesteps_seen_by_gates(studio, [files[0], f"{files[1]}:0.8"], {"mode": "learned"})
-    assert strat.used == f"learned gates {path.name}" and image.shape == (64, 64, 3)
+    assert strat.used == f"learned gates {path.name}" and image.shape == (32, 32, 3)
     assert seen[:3] == pytest.approx([float(t) / 1000 for t in studio.pipe.scheduler.timesteps])
     # gates belong to their stack: another stack refuses them, and learned mode without gates explains itself
     other = [str(writers.peft_flux(tmp_path / "other", 99)), files[1]]
     with pytest.raises(StrategyError, match="another stack or model"):
-        studio.compose(PROMPT, other, "gated", strategy_params={"gates": str(path)}, steps=1, output_type="np")
+        studio.compose(PROMPT, other, "gated", strategy_params={"gates": str(path)}, steps=1, output_type="np",
+                       **SMALL)
     with pytest.raises(StrategyError, match="studio train-gates"):
-        studio.compose(PROMPT, other, "gated", strategy_params={"mode": "learned"}, steps=1, output_type="np")
+        studio.compose(PROMPT, other, "gated", strategy_params={"mode": "learned"}, steps=1, output_type="np",
+                       **SMALL)
     with pytest.raises(StudioError, match="at least two"):
         train_gates(studio, files[:1])
