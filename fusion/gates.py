@@ -52,7 +52,7 @@ def timestep_features(t: torch.Tensor, dim: int = TIME_DIM) -> torch.Tensor:
 class AutoLoraGate(nn.Module):
     """The gate of one linear layer with ``features`` output channels (see the module docstring)."""
 
-    def __init__(self, features: int, state, time_dim: int = TIME_DIM):
+    def __init__(self, features: int, state, time_dim: int = TIME_DIM, shared: dict | None = None):
         super().__init__()
         self.w_lora = nn.Parameter(torch.zeros(features))
         self.w_cross = nn.Parameter(torch.zeros(features))
@@ -60,7 +60,16 @@ class AutoLoraGate(nn.Module):
         self.w_out = nn.Parameter(torch.full((features,), W_OUT_INIT))
         self.w_time = nn.Parameter(torch.zeros(features, time_dim))
         self.state = state  # the MixState publishing the timestep (not a module)
+        self.shared = {} if shared is None else shared  # φ(t) computed once per denoiser call for all gates
         self.eps = 1e-5
+
+    def time_features(self, t: torch.Tensor, device, dtype) -> torch.Tensor:
+        key = (t, device, dtype)
+        cached = self.shared.get("phi")
+        if cached is None or cached[0][0] is not t or cached[0][1:] != key[1:]:
+            cached = (key, timestep_features(t.to(device), self.w_time.shape[1]).to(dtype))
+            self.shared["phi"] = cached
+        return cached[1]
 
     def gate_values(self, base: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """``g_i`` for every adapter: ``[K, *base.shape]``."""
@@ -72,7 +81,7 @@ class AutoLoraGate(nn.Module):
         dtype = base.dtype
         ln_o = F.layer_norm(outputs, (d,), eps=self.eps)
         ln_h = F.layer_norm(base, (d,), eps=self.eps)
-        phi = timestep_features(t.to(base.device)).to(dtype)  # [G, T]
+        phi = self.time_features(t, base.device, dtype)  # [G, T]
         shift = self.bias.to(dtype) + phi @ self.w_time.to(dtype).T  # [G, d]
         shift = shift.view(shift.shape[0], *[1] * (base.dim() - 2), d)
         return torch.sigmoid(ln_o * self.w_lora.to(dtype) + ln_h * ln_o * self.w_cross.to(dtype) + shift)
@@ -98,7 +107,8 @@ class GateSet(nn.Module):
     def __init__(self, layer_features: dict[str, int], state, time_dim: int = TIME_DIM):
         super().__init__()
         self.keys = list(layer_features)
-        self.gates = nn.ModuleList(AutoLoraGate(f, state, time_dim) for f in layer_features.values())
+        shared: dict = {}
+        self.gates = nn.ModuleList(AutoLoraGate(f, state, time_dim, shared) for f in layer_features.values())
         self._attached: list = []
 
     @classmethod
