@@ -11,13 +11,21 @@ from typing import Any, Mapping
 from pipelines.errors import StrategyError
 
 from .base import Param, RunContext, StepContext, StepPlan, Strategy
+from .cat import Cat
 from .cmlora import CMLoRA
 from .composite import Composite
+from .dare import Dare
 from .gated import Gated
+from .klora import KLora
 from .merge import Merge
+from .qr import QRMerge
+from .svd import SVD
 from .switch import Switch
+from .ties import Ties
+from .weightspace import WeightMerge, merge_stack
 
-_BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated)
+_BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated, QRMerge, Cat, SVD, Ties, Dare,
+                                        KLora)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -46,6 +54,6 @@ def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strateg
 
 
 __all__ = [
-    "Param", "REGISTRY", "RunContext", "StepContext", "StepPlan", "Strategy",
-    "make_strategy", "register", "strategy_class",
+    "Param", "REGISTRY", "RunContext", "StepContext", "StepPlan", "Strategy", "WeightMerge",
+    "make_strategy", "merge_stack", "register", "strategy_class",
 ]

@@ -7,7 +7,12 @@ A strategy sees the stack of K LoRAs in the user's order and answers three quest
 * ``plan(ctx) -> StepPlan``: for denoising step ``ctx.step``, the lanes to run (``gains[L, K]``), the weights
   that reduce the L predictions to one, and which text lane each denoiser lane uses;
 * optionally ``prepare(run)``: one-off work before the first step (profiling, caches, attaching gates), and
-  ``finish(run)``: undo what ``prepare`` attached (called even when rendering fails).
+  ``finish(run)``: undo what ``prepare`` attached (called even when rendering fails). A strategy that fuses
+  the stack into new adapters (weight-space merges) attaches them through ``run.composer`` and sets
+  ``run.stack`` to their names; ``plan`` and ``text_lanes`` then address those columns instead of the K LoRAs.
+
+What a strategy measures about a run (e.g. the interference between LoRAs before and after an orthogonal merge)
+goes into ``strategy.info``; the studio returns it as ``Result.strategy_info``.
 
 ``ctx.weights`` already holds each LoRA's weight at this step (0 outside its step window); per-block weights
 are applied inside the layers. Like k-diffusion's samplers, each strategy is a short class with the paper's
@@ -97,6 +102,14 @@ class RunContext:
     hashes: list[str | None] = field(default_factory=list)
     cache_dir: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # width, height, guidance, negative_prompt of render
+    step_weights: torch.Tensor | None = None  # [num_steps, K]: each LoRA's weight at each step (0 outside window)
+    stack: list[str] | None = None  # the adapter columns plan() addresses; prepare() may replace it
+
+    def __post_init__(self):
+        if self.stack is None:
+            self.stack = list(self.names)
+        if self.step_weights is None:
+            self.step_weights = self.weights[None].repeat(max(self.num_steps, 1), 1)
 
 
 class Strategy:
@@ -112,6 +125,7 @@ class Strategy:
             valid = ", ".join(known) or "none"
             raise StrategyError(f"strategy '{self.name}' has no parameter {', '.join(map(repr, unknown))} (valid: {valid})")
         self.values = {p.name: p.parse(values.get(p.name, p.default)) for p in self.params}
+        self.info: dict[str, Any] = {}
 
     def __getattr__(self, item: str) -> Any:
         values = self.__dict__.get("values", {})

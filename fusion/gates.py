@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.composed import ComposedLinear
+from pipelines.quant.linear import QuantLinear
 from pipelines.errors import StudioError
 
 TIME_DIM = 8
@@ -98,7 +99,8 @@ def gated_layer_keys(composer, names: Iterable[str]) -> list[str]:
     wanted = set()
     for name in names:
         wanted.update(k for k in composer.adapters[name].layer_keys if k.startswith(prefix))
-    return [k for k, layer in composer.layers.items() if k in wanted and isinstance(layer, ComposedLinear)]
+    linear = (ComposedLinear, QuantLinear)  # a 4-bit layer hosts the same branch (its own segment stays ungated)
+    return [k for k, layer in composer.layers.items() if k in wanted and isinstance(layer, linear)]
 
 
 class GateSet(nn.Module):

@@ -10,10 +10,15 @@ weight of the adapter that owns it (``MixState.gains_for`` times the layer's blo
 number of adapters and any mix: merge (every sample, every adapter), switch (one-hot per step), composite (N
 replicas of the batch, replica i with adapter i only, all in one forward).
 
+A layer may bring its own low-rank segment (a 4-bit :class:`~pipelines.quant.linear.QuantLinear`'s SVDQuant
+branch ``L_up L_down``): the branch then hosts it as a *fixed* segment, concatenated in front of the adapters'
+ranks with a constant gain of 1, so the layer's branch and every LoRA still run as one pair of GEMMs.
+
 An optional *gate* (for learned, feature-dependent fusion such as AutoLoRA's) replaces the sum over adapters:
 when ``AdapterBranch.gate`` is set on a linear layer, the branch computes every adapter's own output ``o_i``
 (the rank dimension split by owner, plus that adapter's dense, bias and DoRA parts) and returns
-``y + gate(x, y, o, columns)``. The ungated path is unchanged.
+``h + gate(x, h, o, columns)``, where ``h`` is the base output including the layer's fixed segment. The
+ungated path is unchanged.
 
 Adapters that are not low-rank at a fair cost take exact side paths in the same layer: dense deltas (large
 LoHa/LoKr, full diffs), bias deltas, and DoRA's rescaling of the base output (see
@@ -35,6 +40,7 @@ from torch import nn
 from .adapters.delta import LayerDelta
 from .adapters.kinds import dora
 from .mix_state import MixState
+from .quant.linear import QuantLinear
 
 
 @dataclass
@@ -48,29 +54,32 @@ class PreparedDelta:
     dora_out: torch.Tensor | None = None  # s - 1 per output row: adds (s-1) ⊙ W x
     dora_in: torch.Tensor | None = None  # s - 1 per input column: adds W ((s-1) ⊙ x)
 
-    def weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """The exact dense change of the layer weight at gain 1 (for tests and weight-space merges)."""
+    def weight(self, base_weight: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """The exact dense change of the layer weight at gain 1, in float32 on ``device`` (default: CPU)."""
         shape = tuple(base_weight.shape)
-        w = torch.zeros(shape)
+        device = torch.device(device or "cpu")
+        w = torch.zeros(shape, device=device)
         if self.down is not None:
-            w += (self.up @ self.down.reshape(self.down.shape[0], -1)).reshape(shape)
+            up, down = self.up.to(device), self.down.to(device)
+            w += (up @ down.reshape(down.shape[0], -1)).reshape(shape)
         if self.dense is not None:
-            w += self.dense.reshape(shape)
-        base = base_weight.detach().float().cpu()
-        if self.dora_out is not None:
-            w += self.dora_out.view(-1, *[1] * (len(shape) - 1)) * base
-        if self.dora_in is not None:
-            w += self.dora_in.view(1, -1, *[1] * (len(shape) - 2)) * base
+            w += self.dense.to(device).reshape(shape)
+        if self.dora_out is not None or self.dora_in is not None:
+            base = base_weight.detach().float().to(device)
+            if self.dora_out is not None:
+                w += self.dora_out.to(device).view(-1, *[1] * (len(shape) - 1)) * base
+            if self.dora_in is not None:
+                w += self.dora_in.to(device).view(1, -1, *[1] * (len(shape) - 2)) * base
         return w
 
 
 def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
     """Fold scale and DoRA into ``delta`` for layer ``base`` and check that the shapes fit."""
-    weight = base.weight
-    shape = tuple(weight.shape)
+    shape = (base.out_features, base.in_features) if isinstance(base, nn.Linear) else tuple(base.weight.shape)
     kernel = shape[1:]
     s = None
     if delta.magnitude is not None:
+        weight = base.weight  # a QuantLinear gives its effective dequantized weight here
         if weight.is_meta:
             raise ValueError("DoRA needs the base weights, which are not loaded (meta device)")
         s = dora.norm_scale(weight.detach().cpu(), delta.to(device="cpu"))
@@ -88,7 +97,7 @@ def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
             down = down * s.view(1, -1, *[1] * (len(kernel) - 1))
         out.down, out.up = down.contiguous(), up.contiguous()
     if delta.dense is not None:
-        if delta.dense.numel() != weight.numel():
+        if delta.dense.numel() != int(torch.tensor(shape).prod()):
             raise ValueError(f"dense delta of shape {tuple(delta.dense.shape)} does not fit a layer of {shape}")
         dense = delta.dense.float().reshape(shape) * delta.scale
         if s is not None and delta.magnitude_axis == "out":
@@ -114,14 +123,16 @@ class AdapterBranch(nn.Module):
     the active set or the layer's device/dtype changes.
     """
 
-    def __init__(self, state: MixState, block_id: int):
+    def __init__(self, state: MixState, block_id: int, layer_id: int | None = None):
         super().__init__()
         self.state = state
         self.block_id = block_id
+        self.layer_id = layer_id
         self.entries: dict[str, PreparedDelta] = {}
         self._pack_key = None
         self._gain_key = None
         self._empty = True
+        self.fixed_rank = 0
         self._columns: list[int] = []
         # optional learned gate: gate(x, y, outputs[K, *y.shape], columns[K]) -> the layer's total change
         self.gate: Callable[..., torch.Tensor] | None = None
@@ -134,8 +145,9 @@ class AdapterBranch(nn.Module):
         object.__setattr__(self, "gate", gate)
 
     # -------------------------------------------------------------------------------------------- packing
-    def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
-        key = (self.state.pack_version, device, dtype, tuple(self.entries))
+    def _pack(self, device: torch.device, dtype: torch.dtype, layer: nn.Module) -> None:
+        fixed = layer.fixed_segment() if hasattr(layer, "fixed_segment") else None
+        key = (self.state.pack_version, device, dtype, tuple(self.entries), fixed is not None)
         if key == self._pack_key:
             return
         cols = [(self.state.column(n), self.entries[n]) for n in self.state.active if n in self.entries]
@@ -147,9 +159,11 @@ class AdapterBranch(nn.Module):
             return torch.tensor(items, dtype=torch.long, device=device) if items else None
 
         low = [(c, e) for c, e in cols if e.down is not None]
-        self.down_cat = cat([e.down for _, e in low])
-        self.up_cat = cat([e.up for _, e in low], dim=1)
-        self.owner = owners([c for c, e in low for _ in range(e.down.shape[0])])
+        # the layer's fixed segment goes first; its owner is the extra constant-1 gain column N (see forward)
+        self.fixed_rank = 0 if fixed is None else fixed[0].shape[0]
+        self.down_cat = cat(([fixed[0]] if fixed else []) + [e.down for _, e in low])
+        self.up_cat = cat(([fixed[1]] if fixed else []) + [e.up for _, e in low], dim=1)
+        self.owner = owners([len(self.state.names)] * self.fixed_rank + [c for c, e in low for _ in range(e.down.shape[0])])
         dense = [(c, e) for c, e in cols if e.dense is not None]
         self.dense_cat = cat([e.dense for _, e in dense])
         self.dense_owner = owners([c for c, _ in dense])
@@ -162,18 +176,21 @@ class AdapterBranch(nn.Module):
         din = [(c, e) for c, e in cols if e.dora_in is not None]
         self.dora_in_cat = cat([e.dora_in[None] for _, e in din])
         self.dora_in_owner = owners([c for c, _ in din])
-        self._empty = not cols
+        self._empty = not cols and fixed is None
         self._columns = [c for c, _ in cols]
         self._pack_key = key
         self._gain_key = None
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """``y`` is the base layer's output for ``x``; returns ``y`` plus every active adapter's share."""
-        self._pack(y.device, y.dtype)
+        """``y`` is the base layer's output for ``x`` (without the layer's fixed segment, which is computed here);
+        returns ``y`` plus the fixed segment and every active adapter's share."""
+        self._pack(y.device, y.dtype, layer)
         if self._empty:
             return y
-        gains = self.state.gains_for(self.block_id, y.device, y.dtype)  # [G, N]
+        gains = self.state.gains_for(self.block_id, y.device, y.dtype, self.layer_id)  # [G, N]
+        if self.fixed_rank:
+            gains = F.pad(gains, (0, 1), value=1.0)  # column N: the fixed segment's constant gain
         rows = gains.shape[0]
         if rows != 1 and rows != x.shape[0]:
             raise RuntimeError(
@@ -181,6 +198,11 @@ class AdapterBranch(nn.Module):
             )
         conv = isinstance(layer, nn.Conv2d)
         if self.gate is not None and not conv:
+            if self.fixed_rank:  # the layer's own branch is part of the base output the gate sees
+                r = self.fixed_rank
+                y = y + F.linear(F.linear(x, self.down_cat[:r]), self.up_cat[:, :r])
+            if not self._columns:
+                return y
             outputs = self.adapter_outputs(x, y, layer, gains)
             return y + self.gate(x, y, outputs, self._columns)
 
@@ -196,6 +218,8 @@ class AdapterBranch(nn.Module):
             else:
                 h = F.linear(x, self.down_cat) * per_sample(gains[:, self.owner])
                 out = out + F.linear(h, self.up_cat)
+                if self.fixed_rank and self.dora_out_cat is not None:  # DoRA rescales the full base output
+                    y = y + F.linear(h[..., : self.fixed_rank], self.up_cat[:, : self.fixed_rank])
         if self.dense_cat is not None:
             n = self.dense_owner.numel()
             if conv:
@@ -219,16 +243,17 @@ class AdapterBranch(nn.Module):
                 out = out + wx * g
         return out
 
-
     def adapter_outputs(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module,
                         gains: torch.Tensor | None = None) -> torch.Tensor:
         """Each active adapter's own change of a linear layer's output, at its gain: ``[K, *y.shape]``.
 
-        Row k belongs to adapter column ``self._columns[k]``; the rows sum to what the ungated branch adds.
+        Row k belongs to adapter column ``self._columns[k]``; the rows sum to what the ungated branch adds on
+        top of the base output. ``y`` is the base output including the layer's fixed segment, if it has one (the
+        fixed segment is no adapter's output and is left out here).
         """
-        self._pack(y.device, y.dtype)
+        self._pack(y.device, y.dtype, layer)
         if gains is None:
-            gains = self.state.gains_for(self.block_id, y.device, y.dtype)
+            gains = self.state.gains_for(self.block_id, y.device, y.dtype, self.layer_id)
         rows = gains.shape[0]
         lead = [1] * (y.dim() - 2)
         parts: dict[int, list[torch.Tensor]] = {c: [] for c in self._columns}
@@ -236,15 +261,17 @@ class AdapterBranch(nn.Module):
         def gain(c: int) -> torch.Tensor:
             return gains[:, c].view(rows, *lead, 1)
 
-        if self.down_cat is not None:
-            h = F.linear(x, self.down_cat) * gains[:, self.owner].view(rows, *lead, -1)
-            owner = self.owner.tolist()
+        r = self.fixed_rank
+        if self.down_cat is not None and self.down_cat.shape[0] > r:
+            h = F.linear(x, self.down_cat[r:]) * gains[:, self.owner[r:]].view(rows, *lead, -1)
+            up = self.up_cat[:, r:]
+            owner = self.owner[r:].tolist()
             start = 0
             while start < len(owner):
                 end = start
                 while end < len(owner) and owner[end] == owner[start]:
                     end += 1
-                parts[owner[start]].append(F.linear(h[..., start:end], self.up_cat[:, start:end]))
+                parts[owner[start]].append(F.linear(h[..., start:end], up[:, start:end]))
                 start = end
         if self.dense_cat is not None:
             z = F.linear(x, self.dense_cat).unflatten(-1, (self.dense_owner.numel(), -1))
@@ -307,14 +334,22 @@ class ComposedConv2d(nn.Conv2d):
         return self.studio_branch(x, self._base_op(x), self)
 
 
-ComposedLayer = ComposedLinear | ComposedConv2d
+ComposedLayer = ComposedLinear | ComposedConv2d | QuantLinear
 
 
-def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module:
-    """Wrap ``base`` (idempotent: a composed layer is returned as is)."""
+def compose_module(base: nn.Module, state: MixState, block_id: int, layer_id: int | None = None) -> nn.Module:
+    """Wrap ``base`` (idempotent: a composed layer is returned as is).
+
+    A :class:`~pipelines.quant.linear.QuantLinear` is not wrapped: it hosts the branch itself (its own SVD
+    segment joins the adapters' concatenated ranks) and is returned.
+    """
     if isinstance(base, (ComposedLinear, ComposedConv2d)):
         return base
-    branch = AdapterBranch(state, block_id)
+    if isinstance(base, QuantLinear):
+        if base.studio_branch is None:
+            base.attach_branch(AdapterBranch(state, block_id, layer_id))
+        return base
+    branch = AdapterBranch(state, block_id, layer_id)
     if isinstance(base, nn.Linear):
         return ComposedLinear(base, branch)
     if isinstance(base, nn.Conv2d):
@@ -324,6 +359,9 @@ def compose_module(base: nn.Module, state: MixState, block_id: int) -> nn.Module
 
 def restore_module(layer: nn.Module) -> nn.Module:
     """The original module, re-bound to the (possibly moved) shared parameters."""
+    if isinstance(layer, QuantLinear):
+        layer.detach_branch()
+        return layer
     original = layer.original
     original.weight = layer.weight
     original.bias = layer.bias

@@ -4,6 +4,8 @@
   else seeded random weights, see :mod:`pipelines.tiny`);
 * a Hub id (``stabilityai/stable-diffusion-xl-base-1.0``, ``black-forest-labs/FLUX.1-dev``) or a local
   diffusers folder: ``DiffusionPipeline.from_pretrained``;
+* a quantized folder written by ``studio quantize`` (``studio_quant.json``, see :mod:`pipelines.quant.storage`):
+  its 4-bit denoiser inside the base model's pipeline;
 * a single ``.safetensors`` checkpoint: an all-in-one SDXL file through
   ``StableDiffusionXLPipeline.from_single_file``; a FLUX transformer file (BFL or diffusers layout) through
   ``FluxTransformer2DModel.from_single_file``, with the other components from ``config`` (a Hub id or folder,
@@ -23,6 +25,7 @@ import torch
 
 from .errors import ModelLoadError
 from .families import FAMILIES, FLUX, SDXL, Family
+from .quant.storage import is_quantized_folder, load_quantized_pipeline, read_info
 from .safetensors_io import PICKLE_SUFFIXES, check_safetensors_file
 from .tiny import TINY_BUILDERS
 
@@ -80,13 +83,15 @@ def sniff_single_file(path: Path) -> str:
     raise ModelLoadError(f"{path}: cannot tell which model this checkpoint holds (neither SDXL nor FLUX.1 keys)")
 
 
-def _builtin(name: str, dtype: torch.dtype):
+def _builtin(name: str, dtype: torch.dtype, components: dict | None = None):
     trained = ASSET_MODELS / name
     if (trained / "model_index.json").exists():
         import diffusers
 
-        return diffusers.DiffusionPipeline.from_pretrained(str(trained), torch_dtype=dtype)
+        return diffusers.DiffusionPipeline.from_pretrained(str(trained), torch_dtype=dtype, **(components or {}))
     pipe = TINY_BUILDERS[name]()
+    for key, component in (components or {}).items():
+        setattr(pipe, key, component)
     if dtype != torch.float32:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -94,7 +99,7 @@ def _builtin(name: str, dtype: torch.dtype):
     return pipe
 
 
-def _from_pretrained(source: str, dtype: torch.dtype):
+def _from_pretrained(source: str, dtype: torch.dtype, components: dict | None = None):
     import diffusers
 
     path = Path(source)
@@ -105,30 +110,53 @@ def _from_pretrained(source: str, dtype: torch.dtype):
         if index.get("_class_name") not in ("StableDiffusionXLPipeline", "FluxPipeline"):
             raise ModelLoadError(f"{source}: {index.get('_class_name')} is not an SDXL or FLUX.1 pipeline")
     try:
-        return diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        return diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **(components or {}))
     except (OSError, ValueError) as e:
         hint = " (no network? pass a local folder or a single file)" if not path.exists() else ""
         raise ModelLoadError(f"cannot load '{source}'{hint}: {e}") from None
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
+def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, components: dict | None = None):
     import diffusers
 
     kind = sniff_single_file(path)
+    components = dict(components or {})
     try:
         if kind == "sdxl":
             extra = {"config": config} if config else {}
-            return diffusers.StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype, **extra)
+            return diffusers.StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype, **extra,
+                                                                       **components)
         repo = config or "black-forest-labs/FLUX.1-dev"
-        transformer = diffusers.FluxTransformer2DModel.from_single_file(
-            str(path), config=repo, subfolder="transformer", torch_dtype=dtype
-        )
+        transformer = components.pop("transformer", None)
+        if transformer is None:
+            transformer = diffusers.FluxTransformer2DModel.from_single_file(
+                str(path), config=repo, subfolder="transformer", torch_dtype=dtype
+            )
         return diffusers.FluxPipeline.from_pretrained(repo, transformer=transformer, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load single file {path} as {kind.upper()}: {e}. Pass --config with a local diffusers folder "
             "(or Hub id) of the matching model for the components the file does not hold."
         ) from None
+
+
+def _load(model: str, dtype: torch.dtype, config: str | None, components: dict | None = None):
+    """The pipeline of a built-in name, single file, folder or Hub id (``components`` replace loaded ones)."""
+    path = Path(model).expanduser()
+    if model in TINY_BUILDERS:
+        return _builtin(model, dtype, components)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{model}: pickle checkpoints can run code when opened; use a .safetensors file")
+    if path.is_file():
+        return _from_single_file(path, dtype, config, components)
+    return _from_pretrained(model, dtype, components)
+
+
+def base_model_name(model: str) -> str:
+    """``model`` itself, or for a quantized folder the base model it was made from."""
+    if is_quantized_folder(Path(model).expanduser()):
+        return str(read_info(Path(model).expanduser())["base"])
+    return model
 
 
 def load_pipeline(
@@ -143,14 +171,10 @@ def load_pipeline(
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     path = Path(model).expanduser()
-    if model in TINY_BUILDERS:
-        pipe = _builtin(model, torch_dtype)
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(f"{model}: pickle checkpoints can run code when opened; use a .safetensors file")
-    elif path.is_file():
-        pipe = _from_single_file(path, torch_dtype, config)
+    if is_quantized_folder(path):
+        pipe = load_quantized_pipeline(path, torch_dtype, lambda base, parts: _load(base, torch_dtype, config, parts))
     else:
-        pipe = _from_pretrained(model, torch_dtype)
+        pipe = _load(model, torch_dtype, config)
     family = family_of(pipe)
     if offload and device.type != "cpu":
         pipe.enable_model_cpu_offload(device=device)

@@ -6,6 +6,9 @@ One ``MixState`` belongs to one pipeline. It holds, for the N loaded adapters (i
   broadcasts over the batch (merge); ``G == batch`` gives every sample its own mix (switch lanes, composite
   replicas);
 * ``block_weights``: a per-block multiplier of every adapter, shape ``[blocks, N]`` (LoRA block weights);
+* ``layer_weights``: an optional per-layer multiplier, shape ``[layers, N]`` (``None``: all ones, no cost), for
+  strategies whose choice changes layer by layer and step by step (K-LoRA); rows are the stable ids that
+  :meth:`layer_id` hands out to composed layers;
 * ``active``: the adapters packed into the layers' branches right now. Changing it re-concatenates small
   tensors on the next forward; it never re-parses files or re-injects layers;
 * ``step_block_weights``: an optional second ``[blocks, N]`` multiplier of the denoiser blocks that a strategy
@@ -35,6 +38,9 @@ class MixState:
         self.block_weights = torch.ones(len(self.blocks), 0)
         self.step_block_weights: torch.Tensor | None = None
         self.timestep: torch.Tensor | None = None
+        self.layer_index: dict[str, int] = {}
+        self.layer_weights: torch.Tensor | None = None
+        self._layer_source: torch.Tensor | None = None
         self.version = 0
         self.pack_version = 0
         self._cache: dict = {}
@@ -42,6 +48,10 @@ class MixState:
     # ----------------------------------------------------------------------------------------------- columns
     def column(self, name: str) -> int:
         return self.names.index(name)
+
+    def layer_id(self, key: str) -> int:
+        """The row of layer ``key`` in ``layer_weights`` (handed out on first use, never reused)."""
+        return self.layer_index.setdefault(key, len(self.layer_index))
 
     def add_column(self, name: str) -> int:
         if name in self.names:
@@ -51,6 +61,7 @@ class MixState:
         self.denoiser_gains = torch.cat([self.denoiser_gains, torch.zeros(self.denoiser_gains.shape[0], 1)], dim=1)
         self.block_weights = torch.cat([self.block_weights, torch.ones(len(self.blocks), 1)], dim=1)
         self.step_block_weights = None
+        self.layer_weights = None
         self._bump(repack=True)
         return len(self.names) - 1
 
@@ -63,6 +74,7 @@ class MixState:
         self.block_weights = self.block_weights[:, keep]
         self.step_block_weights = None
         self.active = tuple(n for n in self.active if n != name)
+        self.layer_weights = None
         self._bump(repack=True)
 
     # ----------------------------------------------------------------------------------------------- setters
@@ -115,9 +127,22 @@ class MixState:
             self.step_block_weights = weights
             self._bump()
 
+    def set_layer_weights(self, table: torch.Tensor | None) -> None:
+        """Per-layer multipliers ``[layers, N]`` (rows by :meth:`layer_id`; missing rows count as ones)."""
+        if table is self._layer_source and (table is None) == (self.layer_weights is None):
+            return  # the same plan again (e.g. the second denoiser call of a step)
+        if table is not None and (table.dim() != 2 or table.shape[1] != len(self.names)):
+            raise ValueError(f"layer weights must be [layers, {len(self.names)}], got {tuple(table.shape)}")
+        self._layer_source = table
+        self.layer_weights = None if table is None else table.detach().float().cpu()
+        self._bump()
+
     # ------------------------------------------------------------------------------------------------ reading
-    def gains_for(self, block_id: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``[G, N]`` gains of a layer in block ``block_id`` (text or denoiser gains, times block weights)."""
+    def gains_for(
+        self, block_id: int, device: torch.device, dtype: torch.dtype, layer_id: int | None = None
+    ) -> torch.Tensor:
+        """``[G, N]`` gains of a layer in block ``block_id`` (text or denoiser gains, times block weights, times
+        the layer's row of ``layer_weights`` when one is set)."""
         key = (block_id, device, dtype)
         cached = self._cache.get(key)
         if cached is None:
@@ -127,7 +152,18 @@ class MixState:
                 gains = gains * self.step_block_weights[block_id]
             cached = gains.to(device=device, dtype=dtype)
             self._cache[key] = cached
-        return cached
+        table = self.layer_weights
+        if table is None or layer_id is None or layer_id >= table.shape[0]:
+            return cached
+        layer_key = ("layer", layer_id, device, dtype)
+        out = self._cache.get(layer_key)
+        if out is None:
+            table_key = ("layer-table", device, dtype)
+            on_device = self._cache.get(table_key)
+            if on_device is None:
+                on_device = self._cache[table_key] = table.to(device=device, dtype=dtype)
+            out = self._cache[layer_key] = cached * on_device[layer_id]
+        return out
 
     def _bump(self, repack: bool = False) -> None:
         self.version += 1

@@ -40,6 +40,8 @@ class StepPlan:
     """What to run at one step: ``gains[L, N]`` per lane, ``weights[L]`` to reduce, text lane per lane.
 
     ``block_gains[blocks, N]`` (optional) multiplies each adapter's gain per denoiser block for this step.
+    ``layer_weights[layers, N]`` (optional) multiplies every lane's gains layer by layer (rows are
+    :meth:`MixState.layer_id` ids), for strategies that pick adapters per layer (K-LoRA).
     """
 
     gains: torch.Tensor
@@ -47,10 +49,16 @@ class StepPlan:
     text_lanes: list[int] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     block_gains: torch.Tensor | None = None
+    layer_weights: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.gains.dim() != 2 or self.weights.shape != (self.gains.shape[0],):
             raise ValueError(f"bad plan: gains {tuple(self.gains.shape)}, weights {tuple(self.weights.shape)}")
+        if self.layer_weights is not None and (
+            self.layer_weights.dim() != 2 or self.layer_weights.shape[1] != self.gains.shape[1]
+        ):
+            raise ValueError(f"bad plan: layer weights {tuple(self.layer_weights.shape)} for gains "
+                             f"{tuple(self.gains.shape)}")
         if self.text_lanes is not None and len(self.text_lanes) != self.gains.shape[0]:
             raise ValueError("one text lane per denoiser lane")
         if self.block_gains is not None and (self.block_gains.dim() != 2
@@ -162,6 +170,7 @@ class DenoiserSeam:
             self.feature_cache.remove()
         self.state.set_gains(denoiser=self._saved_gains)
         self.state.set_step_block_weights(None)
+        self.state.set_layer_weights(None)
         self.state.timestep = None
 
     def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
@@ -180,6 +189,7 @@ class DenoiserSeam:
     def _before(self, module, args, kwargs):
         plan = self.plan(self.step)
         self.calls += 1
+        self.state.set_layer_weights(plan.layer_weights)
         bound = self._signature.bind_partial(module, *args, **kwargs).arguments
         bound.pop(next(iter(bound)))  # self
         main = _get(bound, self.family.batched_args[0])

@@ -28,7 +28,7 @@ from pipelines import Composer, load_pipeline
 from pipelines.adapters import ParsedLora, parse_lora
 from pipelines.errors import OutOfMemoryError, StudioError
 from pipelines.families import parse_block_spec, resolve_block_weights
-from pipelines.loading import DEFAULT_MODEL
+from pipelines.loading import DEFAULT_MODEL, base_model_name
 from pipelines.render import run_pipeline
 from pipelines.tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
@@ -48,6 +48,7 @@ class Result:
     scores: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list, repr=False)
+    strategy_info: dict[str, Any] = field(default_factory=dict)  # what the strategy measured (e.g. interference)
 
     @property
     def image(self) -> Image.Image:
@@ -95,14 +96,15 @@ class Studio:
 
     @property
     def default_size(self) -> int:
-        if self.model in TINY_BUILDERS:
+        if base_model_name(self.model) in TINY_BUILDERS:  # also a quantized tiny model
             return TINY_IMAGE_SIZE
         if self.family.name == "sdxl":
             return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return 1024
 
     def loaded(self) -> dict[str, ParsedLora]:
-        return {n: a.parsed for n, a in self.composer.adapters.items()}
+        """The LoRAs loaded from files or state dicts (not the adapters strategies derived from them)."""
+        return {n: a.parsed for n, a in self.composer.adapters.items() if not a.derived_from}
 
     # ------------------------------------------------------------------------------------------ adapters
     def load(self, loras: Iterable[LoraLike]) -> list[str]:
@@ -131,11 +133,30 @@ class Studio:
             self._loaded[key] = name
         return [self._loaded[k] for k in keys]
 
+    def inspect(self, source: str | Path) -> ParsedLora:
+        """Read and check a LoRA file against this model without attaching it.
+
+        Raises a :class:`StudioError` naming the file when it is unreadable or does not fit the model.
+        """
+        return parse_lora(resolve_source(source, self.lora_dir), self.pipe, self.family)
+
+    def block_names(self) -> list[str]:
+        """The blocks per-block weights address on this model (``te1``, ``down.0``, ``double.3``, ...)."""
+        return self.family.block_names(self.pipe)
+
+    def block_weights(self, spec: str | Mapping[str, float] | None) -> dict[str, float]:
+        """Expand a block-weight spec (preset name, ``"down=0,mid=1"`` or dict) to one weight per block.
+
+        Raises :class:`StudioError` for an unknown preset or block, or a value that is not a finite number.
+        """
+        return resolve_block_weights(self.family, self.block_names(), parse_block_spec(spec, self.family))
+
     def unload(self, names: Sequence[str] | None = None) -> None:
         """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model."""
         names = list(self.composer.adapters) if names is None else list(names)
         for name in names:
-            self.composer.remove(name)
+            if name in self.composer.adapters:  # derived adapters leave with their sources
+                self.composer.remove(name)
         self._loaded = {k: v for k, v in self._loaded.items() if v not in names}
 
     def _unique_name(self, base: str) -> str:
@@ -168,37 +189,46 @@ class Studio:
         t0 = time.perf_counter()
         specs = [Lora.parse(spec) for spec in loras]
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, strategy_params)
+        seen = set()
+        for spec in specs:
+            key = id(spec.source) if isinstance(spec.source, dict) else str(spec.source)
+            if key in seen:
+                raise StudioError(f"LoRA {spec.label} appears twice in the stack; give it once with the weight you want")
+            seen.add(key)
         steps = int(steps or self.family.default_steps)
         guidance = float(self.family.default_guidance if guidance is None else guidance)
         width, height = int(width or self.default_size), int(height or self.default_size)
         if steps < 1 or count < 1:
             raise StudioError("steps and count must be at least 1")
+        multiple = self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1)
+        if width < multiple or height < multiple or width % multiple or height % multiple:
+            raise StudioError(f"width and height must be positive multiples of {multiple} for this model, "
+                              f"got {width}x{height}")
         names = self.load(specs)
         t_load = time.perf_counter()
         self._set_block_weights(names, specs)
         if scheduler:
             self._set_scheduler(scheduler)
         state = self.composer.state
-        columns = torch.tensor([state.column(n) for n in names], dtype=torch.long)
         weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
 
-        def to_columns(rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-            out = torch.full((rows.shape[0], len(state.names)), fill)
-            if len(names):
-                out[:, columns] = rows
-            return out
-
-        def plan_for_step(step: int) -> StepPlan:
+        def weights_at(step: int) -> torch.Tensor:
             progress = step / steps
-            now = torch.tensor([s.weight if s.start <= progress < s.end else 0.0 for s in specs])
-            if not specs:
-                return StepPlan(gains=torch.zeros(1, len(state.names)), weights=torch.ones(1), text_lanes=[0])
-            plan = strat.plan(StepContext(step=step, num_steps=steps, weights=now))
-            block_gains = None if plan.block_gains is None else to_columns(plan.block_gains, fill=1.0)
-            return StepPlan(gains=to_columns(plan.gains), weights=plan.weights, text_lanes=plan.text_lanes,
-                            extras=plan.extras, block_gains=block_gains)
+            return torch.tensor([s.weight if s.start <= progress < s.end else 0.0 for s in specs])
 
-        render = self._substack_renderer(names, to_columns, prompt=prompt, negative_prompt=negative_prompt,
+        def columns_of(stack: list[str]) -> Callable[..., torch.Tensor]:
+            """Rows over ``stack`` -> rows over all loaded adapter columns (``fill`` elsewhere)."""
+
+            def to_columns(rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+                out = torch.full((rows.shape[0], len(state.names)), fill)
+                if stack:
+                    out[:, torch.tensor([state.column(n) for n in stack], dtype=torch.long)] = rows
+                return out
+
+            return to_columns
+
+        step_weights = torch.stack([weights_at(s) for s in range(steps)]) if specs else torch.zeros(steps, 0)
+        render = self._substack_renderer(names, columns_of(names), prompt=prompt, negative_prompt=negative_prompt,
                                          seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                                          pipeline_kwargs=pipeline_kwargs)
         loaded = self.loaded()
@@ -207,15 +237,29 @@ class Studio:
                          model=self.model, hashes=[loaded[n].sha256 for n in names],
                          cache_dir=str(self.cache_dir) if self.cache_dir else None,
                          settings={"width": width, "height": height, "guidance": guidance,
-                                   "negative_prompt": negative_prompt, "seed": seed, "steps": steps})
-        text_lanes = to_columns(strat.text_lanes(weights)) if specs else torch.zeros(1, len(state.names))
+                                   "negative_prompt": negative_prompt, "seed": seed, "steps": steps},
+                         step_weights=step_weights)
         try:
             strat.prepare(run)
             t_prepared = time.perf_counter()
+            stack = list(run.stack)  # the K LoRAs, or the adapters the strategy derived from them
+            to_columns = columns_of(stack)
+
+            def plan_for_step(step: int) -> StepPlan:
+                if not specs:
+                    return StepPlan(gains=torch.zeros(1, len(state.names)), weights=torch.ones(1), text_lanes=[0])
+                plan = strat.plan(StepContext(step=step, num_steps=steps, weights=step_weights[step]))
+                block_gains = None if plan.block_gains is None else to_columns(plan.block_gains, fill=1.0)
+                layer_weights = None if plan.layer_weights is None else to_columns(plan.layer_weights, fill=1.0)
+                return StepPlan(gains=to_columns(plan.gains), weights=plan.weights, text_lanes=plan.text_lanes,
+                                extras=plan.extras, block_gains=block_gains, layer_weights=layer_weights)
+
+            text_lanes = to_columns(strat.text_lanes(weights)) if specs else torch.zeros(1, len(state.names))
             images, recipes, latents = self._render_images(
-                strat, specs, names, plan_for_step, text_lanes, prompt=prompt, negative_prompt=negative_prompt,
-                seed=seed, steps=steps, guidance=guidance, width=width, height=height, count=count,
-                callback=callback, output_type=output_type, pipeline_kwargs=pipeline_kwargs)
+                strat, specs, names, stack, plan_for_step, text_lanes, prompt=prompt,
+                negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+                height=height, count=count, callback=callback, output_type=output_type,
+                pipeline_kwargs=pipeline_kwargs)
         finally:
             strat.finish(run)
         t_end = time.perf_counter()
@@ -223,7 +267,8 @@ class Studio:
                     for n in names if self.loaded()[n].skipped]
         return Result(images=images, recipes=recipes, latents=latents, warnings=warnings,
                       timings={"load_s": t_load - t0, "prepare_s": t_prepared - t_load, "render_s": t_end - t_load,
-                               "total_s": t_end - t0, "per_image_s": (t_end - t_prepared) / count})
+                               "total_s": t_end - t0, "per_image_s": (t_end - t_prepared) / count},
+                      strategy_info=dict(strat.info))
 
     def _substack_renderer(self, names, to_columns, *, prompt, negative_prompt, seed, steps, guidance, width,
                            height, pipeline_kwargs) -> Callable[..., Any]:
@@ -242,14 +287,14 @@ class Studio:
 
         return render
 
-    def _render_images(self, strat, specs, names, plan_for_step, text_lanes, *, prompt, negative_prompt, seed,
-                       steps, guidance, width, height, count, callback, output_type, pipeline_kwargs):
+    def _render_images(self, strat, specs, names, stack, plan_for_step, text_lanes, *, prompt, negative_prompt,
+                       seed, steps, guidance, width, height, count, callback, output_type, pipeline_kwargs):
         images, recipes, latents = [], [], []
         for k in range(count):
             generator = torch.Generator(self.device.type).manual_seed(seed + k)
             try:
                 output, _ = run_pipeline(
-                    self.composer, stack=names, plan_for_step=plan_for_step, text_lanes=text_lanes,
+                    self.composer, stack=stack, plan_for_step=plan_for_step, text_lanes=text_lanes,
                     prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                     guidance_scale=guidance, width=width, height=height, generator=generator,
                     output_type=output_type, callback=callback, pipeline_kwargs=pipeline_kwargs,

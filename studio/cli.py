@@ -6,6 +6,10 @@
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
     studio train-gates --lora a.safetensors --lora b.safetensors   # learned gates for `--strategy gated`
+    studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
+    studio score out/grid                                    # (re)score a folder
+    studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
+    studio merge --lora a.safetensors:0.8 --lora b.safetensors --strategy ties --out merged.safetensors
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.errors import StudioError
+from studio.merging import format_strategy_info, merge_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA Composition Studio: stack LoRAs on SDXL and FLUX.1.")
 console = Console(stderr=True, soft_wrap=True)
@@ -105,6 +110,8 @@ def render(
         _fail(e)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    for line in format_strategy_info(result.strategy_info):
+        console.print(line)
     for path in paths:
         typer.echo(str(path))
     console.print(f"{len(paths)} image(s) in {result.timings['total_s']:.1f} s "
@@ -144,7 +151,7 @@ def library(
 @app.command()
 def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the registered fusion strategies, their parameters and defaults."""
-    from fusion import REGISTRY
+    from studio.strategies import REGISTRY
 
     rows = [{"name": cls.name, "summary": cls.summary, "citation": cls.citation,
              "params": [{"name": p.name, "default": p.default, "type": p.type.__name__, "help": p.help,
@@ -163,13 +170,53 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON in
     Console().print(table)
 
 
-def _register_commands() -> None:
-    from .train_gates import train_gates_command
+@app.command()
+def ui(
+    lora_dir: list[Path] = typer.Option(..., "--lora-dir", "-d", help="LoRA folder (searched recursively); repeatable."),
+    model: str = typer.Option("tiny-sdxl", "--model", "-m", help="tiny-sdxl, tiny-flux, a Hub id, a folder or a .safetensors file."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the app has no login, so keep it local unless you know why."),
+    port: Optional[int] = typer.Option(None, help="Port (default: Gradio's, 7860 or the next free one)."),
+    out: Path = typer.Option(Path("outputs/ui"), "--out", "-o", help="Folder for the PNGs and recipe TOMLs."),
+    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
+    offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
+    max_upload_mb: float = typer.Option(1024, help="Largest LoRA upload accepted, in MB."),
+    preview_every: Optional[int] = typer.Option(None, help="Decode a live preview every N steps (0: off; default: ~6 per image)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIPScore model for Compare (open_clip name, folder or file)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file."),
+    no_score: bool = typer.Option(False, "--no-score", help="Do not compute CLIPScores in Compare."),
+) -> None:
+    """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
+    from studio.scoring import DEFAULT_CLIP_MODEL, LazyClipScorer
+    from ui.app import launch, make_app
 
-    app.command("train-gates")(train_gates_command)
+    scorer = None if no_score else LazyClipScorer(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained, device=device)
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach it can use the GPU and upload files")
+    try:
+        demo, callbacks = make_app(model, list(lora_dir), out_dir=out, scorer=scorer, device=device, dtype=dtype,
+                                   offload=offload, config=config, max_upload_mb=max_upload_mb,
+                                   preview_every=preview_every)
+    except StudioError as e:
+        _fail(e)
+    launch(demo, callbacks, host=host, port=port)
 
 
-_register_commands()
+from studio.batch_cli import register as _register_batch  # noqa: E402
+
+_register_batch(app)
+
+from studio.quantize import quantize as _quantize  # noqa: E402  (its own module; heavy imports are lazy)
+
+app.command(name="quantize")(_quantize)
+
+app.command(name="merge")(merge_command)
+
+from studio.train_gates import train_gates_command  # noqa: E402
+
+app.command(name="train-gates")(train_gates_command)
 
 
 def main() -> None:

@@ -54,6 +54,15 @@ def flux_loras(lora_dir) -> list[Path]:
     ]
 
 
+@pytest.fixture(scope="session")
+def flux_qr_loras(lora_dir) -> list[Path]:
+    """Two QR-LoRA adapters (released layout, rank 4) for tiny FLUX; the second carries a PEFT text-encoder LoRA."""
+    return [
+        writers.qr_lora_released_layout(lora_dir / "qr-flux-a", 41),
+        writers.qr_lora_released_layout(lora_dir / "qr-flux-b", 42, text_encoder=True),
+    ]
+
+
 def unet_inputs(batch: int = 2, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return dict(

@@ -174,3 +174,8 @@ def test_bad_step_window():
     with pytest.raises(StudioError, match="0 <= start < end <= 1"):
         Lora("x.safetensors", start=0.8, end=0.2)
     assert math.isclose(Lora.parse("x.safetensors:0.5:start=0.1:end=0.9").end, 0.9)
+
+
+def test_same_lora_twice_in_a_stack_is_refused(studio, sdxl_loras):
+    with pytest.raises(StudioError, match="appears twice in the stack"):
+        studio.compose("a corgi", [f"{sdxl_loras[0]}:1.0", f"{sdxl_loras[0]}:0.5"], steps=1)

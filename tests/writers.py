@@ -145,3 +145,49 @@ def write_state_dict(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 def file_size(path: Path) -> int:
     return os.path.getsize(path)
+
+
+# The released QR-LoRA trainer's FLUX targets, matched by substring as its injection code does.
+QR_RELEASED_FLUX_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                            "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                            "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+def qr_lora_released_layout(folder: Path, seed: int, *, family: str = "flux", rank: int = 4, std: float = 0.05,
+                            base_noise: float = 0.0, targets=None, text_encoder: bool = False) -> Path:
+    """A QR-LoRA file as the released QR-LoRA code (luna-ai-lab/QR-LoRA) writes it, re-implemented here from its
+    description: per target linear, float32 SVD of the base weight, top-``rank`` part, ``torch.linalg.qr`` of it
+    (alpha = rank, so no rescaling); keys ``<name>.lora.q.weight`` (Q), ``.lora.base_r.weight`` (R) and
+    ``.lora.delta_r.weight`` (ΔR, random here: the "trained" part), saved through the pipeline's
+    ``save_lora_weights`` (which adds the ``transformer.``/``unet.`` prefix). ``text_encoder`` adds a PEFT
+    text-encoder LoRA, as the trainer saves with ``--train_text_encoder``. ``base_noise`` perturbs the base
+    weights before the decomposition: a file made for another checkpoint.
+    """
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+
+    pipe = build_tiny_flux() if family == "flux" else build_tiny_sdxl()
+    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    targets = targets or (QR_RELEASED_FLUX_TARGETS if family == "flux" else ["to_q", "to_k", "to_v", "to_out.0"])
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(t in name for t in targets):
+            continue
+        w = module.weight.detach().float()
+        if base_noise:
+            w = w + base_noise * w.std() * torch.randn(w.shape, generator=gen)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        q, r = torch.linalg.qr(u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank], mode="reduced")
+        layers[f"{name}.lora.q.weight"] = q[:, :rank].contiguous()
+        layers[f"{name}.lora.base_r.weight"] = r[:rank].contiguous()
+        layers[f"{name}.lora.delta_r.weight"] = (torch.randn(rank, w.shape[1], generator=gen) * std).contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    if family == "flux":
+        kwargs = {"transformer_lora_layers": layers}
+        if text_encoder:
+            te_sd, _ = add_peft_adapter(pipe.text_encoder, CLIP_TARGETS, rank, rank, seed + 1, std)
+            kwargs["text_encoder_lora_layers"] = te_sd
+        FluxPipeline.save_lora_weights(str(folder), weight_name="qr.safetensors", **kwargs)
+    else:
+        StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="qr.safetensors", unet_lora_layers=layers)
+    return folder / "qr.safetensors"

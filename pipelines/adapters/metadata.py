@@ -46,6 +46,8 @@ class LoraInfo:
 def detect_format(keys: list[str]) -> str:
     """A short label for the file layout (used for routing and shown in the library)."""
     joined = "\n".join(keys)
+    if ".lora.delta_r.weight" in joined:
+        return "qr-lora"
     if "query_norm.scale" in joined and "lora_A" in joined:
         return "bfl-control"
     if ".processor.proj_lora" in joined or ".processor.qkv_lora" in joined:
@@ -150,7 +152,8 @@ def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
 def _rank_and_alpha(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> tuple[int | None, float | None]:
     ranks = collections.Counter()
     for key, shape in shapes.items():
-        if key.endswith(("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")) and shape:
+        if key.endswith(("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b",
+                         "lora.delta_r.weight")) and shape:
             ranks[shape[0]] += 1
     rank = ranks.most_common(1)[0][0] if ranks else None
     if rank is None and metadata.get("ss_network_dim", "").isdigit():

@@ -1,6 +1,6 @@
 """Reading a LoRA file into exact per-layer deltas for a loaded pipeline.
 
-Two routes, chosen by the file's layout:
+Three routes, chosen by the file's layout:
 
 * **diffusers route** (diffusers/PEFT ``lora_A``/``lora_B`` files, old diffusers attention-processor files,
   XLabs and BFL-control FLUX files): diffusers' ``lora_state_dict`` converts the keys; ranks and alphas are
@@ -10,6 +10,9 @@ Two routes, chosen by the file's layout:
   ``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``): each module's tensors become a delta through its kind
   (:mod:`.kinds`); module names are resolved by :mod:`.naming` (model module table, then diffusers'
   converters probed). ``scale = alpha / rank`` per module, as kohya defines it.
+* **QR-LoRA route** (``*.lora.q.weight``/``lora.base_r.weight``/``lora.delta_r.weight``, :mod:`.kinds.qr`):
+  each layer becomes ``s · Q ΔR`` after Q and R are checked against the base weight they claim to come from;
+  the file's other keys take the diffusers route.
 
 Before anything is attached, every delta is checked against its target layer; a LoRA for another base model,
 a file that matches no layer, or mismatched shapes raise :class:`IncompatibleLoraError` naming the file and,
@@ -95,7 +98,9 @@ def parse_lora(
             "needs a control image (diffusers' FluxControlPipeline); it cannot be composed on a text-to-image "
             "FluxPipeline",
         )
-    if info.format in ("peft", "diffusers-old", "xlabs"):
+    if info.format == "qr-lora":
+        deltas, skipped = _qr_route(tensors, metadata, pipe, family, label)
+    elif info.format in ("peft", "diffusers-old", "xlabs"):
         deltas, skipped = _diffusers_route(tensors, metadata, pipe, family, label)
     elif info.format == "unknown":
         suffixes = {k.partition(".")[2] for k in tensors}
@@ -222,6 +227,42 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
                 delta = kinds.dora.attach_magnitude(delta, magnitude)
             deltas[f"{component}.{module}"] = delta
     return deltas, []
+
+
+def _qr_route(tensors, metadata, pipe, family, label):
+    """QR-LoRA layers (see :mod:`.kinds.qr`), each checked against the base weight it was made for; the
+    file's other keys (the released trainer saves a PEFT text-encoder LoRA alongside) take the diffusers route."""
+    groups, rest = kinds.qr.split_keys(tensors)
+    try:
+        alpha = float(metadata["qr_lora.alpha"]) if "qr_lora.alpha" in metadata else None
+    except ValueError:
+        raise LoraFileError(label, f"metadata qr_lora.alpha is not a number: {metadata['qr_lora.alpha']!r}") from None
+    deltas: dict[str, LayerDelta] = {}
+    skipped = []
+    for key, group in groups.items():
+        component, _, path = key.partition(".")
+        if component not in family.components():
+            component, path = family.denoiser, key
+        try:
+            delta = kinds.qr.build(group, alpha)
+        except ValueError as e:
+            raise IncompatibleLoraError(label, f"layer '{key}': {e}") from None
+        try:
+            module = getattr(pipe, component).get_submodule(path)
+        except AttributeError:
+            skipped.append(key)
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.is_meta:
+            problem = kinds.qr.base_mismatch(group["q"], group["r"], weight, delta.scale)
+            if problem:
+                raise IncompatibleLoraError(label, f"QR-LoRA layer '{component}.{path}': {problem}")
+        deltas[f"{component}.{path}"] = delta
+    if rest:
+        more, more_skipped = _diffusers_route(rest, metadata, pipe, family, label)
+        deltas.update(more)
+        skipped += more_skipped
+    return deltas, skipped
 
 
 def _lora_config_metadata(metadata: dict[str, str]) -> dict[str, dict]:

@@ -1,0 +1,508 @@
+"""Batch inputs → :class:`BatchItem` s with stable ids.
+
+A batch is the product of prompts × LoRA stacks × axes (strategies, LoRA weights, seeds, steps, guidance). Two
+inputs describe one:
+
+* a TOML **grid** (:func:`load_grid`)::
+
+      model = "tiny-sdxl"
+      steps = 8                                   # fixed values, or lists under [axes]
+
+      [[stacks]]
+      name = "zorb+inkwash"
+      loras = [{ source = "../loras/tiny-sdxl/random-subject.safetensors", name = "subject", weight = 0.9,
+                 concept = "a zorb" },
+               "../loras/tiny-sdxl/random-style.safetensors:0.7:name=style"]
+
+      [[prompts]]
+      text = "a zorb in a garden, inkwash painting"
+      concepts = { style = "inkwash painting" }   # per-LoRA concept text (scored on its own)
+
+      [axes]
+      strategy = ["merge", "switch:tau=2", { name = "composite" }]
+      seed = [0, 1]
+      weights = [0.6, [0.9, 0.5]]                 # one weight for every LoRA, or one per LoRA
+
+      [report]
+      columns = "seed"                            # or "weights", "steps", "guidance"
+
+* a plain prompt list (TXT, CSV, JSONL; see :mod:`studio.prompt_list`) plus ``--lora``/``--strategy`` options.
+
+An item's id is a hash of its normalised recipe (model, prompt, negative prompt, strategy with every parameter
+filled in, LoRAs as written with weight/blocks/window, seed, steps, guidance, size, scheduler), so it is the
+same in every run and every process; resuming and splitting work across processes rely on it. LoRA sources
+enter the id as written (not as resolved absolute paths) so nodes that mount the files elsewhere agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipelines.errors import LoraFileError, StudioError
+
+from .lora import Lora, resolve_source
+
+COLUMN_AXES = ("seed", "weights", "steps", "guidance")
+TOP_KEYS = {"model", "negative", "width", "height", "scheduler", "steps", "guidance", "seed", "lora_dir",
+            "stacks", "loras", "prompts", "axes", "report"}
+AXIS_KEYS = {"strategy", "seed", "weights", "steps", "guidance"}
+STACK_KEYS = {"name", "loras"}
+LORA_KEYS = {"source", "weight", "name", "blocks", "start", "end", "concept"}
+PROMPT_KEYS = {"text", "negative", "concepts"}
+REPORT_KEYS = {"columns"}
+
+
+class GridError(StudioError):
+    """A batch input (grid, prompt list, option) that cannot be used; names the file and line."""
+
+    def __init__(self, origin: str, problem: str, line: int | None = None):
+        self.origin, self.line, self.problem = origin, line, problem
+        super().__init__(f"{origin}{f':{line}' if line else ''}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------- choices
+@dataclass(frozen=True)
+class StrategyChoice:
+    """A strategy with all its parameters (declared defaults filled in) and a label for reports."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...]
+    label: str
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any]) -> "StrategyChoice":
+        """``"switch"``, ``"switch:tau=2"`` or ``{name = "switch", tau = 2, label = "..."}``."""
+        from fusion import make_strategy
+
+        if isinstance(spec, str):
+            name, *rest = spec.split(":")
+            given: dict[str, Any] = {}
+            for item in rest:
+                if "=" not in item:
+                    raise StudioError(f"strategy '{spec}': '{item}' must look like name=value")
+                key, value = item.split("=", 1)
+                given[key.strip()] = value.strip()
+            label = None
+        elif isinstance(spec, Mapping):
+            given = dict(spec)
+            name = given.pop("name", None)
+            label = given.pop("label", None)
+            if not isinstance(name, str):
+                raise StudioError(f"strategy {dict(spec)} needs a 'name'")
+        else:
+            raise StudioError(f"a strategy is a name or a table, got {spec!r}")
+        strategy = make_strategy(name.strip(), given)  # raises StrategyError for unknown names / parameters
+        params = tuple(sorted(strategy.values.items()))
+        if label is None:
+            shown = {k: strategy.values[k] for k in given}
+            label = name.strip() + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+        return cls(name=name.strip(), params=params, label=str(label))
+
+
+@dataclass
+class BatchItem:
+    """One image of a batch: everything ``Studio.compose`` needs plus where it goes in the report."""
+
+    model: str
+    prompt: str
+    negative: str
+    strategy: StrategyChoice
+    loras: list[Lora]             # sources resolved to local files (or left for the Hub)
+    lora_sources: list[str]       # sources as written, for the id
+    concepts: dict[str, str]      # LoRA name -> concept text
+    seed: int
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    prompt_index: int = 0
+    position: int = 0             # index in the plan (report order)
+    stack: str = ""
+    row: str = ""
+    column: str = ""
+    group: str = ""
+    id: str = field(default="", init=False)
+
+    def __post_init__(self):
+        self.id = item_id(self)
+
+    @property
+    def file(self) -> str:
+        """Where the PNG goes, relative to the output folder."""
+        return f"images/{slug(self.prompt, 48)}/{slug(self.strategy.label, 40)}-seed{self.seed}-{self.id[:10]}.png"
+
+    @property
+    def label(self) -> str:
+        return f"{self.prompt[:40]} | {self.row} | {self.column}"
+
+    @property
+    def weights(self) -> list[float]:
+        return [lora.weight for lora in self.loras]
+
+    def report_fields(self) -> dict[str, Any]:
+        """What the manifest keeps besides the recipe, so a report can be built from the manifest alone."""
+        return {"prompt_index": self.prompt_index, "position": self.position, "stack": self.stack,
+                "strategy": self.strategy.label, "row": self.row, "column": self.column, "group": self.group,
+                "weights": self.weights, "concepts": dict(self.concepts)}
+
+
+def item_id(item: BatchItem) -> str:
+    """16 hex digits of the SHA-256 of the item's normalised recipe."""
+    loras = [{"source": src, "weight": float(lora.weight), "name": lora.name,
+              "blocks": lora.blocks if isinstance(lora.blocks, (str, type(None))) else dict(sorted(lora.blocks.items())),
+              "start": float(lora.start), "end": float(lora.end)}
+             for src, lora in zip(item.lora_sources, item.loras)]
+    normal = {"model": item.model, "prompt": item.prompt, "negative": item.negative, "strategy": item.strategy.name,
+              "params": [[k, v] for k, v in item.strategy.params], "loras": loras, "seed": int(item.seed),
+              "steps": item.steps, "guidance": None if item.guidance is None else float(item.guidance),
+              "width": item.width, "height": item.height, "scheduler": item.scheduler}
+    text = json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def slug(text: str, limit: int) -> str:
+    out = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return (out[:limit].rstrip("-") or "x")
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+@dataclass
+class Stack:
+    name: str
+    loras: list[Lora]
+    sources: list[str]
+    concepts: dict[str, str]
+
+
+@dataclass
+class PromptSpec:
+    text: str
+    negative: str | None = None
+    concepts: dict[str, str] = field(default_factory=dict)
+    origin: str = ""
+
+
+@dataclass
+class Axes:
+    strategies: list[StrategyChoice]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    weights: list[float | list[float] | None] = field(default_factory=lambda: [None])
+    steps: list[int | None] = field(default_factory=lambda: [None])
+    guidance: list[float | None] = field(default_factory=lambda: [None])
+    columns: str | None = None
+
+    def column_axis(self) -> str:
+        if self.columns:
+            return self.columns
+        sizes = {"seed": len(self.seeds), "weights": len(self.weights), "steps": len(self.steps),
+                 "guidance": len(self.guidance)}
+        return next((axis for axis in COLUMN_AXES if sizes[axis] > 1), "seed")
+
+
+def weights_label(weights: float | list[float] | None) -> str:
+    if weights is None:
+        return "stack weights"
+    if isinstance(weights, list):
+        return "w=" + "/".join(f"{w:g}" for w in weights)
+    return f"w={weights:g}"
+
+
+def expand(model: str, prompts: Sequence[PromptSpec], stacks: Sequence[Stack], axes: Axes, *, origin: str,
+           negative: str = "", width: int | None = None, height: int | None = None,
+           scheduler: str | None = None) -> list[BatchItem]:
+    """The product prompts × stacks × weights × steps × guidance × strategies × seeds, in that order."""
+    column = axes.column_axis()
+    varying = {"stack": len(stacks) > 1, "weights": len(axes.weights) > 1, "steps": len(axes.steps) > 1,
+               "guidance": len(axes.guidance) > 1, "seed": len(axes.seeds) > 1}
+    items: list[BatchItem] = []
+    seen: set[str] = set()
+    for p_index, prompt in enumerate(prompts):
+        for stack in stacks:
+            unknown = sorted(set(prompt.concepts) - {lora.label for lora in stack.loras})
+            if unknown:
+                raise GridError(prompt.origin or origin, f"concept(s) for {unknown}, but stack '{stack.name}' has LoRAs "
+                                f"{[lora.label for lora in stack.loras]}")
+            concepts = {**stack.concepts, **prompt.concepts}
+            for weights, steps, guidance, strategy, seed in product(axes.weights, axes.steps, axes.guidance,
+                                                                    axes.strategies, axes.seeds):
+                values = {"stack": f"stack {stack.name}", "weights": weights_label(weights),
+                          "steps": f"{steps} steps" if steps else "default steps",
+                          "guidance": "default guidance" if guidance is None else f"guidance {guidance:g}",
+                          "seed": f"seed {seed}"}
+                fixed = [values[k] for k in ("stack", "weights", "steps", "guidance", "seed") if varying[k] and k != column]
+                item = BatchItem(
+                    model=model, prompt=prompt.text, negative=negative if prompt.negative is None else prompt.negative,
+                    strategy=strategy, loras=_weighted(stack, weights, origin), lora_sources=list(stack.sources),
+                    concepts=concepts, seed=int(seed), steps=steps, guidance=guidance, width=width, height=height,
+                    scheduler=scheduler, prompt_index=p_index, position=len(items), stack=stack.name,
+                    row=strategy.label, column=values[column], group=" · ".join([prompt.text, *fixed]),
+                )
+                if item.id in seen:
+                    raise GridError(origin, f"the grid names the same image twice ({item.label}); "
+                                            "remove the repeated axis value, prompt or strategy")
+                seen.add(item.id)
+                items.append(item)
+    return items
+
+
+def _weighted(stack: Stack, weights: float | list[float] | None, origin: str) -> list[Lora]:
+    if weights is None:
+        return list(stack.loras)
+    values = weights if isinstance(weights, list) else [weights] * len(stack.loras)
+    if len(values) != len(stack.loras):
+        raise GridError(origin, f"weights {weights} has {len(values)} values but stack '{stack.name}' has "
+                                f"{len(stack.loras)} LoRA(s)")
+    out = []
+    for lora, w in zip(stack.loras, values):
+        out.append(Lora(source=lora.source, weight=w, name=lora.name, blocks=lora.blocks, start=lora.start, end=lora.end))
+    return out
+
+
+def build_stack(name: str, entries: Sequence[str | Mapping[str, Any]], *, base_dir: Path | None,
+                lora_dir: Path | None, origin: str, locate=lambda text: None) -> Stack:
+    """Parse and resolve one LoRA stack; every file must exist (checked before anything renders)."""
+    loras, sources, concepts = [], [], {}
+    for entry in entries:
+        concept = None
+        if isinstance(entry, Mapping):
+            entry = dict(entry)
+            unknown = sorted(set(entry) - LORA_KEYS)
+            if unknown:
+                raise GridError(origin, f"LoRA entry has unknown keys {unknown} (valid: {sorted(LORA_KEYS)})",
+                                locate(unknown[0]))
+            if "source" not in entry:
+                raise GridError(origin, f"LoRA entry {entry} needs a 'source'", locate("loras"))
+            concept = entry.pop("concept", None)
+        try:
+            lora = Lora.parse(entry)
+        except StudioError as e:
+            raise GridError(origin, str(e), locate(str(entry.get("source") if isinstance(entry, dict) else entry))) from None
+        source_text = str(lora.source)
+        lora.source = _resolve(source_text, base_dir, lora_dir, origin, locate)
+        if any(lora.label == other.label for other in loras):
+            raise GridError(origin, f"two LoRAs are called '{lora.label}' in stack '{name}'; give one a name",
+                            locate(source_text))
+        loras.append(lora)
+        sources.append(source_text)
+        if concept:
+            concepts[lora.label] = str(concept)
+    return Stack(name=name, loras=loras, sources=sources, concepts=concepts)
+
+
+def _resolve(source: str, base_dir: Path | None, lora_dir: Path | None, origin: str, locate) -> str:
+    if base_dir is not None and lora_dir is None and not Path(source).is_absolute():
+        candidate = base_dir / source
+        if candidate.exists():
+            return str(candidate.resolve())
+    try:
+        return str(resolve_source(source, lora_dir))
+    except LoraFileError as e:
+        raise GridError(origin, f"LoRA {e}", locate(source)) from None
+
+
+# ---------------------------------------------------------------------------------------------- TOML grids
+class TomlLines:
+    """Line numbers for keys and values of a TOML text (tomllib keeps none), for error messages."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.tables: list[tuple[int, str]] = []  # (line number, header name)
+        for number, line in enumerate(self.lines, 1):
+            m = re.match(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
+            if m:
+                self.tables.append((number, m.group(1)))
+
+    def table_range(self, table: str | None, index: int = 0) -> tuple[int, int]:
+        starts = [n for n, name in self.tables if name == table] if table else [1]
+        if not starts:
+            return 1, len(self.lines)
+        start = starts[min(index, len(starts) - 1)]
+        later = [n for n, _ in self.tables if n > start]
+        if table is None:
+            later = [n for n, _ in self.tables]
+        return start, (later[0] - 1 if later else len(self.lines))
+
+    def key(self, key: str, table: str | None = None, index: int = 0) -> int | None:
+        start, end = self.table_range(table, index)
+        pattern = re.compile(rf"(^|[{{,\s]){re.escape(key)}\s*=")
+        for number in range(start, end + 1):
+            if pattern.search(self.lines[number - 1]):
+                return number
+        return start if table else None
+
+    def text(self, needle: str, table: str | None = None, index: int = 0) -> int | None:
+        start, end = self.table_range(table, index) if table else (1, len(self.lines))
+        for number in range(start, end + 1):
+            if needle in self.lines[number - 1]:
+                return number
+        return None
+
+
+def _check_keys(data: Mapping[str, Any], known: set[str], where: str, origin: str, line) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GridError(origin, f"unknown key '{unknown[0]}' in {where} (valid: {', '.join(sorted(known))})",
+                        line(unknown[0]))
+
+
+def _as_list(value: Any, key: str, origin: str, line: int | None) -> list:
+    if isinstance(value, list):
+        if not value:
+            raise GridError(origin, f"'{key}' is an empty list", line)
+        return value
+    return [value]
+
+
+def load_grid(path: str | Path) -> tuple[list[BatchItem], str]:
+    """Read a TOML grid; returns its items and its model. Every error names the file and line."""
+    path = Path(path)
+    origin = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GridError(origin, f"cannot read ({e.strerror or e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        line = int(m.group(1)) if m else (len(text.splitlines()) if "end of document" in str(e) else None)
+        raise GridError(origin, f"invalid TOML ({e})", line) from None
+    where = TomlLines(text)
+    _check_keys(data, TOP_KEYS, "the grid", origin, lambda k: where.key(k))
+    if not isinstance(data.get("model"), str):
+        raise GridError(origin, "the grid needs model = \"...\" (tiny-sdxl, a Hub id, a folder or a .safetensors file)",
+                        where.key("model"))
+    axes_data = data.get("axes", {})
+    if not isinstance(axes_data, dict):
+        raise GridError(origin, "[axes] must be a table", where.key("axes"))
+    _check_keys(axes_data, AXIS_KEYS, "[axes]", origin, lambda k: where.key(k, "axes"))
+    for key in ("seed", "steps", "guidance"):
+        if key in data and key in axes_data:
+            raise GridError(origin, f"'{key}' is given both at the top and under [axes]; keep one", where.key(key, "axes"))
+
+    def axis(key: str, cast, default):
+        if key in axes_data:
+            values, line = axes_data[key], where.key(key, "axes")
+        elif key in data:
+            values, line = data[key], where.key(key)
+        else:
+            return default
+        try:
+            return [cast(v) for v in _as_list(values, key, origin, line)]
+        except (TypeError, ValueError):
+            raise GridError(origin, f"'{key}' must hold {cast.__name__} values, got {values!r}", line) from None
+
+    strategies = []
+    for spec in _as_list(axes_data.get("strategy", "merge"), "strategy", origin, where.key("strategy", "axes")):
+        name = spec if isinstance(spec, str) else (spec.get("name") if isinstance(spec, dict) else spec)
+        try:
+            strategies.append(StrategyChoice.parse(spec))
+        except StudioError as e:
+            raise GridError(origin, str(e), where.text(f'"{str(name).split(":")[0]}', "axes") or
+                            where.key("strategy", "axes")) from None
+    labels = [s.label for s in strategies]
+    if len(set(labels)) != len(labels):
+        raise GridError(origin, f"strategy labels repeat: {labels}; give tables a distinct 'label'",
+                        where.key("strategy", "axes"))
+    weights_line = where.key("weights", "axes")
+    weights = []
+    for value in _as_list(axes_data.get("weights", [None]), "weights", origin, weights_line):
+        if value is None:
+            weights.append(None)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            weights.append(float(value))
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            weights.append([float(v) for v in value])
+        else:
+            raise GridError(origin, f"a weights value is a number or a list of numbers (one per LoRA), got {value!r}",
+                            weights_line)
+    report = data.get("report", {})
+    if not isinstance(report, dict):
+        raise GridError(origin, "[report] must be a table", where.key("report"))
+    _check_keys(report, REPORT_KEYS, "[report]", origin, lambda k: where.key(k, "report"))
+    columns = report.get("columns")
+    if columns is not None and columns not in COLUMN_AXES:
+        raise GridError(origin, f"[report] columns must be one of {COLUMN_AXES}, got {columns!r}",
+                        where.key("columns", "report"))
+    axes = Axes(strategies=strategies, seeds=axis("seed", int, [0]), weights=weights,
+                steps=axis("steps", int, [None]), guidance=axis("guidance", float, [None]), columns=columns)
+
+    base_dir = path.resolve().parent
+    lora_dir = data.get("lora_dir")
+    lora_dir = (base_dir / lora_dir).resolve() if lora_dir else None
+    stacks = _grid_stacks(data, where, origin, base_dir, lora_dir)
+    prompts = _grid_prompts(data, where, origin)
+    negative = data.get("negative", "")
+    try:
+        width = int(data["width"]) if "width" in data else None
+        height = int(data["height"]) if "height" in data else None
+    except (TypeError, ValueError):
+        raise GridError(origin, "width and height must be integers", where.key("width") or where.key("height")) from None
+    items = expand(data["model"], prompts, stacks, axes, origin=origin, negative=str(negative), width=width,
+                   height=height, scheduler=data.get("scheduler"))
+    return items, data["model"]
+
+
+def _grid_stacks(data, where: TomlLines, origin: str, base_dir: Path, lora_dir: Path | None) -> list[Stack]:
+    if "stacks" in data and "loras" in data:
+        raise GridError(origin, "give either top-level 'loras' (one stack) or [[stacks]], not both", where.key("loras"))
+    if "loras" in data:
+        if not isinstance(data["loras"], list):
+            raise GridError(origin, "'loras' must be a list", where.key("loras"))
+        return [build_stack("stack", data["loras"], base_dir=base_dir, lora_dir=lora_dir, origin=origin,
+                            locate=lambda t: where.text(t) or where.key("loras"))]
+    raw = data.get("stacks", [])
+    if not isinstance(raw, list):
+        raise GridError(origin, "[[stacks]] must be an array of tables", where.key("stacks"))
+    if not raw:
+        return [Stack(name="no LoRA", loras=[], sources=[], concepts={})]
+    stacks = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise GridError(origin, f"stack #{i + 1} must be a table with 'name' and 'loras'", where.key("stacks"))
+        _check_keys(entry, STACK_KEYS, f"stack #{i + 1}", origin, lambda k: where.key(k, "stacks", i))
+        loras = entry.get("loras", [])
+        if not isinstance(loras, list):
+            raise GridError(origin, f"stack #{i + 1}: 'loras' must be a list", where.key("loras", "stacks", i))
+        name = str(entry.get("name", f"stack {i + 1}"))
+        stacks.append(build_stack(name, loras, base_dir=base_dir, lora_dir=lora_dir, origin=origin,
+                                  locate=lambda t, i=i: where.text(t, "stacks", i) or where.key("loras", "stacks", i)))
+    names = [s.name for s in stacks]
+    if len(set(names)) != len(names):
+        raise GridError(origin, f"stack names repeat: {names}", where.key("name", "stacks"))
+    return stacks
+
+
+def _grid_prompts(data, where: TomlLines, origin: str) -> list[PromptSpec]:
+    raw = data.get("prompts")
+    if not isinstance(raw, list) or not raw:
+        raise GridError(origin, "the grid needs [[prompts]] with text = \"...\" (or prompts = [\"...\", ...])",
+                        where.key("prompts"))
+    prompts = []
+    for i, entry in enumerate(raw):
+        line = where.table_range("prompts", i)[0] if where.key("prompts") is None else where.key("prompts")
+        if isinstance(entry, str):
+            entry = {"text": entry}
+        if not isinstance(entry, dict):
+            raise GridError(origin, f"prompt #{i + 1} must be a string or a table", line)
+        _check_keys(entry, PROMPT_KEYS, f"prompt #{i + 1}", origin, lambda k: where.key(k, "prompts", i))
+        text = entry.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise GridError(origin, f"prompt #{i + 1} needs a non-empty text", where.key("text", "prompts", i) or line)
+        concepts = entry.get("concepts", {})
+        if not isinstance(concepts, dict) or not all(isinstance(v, str) for v in concepts.values()):
+            raise GridError(origin, f"prompt #{i + 1}: concepts must map LoRA names to texts",
+                            where.key("concepts", "prompts", i))
+        negative = entry.get("negative")
+        prompts.append(PromptSpec(text=text.strip(), negative=None if negative is None else str(negative),
+                                  concepts=dict(concepts),
+                                  origin=f"{origin}:{where.key('concepts', 'prompts', i) or line}"))
+    return prompts

@@ -1,0 +1,131 @@
+"""Saving a weight-space merge of several LoRAs as one LoRA file (``studio merge``).
+
+>>> from studio import Studio
+>>> from studio.merging import save_merge
+>>> report = save_merge(Studio("stabilityai/stable-diffusion-xl-base-1.0"),
+...                     ["corgi.safetensors:0.9", "watercolor.safetensors:0.7"], "ties",
+...                     {"density": 0.3, "rank": 32}, "corgi-watercolor.safetensors")
+
+The file is a diffusers/PEFT LoRA (see :mod:`pipelines.adapters.export`): ``pipe.load_lora_weights(file)`` gives
+the same model as rendering the stack with that strategy in the studio. Its header records the merge
+(``studio.merge``: strategy, parameters, LoRAs with weights and SHA-256).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import typer
+
+from pipelines.errors import StudioError
+
+
+@dataclass
+class MergeReport:
+    path: Path
+    strategy: str
+    params: dict[str, Any]
+    layers: int
+    ranks: tuple[int, int]  # smallest and largest rank per layer
+    size_bytes: int
+    strategy_info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any] | None):
+    """``(specs, strategy)`` for a merge to a file, or a :class:`StudioError` before any model is loaded."""
+    from fusion import WeightMerge, make_strategy
+
+    from .lora import Lora
+
+    specs = [Lora.parse(spec) for spec in loras]
+    if not specs:
+        raise StudioError("give at least one --lora to merge")
+    windowed = [str(s.source) for s in specs if s.start != 0.0 or s.end != 1.0]
+    if windowed:
+        raise StudioError(f"step windows cannot be stored in a LoRA file (given for {', '.join(windowed)}); "
+                          "render with them instead")
+    strat = make_strategy(strategy, params)
+    if not isinstance(strat, WeightMerge):
+        raise StudioError(f"strategy '{strat.name}' is not a weight-space merge; it cannot be saved as a LoRA "
+                          "(weight-space merges: cat, svd, ties, dare, qr)")
+    return specs, strat
+
+
+def save_merge(
+    studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path
+) -> MergeReport:
+    """Merge ``loras`` with weight-space ``strategy`` on ``studio``'s model and write the result to ``out``."""
+    from fusion import merge_stack
+    from pipelines.adapters.export import save_lora
+
+    specs, strat = check_merge_request(loras, strategy, params)
+    names = studio.load(specs)
+    studio._set_block_weights(names, specs)
+    merged = merge_stack(strat, studio.composer, names, [s.weight for s in specs])
+    loaded = studio.loaded()
+    provenance = {
+        "strategy": strat.name, "params": dict(strat.values), "model": studio.model,
+        "loras": [{"source": loaded[n].source, "weight": s.weight, "blocks": s.blocks if isinstance(s.blocks, str)
+                   else (dict(s.blocks) if s.blocks else None), "sha256": loaded[n].sha256}
+                  for n, s in zip(names, specs)],
+    }
+    path = save_lora(out, merged.deltas, studio.pipe, studio.family,
+                     metadata={"studio.merge": json.dumps(provenance), "modelspec.title": Path(out).stem})
+    ranks = [d.rank for d in merged.deltas.values()]
+    return MergeReport(path=Path(path), strategy=strat.name, params=dict(strat.values), layers=len(merged.deltas),
+                       ranks=(min(ranks), max(ranks)), size_bytes=Path(path).stat().st_size,
+                       strategy_info=dict(strat.info))
+
+
+def format_strategy_info(info: Mapping[str, Any]) -> list[str]:
+    """Human-readable lines for what a strategy measured (interference of the qr merge, K-LoRA's gamma)."""
+    lines = []
+    qr = info.get("qr")
+    if qr:
+        for row in qr["interference"]:
+            a, b = row["pair"]
+            lines.append(f"interference {a} / {b} over {row['layers']} layers: mean |cos| "
+                         f"{row['mean_abs_cos_before']:.4f} -> {row['mean_abs_cos_after']:.4f}, max |cos| "
+                         f"{row['max_abs_cos_before']:.4f} -> {row['max_abs_cos_after']:.4f}")
+        kept = ", ".join(f"{n} {100 * v:.1f}%" for n, v in qr["retained_energy"].items())
+        if kept:
+            lines.append(f"share of each LoRA's update kept: {kept}")
+    klora = info.get("klora")
+    if klora:
+        share = klora["subject_share_per_step"]
+        lines.append(f"K-LoRA: gamma {klora['gamma']:.4f} over {klora['layers']} layers; subject LoRA applied on "
+                     f"{100 * share[0]:.0f}% of them at the first step, {100 * share[-1]:.0f}% at the last")
+    return lines
+
+
+def merge_command(
+    lora: list[str] = typer.Option(..., "--lora", "-l", help="PATH[:WEIGHT][:blocks=SPEC]; repeatable."),
+    strategy: str = typer.Option("cat", "--strategy", "-s", help="cat, svd, ties, dare or qr."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Strategy parameter name=value; repeatable."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged LoRA (.safetensors)."),
+    model: str = typer.Option("tiny-sdxl", "--model", "-m", help="The base model the LoRAs are for."),
+    config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a checkpoint lacks."),
+    lora_dir: Optional[Path] = typer.Option(None, help="LoRA library; relative LoRA names resolve inside it."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu, ... (the merge runs where the model is)."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
+) -> None:
+    """Merge LoRAs into one LoRA file (weight-space strategies) that diffusers and the studio load."""
+    from studio import Studio
+    from studio.cli import _fail, _parse_params, console
+
+    try:
+        params = _parse_params(param)
+        check_merge_request(lora, strategy, params)  # fail fast, before the model loads
+        studio = Studio(model, device=device, dtype=dtype, config=config, lora_dir=lora_dir)
+        report = save_merge(studio, lora, strategy, params, out)
+    except StudioError as e:
+        _fail(e)
+    for line in format_strategy_info(report.strategy_info):
+        console.print(line)
+    typer.echo(str(report.path))
+    rank = f"{report.ranks[0]}" if report.ranks[0] == report.ranks[1] else f"{report.ranks[0]}-{report.ranks[1]}"
+    console.print(f"{report.strategy} merge of {len(lora)} LoRA(s): {report.layers} layers, rank {rank}, "
+                  f"{report.size_bytes / 1e6:.1f} MB")

@@ -1,0 +1,276 @@
+"""The Gradio web app: layout and wiring only (what the controls do is in :mod:`ui.callbacks`).
+
+    studio ui --lora-dir ~/loras --model stabilityai/stable-diffusion-xl-base-1.0
+
+Left: the LoRA library (cards with preview, base model, format, rank, trigger words; search, base-model filter,
+upload). Right: prompt, the stack editor (weight, step window, block-weight preset or custom values,
+enable, reorder, remove), the strategy with controls generated from its declared parameters, the settings, and
+three tabs: Generate (live preview, gallery of PNGs with their recipes, downloads), Compare (one recipe under
+several strategies, side by side, with CLIPScores and timings) and Restore (drop a PNG to get its recipe back).
+
+Safety: the app binds to 127.0.0.1 unless told otherwise; LoRAs are addressed by library id only; uploads
+must be ``.safetensors`` under a size limit and are validated before they enter the library's upload folder;
+GPU jobs run one at a time (Gradio queue, one concurrency group, plus a lock).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import gradio as gr
+
+from studio import Studio
+from studio.library import Library
+
+from . import strategy_form
+from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
+from .handlers import Handlers, card_markdown, md_escape
+
+CSS = """
+#library-panel { max-height: 96vh; overflow-y: auto; }
+.lora-card { padding: 6px !important; margin-bottom: 6px; }
+.lora-card .lora-thumb { flex-grow: 0 !important; }
+.stack-row { padding: 6px !important; margin-bottom: 6px; }
+.stack-row .stack-buttons button { min-width: 2.2em; }
+#live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#compare-gallery .caption-label, #gallery .caption-label { white-space: normal; }
+"""
+
+GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+LIGHT = dict(concurrency_limit=None, show_progress="hidden")
+
+
+def _default_strategy() -> str:
+    return strategy_form.strategy_names()[0]
+
+
+def build_app(callbacks: Callbacks) -> gr.Blocks:
+    """The Blocks app for ``callbacks`` (one loaded studio and library, shared by every browser session)."""
+    cb, h = callbacks, Handlers(callbacks)
+    defaults = cb.default_settings()
+    strategies = strategy_form.strategy_names()
+    with gr.Blocks(title="LoRA Composition Studio", analytics_enabled=False) as demo:
+        stack = gr.State([])
+        stack_rev = gr.State(0)
+        params = gr.State({})
+        params_rev = gr.State(0)
+        library_rev = gr.State(0)
+        gallery_items = gr.State([])
+        compare_items = gr.State([])
+
+        gr.Markdown("## LoRA Composition Studio")
+        gr.Markdown(cb.model_summary(), elem_id="model-summary")
+        with gr.Row(equal_height=False):
+            # ---------------------------------------------------------------------------------- library
+            with gr.Column(scale=2, min_width=300, elem_id="library-panel"):
+                gr.Markdown("### Library")
+                query = gr.Textbox(placeholder="Search name, trigger word, base, format", show_label=False,
+                                   elem_id="library-search")
+                base_filter = gr.Dropdown(cb.base_filters(), value=FITS, label="Base model", elem_id="library-filter")
+                refresh = gr.Button("Refresh library", size="sm", elem_id="library-refresh")
+                library_status = gr.Markdown(elem_id="library-status")
+                lora_name = gr.Textbox(visible=False, elem_id="lora-name")
+
+                @gr.render(inputs=[query, base_filter, library_rev])
+                def library_cards(text, base, _rev):
+                    entries, total = cb.library_view(text, base)
+                    if not entries:
+                        gr.Markdown("No LoRA matches." + (" Try *all bases*." if base != ALL_BASES else ""))
+                    for entry in entries:
+                        with gr.Column(elem_classes=["lora-card"], variant="panel"):
+                            with gr.Row(equal_height=False):
+                                thumb = cb.thumbnail(entry)
+                                if thumb is not None:
+                                    gr.Image(thumb, show_label=False, container=False, interactive=False,
+                                             height=88, width=88, scale=0, min_width=88, buttons=[],
+                                             elem_classes=["lora-thumb"])
+                                gr.Markdown(card_markdown(entry), elem_classes=["lora-card-text"])
+                            with gr.Row():
+                                add = gr.Button("Add to stack", size="sm", variant="primary", elem_classes=["lora-add"])
+                                trig = gr.Button("Insert triggers", size="sm", elem_classes=["lora-triggers"],
+                                                 interactive=bool(entry.info.triggers))
+                        add.click(functools.partial(h.add, entry.id), [stack, stack_rev],
+                                  [stack, stack_rev, stack_status], **LIGHT)
+                        trig.click(functools.partial(h.insert_triggers, entry.id), [prompt], [prompt], **LIGHT)
+                    if total > len(entries):
+                        gr.Markdown(f"{total - len(entries)} more: refine the search.")
+
+                upload = gr.File(label="Upload a LoRA (.safetensors)", file_types=[".safetensors"],
+                                 elem_id="library-upload")
+
+            # ---------------------------------------------------------------------------------- main
+            with gr.Column(scale=4, min_width=420):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+
+                gr.Markdown("### LoRA stack\n<small>weight; start and end of the LoRA's step window as fractions of "
+                            "the denoising steps; block weights from the model's presets or custom</small>")
+                stack_status = gr.Markdown(elem_id="stack-status")
+
+                @gr.render(inputs=[stack], triggers=[stack_rev.change, demo.load])
+                def stack_rows(entries):
+                    if not entries:
+                        gr.Markdown("Empty: add LoRAs from the library. Order matters for switch-like strategies.",
+                                    elem_id="stack-empty")
+                    presets = cb.block_presets()
+                    for i, entry in enumerate(entries):
+                        uid = entry.uid
+                        with gr.Column(elem_classes=["stack-row"], variant="panel"):
+                            with gr.Row(equal_height=True):
+                                gr.Markdown(f"**{i + 1}. {md_escape(entry.label)}**  \n<small>{md_escape(entry.lora_id)}</small>",
+                                            elem_classes=["stack-name"])
+                                enabled = gr.Checkbox(entry.enabled, label="on", scale=0, min_width=60, interactive=True,
+                                                      elem_classes=["stack-enabled"])
+                                with gr.Row(elem_classes=["stack-buttons"]):
+                                    up = gr.Button("Up", size="sm", min_width=40, elem_classes=["stack-up"])
+                                    down = gr.Button("Down", size="sm", min_width=40, elem_classes=["stack-down"])
+                                    drop = gr.Button("Remove", size="sm", min_width=40, variant="stop",
+                                                     elem_classes=["stack-remove"])
+                            with gr.Row():
+                                weight = gr.Slider(-2, 2, value=entry.weight, step=0.05, label="weight",
+                                                   interactive=True, elem_classes=["stack-weight"])
+                                start = gr.Slider(0, 1, value=entry.start, step=0.05, label="start",
+                                                  interactive=True, elem_classes=["stack-start"])
+                                end = gr.Slider(0, 1, value=entry.end, step=0.05, label="end",
+                                                interactive=True, elem_classes=["stack-end"])
+                            with gr.Row():
+                                preset = gr.Dropdown(presets, value=entry.preset, label="block weights",
+                                                     interactive=True, elem_classes=["stack-preset"])
+                                custom = gr.Textbox(entry.custom_blocks, label="custom block weights",
+                                                    placeholder="down=0,mid=1,up.0=0.5",
+                                                    info="blocks: " + ", ".join(cb.block_names()),
+                                                    visible=entry.preset == "custom", interactive=True,
+                                                    elem_classes=["stack-custom"])
+                        for component, name in ((weight, "weight"), (start, "start"), (end, "end"),
+                                                (enabled, "enabled"), (custom, "custom_blocks")):
+                            event = component.blur if component is custom else component.change
+                            event(functools.partial(h.set_field, uid, name), [stack, component], [stack], **LIGHT)
+                        preset.change(functools.partial(h.set_preset, uid), [stack, preset], [stack, custom], **LIGHT)
+                        up.click(functools.partial(h.move, uid, -1), [stack, stack_rev], [stack, stack_rev], **LIGHT)
+                        down.click(functools.partial(h.move, uid, 1), [stack, stack_rev], [stack, stack_rev], **LIGHT)
+                        drop.click(functools.partial(h.remove, uid), [stack, stack_rev], [stack, stack_rev], **LIGHT)
+
+                clear = gr.Button("Clear stack", size="sm", elem_id="stack-clear")
+
+                gr.Markdown("### Strategy")
+                strategy = gr.Dropdown(strategies, value=_default_strategy(), label="Strategy", elem_id="strategy")
+                strategy_info = gr.Markdown(strategy_form.strategy_label(_default_strategy()), elem_id="strategy-info")
+
+                @gr.render(inputs=[strategy, params], triggers=[strategy.change, params_rev.change, demo.load])
+                def strategy_params(name, store):
+                    declared = strategy_form.params_of(name)
+                    if not declared:
+                        gr.Markdown(f"*{md_escape(name)} has no parameters.*", elem_id="strategy-no-params")
+                        return
+                    values = strategy_form.values_for(name, store)
+                    with gr.Row():
+                        for param in declared:
+                            control = strategy_form.control(param, values[param.name])
+                            control.change(functools.partial(h.set_param, name, param.name), [params, control],
+                                           [params], **LIGHT)
+
+                gr.Markdown("### Settings")
+                with gr.Row():
+                    seed = gr.Number(defaults.seed, label="seed (-1: random)", precision=0, elem_id="seed", min_width=120)
+                    dice = gr.Button("Random seed", size="sm", scale=0, min_width=90, elem_id="seed-random")
+                    count = gr.Slider(1, 16, value=1, step=1, label="batch count", elem_id="count")
+                with gr.Row():
+                    steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="steps", elem_id="steps")
+                    guidance = gr.Slider(0, 20, value=defaults.guidance, step=0.5, label="guidance", elem_id="guidance")
+                with gr.Row():
+                    width = gr.Slider(16, 2048, value=defaults.width, step=16, label="width", elem_id="width")
+                    height = gr.Slider(16, 2048, value=defaults.height, step=16, label="height", elem_id="height")
+
+            # ---------------------------------------------------------------------------------- outputs
+            with gr.Column(scale=4, min_width=420):
+                with gr.Tabs():
+                    with gr.Tab("Generate", id="tab-generate"):
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                        progress_text = gr.Markdown(elem_id="progress")
+                        with gr.Row(equal_height=False):
+                            live = gr.Image(label="Live preview", interactive=False, height=300, elem_id="live-preview",
+                                            format="png", buttons=[], min_width=160)
+                            gallery = gr.Gallery(label="Images (click one for its recipe)", columns=2, height=300,
+                                                 elem_id="gallery", format="png", buttons=["download", "fullscreen"],
+                                                 min_width=200)
+                        recipe = gr.Code(label="Recipe of the selected image (TOML)", language=None, lines=8,
+                                         max_lines=16, interactive=False, elem_id="recipe")
+                        with gr.Row():
+                            png_download = gr.DownloadButton("Download PNG (recipe embedded)", interactive=False,
+                                                             elem_id="download-png")
+                            toml_download = gr.DownloadButton("Download recipe TOML", interactive=False,
+                                                              elem_id="download-toml")
+                    with gr.Tab("Compare", id="tab-compare"):
+                        with gr.Row(equal_height=False):
+                            compare_strategies = gr.CheckboxGroup(strategies, value=strategies[:2],
+                                                                  label="Strategies", elem_id="compare-strategies")
+                            include_base = gr.Checkbox(True, label="also without LoRAs", elem_id="compare-base")
+                        compare = gr.Button("Compare", variant="primary", elem_id="compare")
+                        compare_text = gr.Markdown(elem_id="compare-progress")
+                        compare_gallery = gr.Gallery(label="Side by side", columns=3, height=300, format="png",
+                                                     elem_id="compare-gallery", buttons=["download", "fullscreen"])
+                        scores = gr.Dataframe(headers=["run", "CLIPScore", "render s"], interactive=False,
+                                              elem_id="compare-table", type="array")
+                        compare_recipe = gr.Code(label="Recipe of the selected image (TOML)", language=None, lines=8,
+                                                 max_lines=16, interactive=False, elem_id="compare-recipe")
+                        with gr.Row():
+                            compare_png = gr.DownloadButton("Download PNG", interactive=False, elem_id="compare-png")
+                            compare_toml = gr.DownloadButton("Download recipe TOML", interactive=False,
+                                                             elem_id="compare-toml")
+                    with gr.Tab("Restore", id="tab-restore"):
+                        restore_file = gr.File(label="Drop a PNG made by the studio (or by A1111)", file_types=[".png"],
+                                               elem_id="restore-file")
+                        restore_status = gr.Markdown(elem_id="restore-status")
+
+        # ---------------------------------------------------------------------------------- wiring
+        lora_name.submit(h.add, [lora_name, stack, stack_rev], [stack, stack_rev, stack_status], api_name="add_lora",
+                         **LIGHT)
+        refresh.click(h.refresh, [library_rev], [library_rev, library_status, base_filter], **LIGHT)
+        upload.upload(h.upload, [upload, library_rev], [library_rev, library_status, upload], **GPU)
+        clear.click(cb.clear, [stack_rev], [stack, stack_rev], **LIGHT)
+        strategy.change(strategy_form.strategy_label, [strategy], [strategy_info], **LIGHT)
+        dice.click(cb.random_seed, None, [seed], **LIGHT)
+
+        settings_inputs = [prompt, negative, seed, steps, guidance, width, height]
+        job = generate.click(
+            h.generate, [*settings_inputs, count, strategy, params, stack],
+            [live, progress_text, gallery, gallery_items, recipe, png_download, toml_download, seed],
+            api_name="generate", show_progress="minimal", **GPU)
+        gallery.select(h.select, [gallery_items], [recipe, png_download, toml_download], **LIGHT)
+        comparison = compare.click(
+            h.compare, [compare_strategies, include_base, *settings_inputs, params, stack],
+            [compare_gallery, compare_items, scores, compare_text, compare_recipe, compare_png, compare_toml],
+            api_name="compare", show_progress="minimal", **GPU)
+        compare_gallery.select(h.select, [compare_items], [compare_recipe, compare_png, compare_toml], **LIGHT)
+        stop.click(None, None, None, cancels=[job, comparison])
+        restore_file.upload(
+            h.restore, [restore_file, params, strategy, stack_rev, params_rev],
+            [prompt, negative, seed, steps, guidance, width, height, strategy, params, params_rev, stack, stack_rev,
+             restore_status], api_name="restore", **LIGHT)
+    return demo
+
+
+def make_app(model: str, lora_dirs: list[str | Path], *, out_dir: str | Path = "outputs/ui",
+             scorer: Scorer | None = None, device: str | None = None, dtype: str | None = None,
+             offload: bool = False, config: str | None = None, max_upload_mb: float = 1024,
+             preview_every: int | None = None) -> tuple[gr.Blocks, Callbacks]:
+    """Load ``model``, scan ``lora_dirs`` and build the app (not launched yet)."""
+    library = Library(lora_dirs)
+    studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config)
+    callbacks = Callbacks(studio, library, out_dir=out_dir, scorer=scorer, max_upload_bytes=int(max_upload_mb * 1e6),
+                          preview_every=preview_every)
+    return build_app(callbacks), callbacks
+
+
+def launch(demo: gr.Blocks, callbacks: Callbacks, *, host: str = "127.0.0.1", port: int | None = None,
+           block: bool = True, quiet: bool = False, max_queue: int = 64):
+    """Serve ``demo``: one GPU job at a time through Gradio's queue; only the output folder is served."""
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    return demo.launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, show_error=True,
+        allowed_paths=[str(callbacks.out_dir)], max_file_size=callbacks.max_upload_bytes,
+        footer_links=["api", "gradio"], css=CSS, theme=gr.themes.Soft(), inbrowser=False,
+    )

@@ -1,0 +1,195 @@
+"""Gradio-shaped wrappers around :class:`ui.callbacks.Callbacks`: component values in, component values out.
+
+Each method takes the values of its input components (in the order ``app.py`` wires them) and returns or yields
+the values of its outputs. A :class:`studio.StudioError` becomes a ``gr.Error`` with the same message, which
+the browser shows as a toast; anything else is a bug and surfaces as Gradio's generic error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import html
+import inspect
+import re
+from typing import Any
+
+import gradio as gr
+
+from studio import StudioError
+from studio.library import LibraryEntry
+
+from .callbacks import Callbacks, Finished, Item, Preview, Progress, Settings
+
+
+@contextlib.contextmanager
+def _user_errors():
+    try:
+        yield
+    except StudioError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+
+
+def user_errors(fn):
+    """Turn :class:`StudioError` into ``gr.Error`` for plain functions and generators alike."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            with _user_errors():
+                yield from fn(*args, **kwargs)
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _user_errors():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def md_escape(text: Any) -> str:
+    """Markdown- and HTML-escape text taken from LoRA files (metadata is untrusted)."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+def card_markdown(entry: LibraryEntry) -> str:
+    info = entry.info
+    rank = info.rank if info.rank is not None else "?"
+    lines = [f"**{md_escape(info.name)}**",
+             f"{md_escape(info.base_name)} · {md_escape(info.format)} · rank {md_escape(rank)} · "
+             f"{info.size_bytes / 1e6:.1f} MB",
+             f"<small>{md_escape(entry.id)}</small>" if entry.id != info.name else ""]
+    if info.triggers:
+        lines.append("triggers: " + ", ".join(f"*{md_escape(t)}*" for t in info.triggers[:6]))
+    return "  \n".join(line for line in lines if line)
+
+
+def _gallery(items: list[Item]) -> list[tuple[str, str]]:
+    return [(item.png, item.caption) for item in items]
+
+
+def _progress(event: Progress, progress) -> str:
+    done, total = event.image * event.steps + event.step, event.images * event.steps
+    text = f"{event.label}: step {event.step}/{event.steps}"
+    progress((done, total), desc=text)
+    return text
+
+
+class Handlers:
+    def __init__(self, callbacks: Callbacks):
+        self.cb = callbacks
+
+    # ------------------------------------------------------------------------------------------ library / stack
+    @user_errors
+    def add(self, lora_id, stack, rev):
+        stack, rev, message = self.cb.add(lora_id, stack or [], rev or 0)
+        return stack, rev, md_escape(message)
+
+    @user_errors
+    def insert_triggers(self, lora_id, prompt):
+        return self.cb.insert_triggers(lora_id, prompt)
+
+    @user_errors
+    def upload(self, file, rev):
+        rev, message = self.cb.upload(file, rev or 0)
+        return rev, md_escape(message), None
+
+    @user_errors
+    def refresh(self, rev):
+        rev, message = self.cb.refresh_library(rev or 0)
+        return rev, md_escape(message), gr.update(choices=self.cb.base_filters())
+
+    @user_errors
+    def set_field(self, uid, name, stack, value):
+        return self.cb.set_field(stack, uid, name, value)
+
+    @user_errors
+    def set_preset(self, uid, stack, value):
+        """A preset change also shows or hides the custom block field."""
+        return self.cb.set_field(stack, uid, "preset", value), gr.update(visible=value == "custom")
+
+    @user_errors
+    def move(self, uid, offset, stack, rev):
+        return self.cb.move(stack, uid, offset, rev or 0)
+
+    @user_errors
+    def remove(self, uid, stack, rev):
+        return self.cb.remove(stack, uid, rev or 0)
+
+    @user_errors
+    def set_param(self, strategy, name, store, value):
+        return self.cb.set_param(store, strategy, name, value)
+
+    # ------------------------------------------------------------------------------------------ generate
+    @user_errors
+    def generate(self, prompt, negative, seed, steps, guidance, width, height, count, strategy, params, stack,
+                 progress=gr.Progress()):
+        """Outputs: preview image, progress text, gallery, gallery items, recipe, PNG download, TOML download, seed."""
+        settings = Settings(prompt=prompt or "", negative_prompt=negative or "", seed=seed, steps=steps,
+                            guidance=guidance, width=width, height=height, count=count)
+        skip = gr.skip()
+        done: list[tuple[Any, str]] = []
+        for event in self.cb.generate_events(settings, strategy, params, stack or []):
+            if isinstance(event, Progress):
+                text = _progress(event, progress)
+                yield skip, text, skip, skip, skip, skip, skip, settings.seed
+            elif isinstance(event, Preview):
+                yield event.image, event.label, skip, skip, skip, skip, skip, skip
+            elif isinstance(event, Finished):
+                done.append((event.item.png, event.item.caption))
+                yield event.image, event.item.caption, list(done), skip, skip, skip, skip, skip
+            else:
+                items: list[Item] = event
+                first = items[0]
+                message = f"Done: {len(items)} image(s), seed {settings.seed}" + (
+                    f" to {settings.seed + len(items) - 1}" if len(items) > 1 else "")
+                yield (skip, message, _gallery(items), items, first.recipe, gr.update(value=first.png, interactive=True),
+                       gr.update(value=first.toml, interactive=True), settings.seed)
+
+    def select(self, items: list[Item], evt: gr.SelectData):
+        """Show the recipe of the gallery item the user picked and point the downloads at it."""
+        if not items or evt.index is None or not 0 <= int(evt.index) < len(items):
+            return gr.skip(), gr.skip(), gr.skip()
+        item = items[int(evt.index)]
+        return item.recipe, gr.update(value=item.png, interactive=True), gr.update(value=item.toml, interactive=True)
+
+    # ------------------------------------------------------------------------------------------ compare
+    @user_errors
+    def compare(self, strategies, include_base, prompt, negative, seed, steps, guidance, width, height, params,
+                stack, progress=gr.Progress()):
+        """Outputs: gallery, items, score table, progress text, recipe, PNG download, TOML download."""
+        settings = Settings(prompt=prompt or "", negative_prompt=negative or "", seed=seed, steps=steps,
+                            guidance=guidance, width=width, height=height, count=1)
+        skip = gr.skip()
+        done: list[tuple[Any, str]] = []
+        for event in self.cb.compare_events(settings, strategies or [], bool(include_base), params, stack or []):
+            if isinstance(event, Progress):
+                yield skip, skip, skip, _progress(event, progress), skip, skip, skip
+            elif isinstance(event, Finished):
+                done.append((event.image, event.item.caption))
+                yield list(done), skip, skip, skip, skip, skip, skip
+            elif isinstance(event, list):
+                items: list[Item] = event
+                rows = [[item.label,
+                         "n/a" if item.scores["clipscore"] is None else f"{item.scores['clipscore']:.2f}",
+                         f"{item.scores['render_s']:.3f}"] for item in items]
+                first = items[0]
+                yield (_gallery(items), items, rows, f"Compared {len(items)} run(s) at seed {settings.seed}.",
+                       first.recipe, gr.update(value=first.png, interactive=True),
+                       gr.update(value=first.toml, interactive=True))
+
+    # ------------------------------------------------------------------------------------------ restore
+    @user_errors
+    def restore(self, file, store, strategy, stack_rev, params_rev):
+        """Outputs: prompt, negative, seed, steps, guidance, width, height, strategy, params, params rev, stack,
+        stack rev, status."""
+        settings, strategy, store, stack, notes = self.cb.restore(file, store, strategy)
+        names = ", ".join(md_escape(s.lora_id) for s in stack) or "none"
+        status = f"Restored the recipe: strategy **{md_escape(strategy)}**, LoRAs: {names}."
+        if notes:
+            status += "".join(f"\n- {md_escape(n)}" for n in notes)
+        return (settings.prompt, settings.negative_prompt, settings.seed, settings.steps, settings.guidance,
+                settings.width, settings.height, strategy, store, (params_rev or 0) + 1, stack, (stack_rev or 0) + 1,
+                status)
