@@ -96,6 +96,46 @@ def test_gate_output_equals_autolora_formula(family, studio_for, sdxl_loras, flu
     torch.testing.assert_close(outputs.sum(0), ungated - h, atol=1e-5, rtol=1e-4)
 
 
+def test_gates_on_a_4bit_model_see_its_own_branch_as_base(sdxl_loras, tmp_path):
+    """A 4-bit layer's SVDQuant branch is part of ``h_base``, not an adapter: an identity gate changes nothing."""
+    from pipelines.quant import QuantLinear
+    from pipelines.quant.convert import convert
+    from pipelines.quant.quantizer import QuantConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 4-bit reference path is many small ops (see test_quant_pipeline)
+    try:
+        _, folder = convert("tiny-sdxl", tmp_path / "q", QuantConfig(fmt="int4", rank=8, alphas=None), None)
+        studio = Studio(str(folder))
+        names = studio.load(sdxl_loras[:2])
+        composer, state = studio.composer, studio.composer.state
+        state.set_active(names)
+        state.set_gains(denoiser=state.gains_row({names[0]: 0.8, names[1]: 0.5})[None])
+        gate_set = GateSet.for_stack(composer, names)
+        key = next(k for k in gate_set.keys if isinstance(composer.layers[k], QuantLinear) and composer.layers[k].rank)
+        layer = composer.layers[key]
+        x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+        seen = {}
+
+        def identity_gate(inputs, base, outputs, columns):
+            seen.update(base=base, outputs=outputs, columns=columns)
+            return outputs.sum(0)
+
+        with torch.no_grad():
+            ungated = layer(x)
+            layer.studio_branch.set_gate(identity_gate)
+            try:
+                gated = layer(x)
+            finally:
+                layer.studio_branch.set_gate(None)
+            own = layer._base_op(x)  # 4-bit product + bias + the layer's own low-rank branch, no LoRA
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(seen["base"], own, atol=1e-5, rtol=1e-5)
+    assert seen["outputs"].shape[0] == 2 and seen["columns"] == [state.column(n) for n in names]
+    torch.testing.assert_close(gated, ungated, atol=1e-5, rtol=1e-5)
+
+
 def test_autolora_loss_formula():
     target = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
     own = target + 0.1
@@ -250,6 +290,7 @@ def test_train_gates_api_keeps_the_model_frozen_and_gated_uses_the_gates(studio_
     assert not any(layer.studio_branch.gate for layer in studio.composer.layers.values())
     loaded = GateSet.load(trained.path, studio.composer, studio.load(files))
     assert any(float(g.w_out.detach().sub(0.512).abs().max()) > 0 for g in loaded.gates)  # the gates moved
+    assert any(float(g.w_time.detach().abs().max()) > 0 for g in loaded.gates)  # so did the timestep term
     assert loaded.metadata["model"] == "tiny-sdxl" and '"lora0.safetensors"' in loaded.metadata["loras"]
 
     strat, learned, seen = _timesteps_seen_by_gates(studio, files)
