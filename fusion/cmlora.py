@@ -124,13 +124,14 @@ class CMLoRA(Strategy):
         count = len(run.names)
         self.scores = None
         self.ranking = list(range(count))
-        if self.order == "stack" or count < 2:
-            return
-        if run.render is None:
-            raise StrategyError("cmlora orders LoRAs by rendering each alone; this context cannot render "
-                                "(use order=stack to skip frequency profiling)")
-        self.scores = [frequency_score(self.profile(run, i), self.cutoff) for i in range(count)]
-        self.ranking = sorted(range(count), key=lambda i: (-self.scores[i], i))
+        if self.order == "frequency" and count >= 2:
+            if run.render is None:
+                raise StrategyError("cmlora orders LoRAs by rendering each alone; this context cannot render "
+                                    "(use order=stack to skip frequency profiling)")
+            self.scores = [frequency_score(self.profile(run, i), self.cutoff) for i in range(count)]
+            self.ranking = sorted(range(count), key=lambda i: (-self.scores[i], i))
+        self.info["cmlora"] = {"order": [run.names[i] for i in self.ranking],
+                               "scores": None if self.scores is None else dict(zip(run.names, self.scores))}
 
     def profile(self, run: RunContext, index: int) -> np.ndarray:
         """The radial profile of LoRA ``index`` rendered alone (from the disk cache when possible)."""

@@ -72,11 +72,13 @@ class Gated(Strategy):
             self.gate_set.to(next(denoiser.parameters()).device)
             self.gate_set.attach(run.composer)
             self.used = f"learned gates {path.name}"
+            self.info["gated"] = {"used": self.used}
             return
         roles = self._roles(len(run.names))
         candidates = [[name, str(k), role] for k, (name, role) in enumerate(zip(run.names, roles))]
         self.table = BlockSchedule.load(self.schedule).bind(run.family, run.composer.state.blocks, candidates)
         self.used = f"schedule {self.schedule}"
+        self.info["gated"] = {"used": self.used}
 
     def finish(self, run: RunContext) -> None:
         if self.gate_set is not None:

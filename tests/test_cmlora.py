@@ -139,6 +139,9 @@ def test_profiles_are_renders_of_each_lora_alone_and_cached_on_disk(studio_for, 
     expected = radial_profile(grayscale(alone))
     assert strat.scores[0] == pytest.approx(frequency_score(expected, 0.2), rel=1e-5)
     assert strat.ranking == sorted(range(2), key=lambda i: -strat.scores[i])
+    names = studio.load(files)
+    info = result.strategy_info["cmlora"]
+    assert info["order"] == [names[i] for i in strat.ranking] and info["scores"][names[1]] == strat.scores[1]
     # a second run reads the disk cache instead of rendering again
     monkeypatch.setattr("fusion.cmlora.radial_profile", lambda *a: pytest.fail("profile recomputed"))
     again = make_strategy("cmlora", {"profile_steps": 2})

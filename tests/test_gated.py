@@ -294,7 +294,7 @@ def test_train_gates_api_keeps_the_model_frozen_and_gated_uses_the_gates(studio_
     assert loaded.metadata["model"] == "tiny-sdxl" and '"lora0.safetensors"' in loaded.metadata["loras"]
 
     strat, learned, seen = _timesteps_seen_by_gates(studio, files)
-    assert strat.used.startswith("learned gates")
+    assert strat.used.startswith("learned gates") and strat.info["gated"]["used"] == strat.used
     expected_t = [float(t) / 1000 for t in studio.pipe.scheduler.timesteps]
     assert seen[:3] == pytest.approx(expected_t)  # the gates see each step's timestep
     scheduled = studio.compose(PROMPT, files, "gated", strategy_params={"mode": "schedule"}, steps=3, seed=2,
