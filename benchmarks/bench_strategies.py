@@ -12,8 +12,8 @@ reason.
 Every LoRA is written by PEFT through diffusers' ``save_lora_weights`` (UNet/transformer attention and
 feed-forward, CLIP attention and MLP). Each round renders one image per strategy, in turn, with the same seed,
 after one warm-up round (which fills CMLoRA's frequency-profile cache and the weight-space merges' cache; that
-one-off ``prepare`` time is reported separately). ``gated[mode=learned]`` runs with freshly initialised gates written where ``studio train-gates``
-puts them: inference costs the same whether the gates are trained or not. The ratio is taken within a round
+one-off ``prepare`` time is reported separately). ``gated[mode=learned]`` runs with freshly initialised gates
+written where ``studio train-gates`` puts them: inference costs the same whether the gates are trained or not. The ratio is taken within a round
 (strategy time / merge time of the same round) and the median over rounds is reported, for wall-clock time and
 for this process's CPU time (one torch thread by default); on a shared machine the CPU-time ratio is the
 steadier one. Times exclude model and LoRA loading.

@@ -19,24 +19,10 @@ from fusion.cmlora import frequency_score, grayscale, lane_weights, radial_profi
 from pipelines.errors import StrategyError
 from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
 from reference import load_adapters, run_lanes
-from studio import Studio
 
 ATOL = 2e-4
 PROMPT = "a corgi in a garden"
 SMALL = {"width": 32, "height": 32}  # 32x32 images keep these tests fast (every block still runs)
-
-
-@pytest.fixture(scope="module")
-def studio_for():
-    """One tiny Studio per family, shared by this module's tests."""
-    made = {}
-
-    def get(family: str) -> Studio:
-        if family not in made:
-            made[family] = Studio(f"tiny-{family}")
-        return made[family]
-
-    return get
 
 
 # ------------------------------------------------------------------------------------------------ formulas

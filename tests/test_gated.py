@@ -28,18 +28,6 @@ PROMPT = "a corgi in a garden"
 SMALL = {"width": 32, "height": 32}  # 32x32 images keep these tests fast (every block still runs)
 
 
-@pytest.fixture(scope="module")
-def studio_for():
-    made = {}
-
-    def get(family: str) -> Studio:
-        if family not in made:
-            made[family] = Studio(f"tiny-{family}")
-        return made[family]
-
-    return get
-
-
 # ------------------------------------------------------------------------------------------------ the gate
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_gate_output_equals_autolora_formula(family, studio_for, sdxl_loras, flux_loras):
