@@ -65,7 +65,8 @@ def flux(width_divisor: int = 8, seed: int = 0, dtype=torch.float32):
                                  num_heads=8, dropout_rate=0.0))
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8,
-                        use_quant_conv=False, use_post_quant_conv=False)
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                        scaling_factor=0.3611)  # FLUX.1's VAE latent statistics (FluxPipeline needs both)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=clip_tokenizer(),

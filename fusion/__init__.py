@@ -12,8 +12,10 @@ from pipelines.errors import StrategyError
 
 from .base import Param, RunContext, StepContext, StepPlan, Strategy
 from .cat import Cat
+from .cmlora import CMLoRA
 from .composite import Composite
 from .dare import Dare
+from .gated import Gated
 from .klora import KLora
 from .merge import Merge
 from .qr import QRMerge
@@ -22,7 +24,8 @@ from .switch import Switch
 from .ties import Ties
 from .weightspace import WeightMerge, merge_stack
 
-_BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, QRMerge, Cat, SVD, Ties, Dare, KLora)
+_BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated, QRMerge, Cat, SVD, Ties, Dare,
+                                        KLora)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 

@@ -6,7 +6,8 @@ A strategy sees the stack of K LoRAs in the user's order and answers three quest
   text conditioning the strategy will need);
 * ``plan(ctx) -> StepPlan``: for denoising step ``ctx.step``, the lanes to run (``gains[L, K]``), the weights
   that reduce the L predictions to one, and which text lane each denoiser lane uses;
-* optionally ``prepare(run)``: one-off work before the first step (profiling, caches). A strategy that fuses
+* optionally ``prepare(run)``: one-off work before the first step (profiling, caches, attaching gates), and
+  ``finish(run)``: undo what ``prepare`` attached (called even when rendering fails). A strategy that fuses
   the stack into new adapters (weight-space merges) attaches them through ``run.composer`` and sets
   ``run.stack`` to their names; ``plan`` and ``text_lanes`` then address those columns instead of the K LoRAs.
 
@@ -79,7 +80,14 @@ class StepContext:
 
 @dataclass
 class RunContext:
-    """What ``prepare`` may use: the stack, the pipeline, and a way to render with a sub-stack."""
+    """What ``prepare`` may use: the stack, the pipeline, and a way to render with a sub-stack.
+
+    ``render(weights[K], *, steps=None, prompt=None, seed=None)`` renders one image with the LoRAs at
+    ``weights`` (stack space; 0 leaves a LoRA out) at the run's size, guidance and negative prompt, and returns
+    it as a float array ``[H, W, 3]`` in [0, 1]. ``hashes`` are the LoRA files' SHA-256 (``None`` for in-memory
+    state dicts), ``model`` the model id the studio loaded, ``cache_dir`` where strategies may keep derived
+    data (profiles, scores) between runs, ``settings`` what ``render`` renders with (for cache keys).
+    """
 
     names: list[str]
     weights: torch.Tensor
@@ -90,6 +98,10 @@ class RunContext:
     sources: list[str] = field(default_factory=list)
     render: Callable[..., Any] | None = None
     seam: Any = None
+    model: str = ""
+    hashes: list[str | None] = field(default_factory=list)
+    cache_dir: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # width, height, guidance, negative_prompt of render
     step_weights: torch.Tensor | None = None  # [num_steps, K]: each LoRA's weight at each step (0 outside window)
     stack: list[str] | None = None  # the adapter columns plan() addresses; prepare() may replace it
 
@@ -124,6 +136,9 @@ class Strategy:
 
     def prepare(self, run: RunContext) -> None:
         """One-off work before the first step; nothing by default."""
+
+    def finish(self, run: RunContext) -> None:
+        """Undo what :meth:`prepare` attached to the pipeline; nothing by default."""
 
     def text_lanes(self, weights: torch.Tensor) -> torch.Tensor:
         """Text-encoder gains ``[T, K]``; by default every LoRA at its weight (one lane)."""

@@ -14,6 +14,12 @@ A layer may bring its own low-rank segment (a 4-bit :class:`~pipelines.quant.lin
 branch ``L_up L_down``): the branch then hosts it as a *fixed* segment, concatenated in front of the adapters'
 ranks with a constant gain of 1, so the layer's branch and every LoRA still run as one pair of GEMMs.
 
+An optional *gate* (for learned, feature-dependent fusion such as AutoLoRA's) replaces the sum over adapters:
+when ``AdapterBranch.gate`` is set on a linear layer, the branch computes every adapter's own output ``o_i``
+(the rank dimension split by owner, plus that adapter's dense, bias and DoRA parts) and returns
+``h + gate(x, h, o, columns)``, where ``h`` is the base output including the layer's fixed segment. The
+ungated path is unchanged.
+
 Adapters that are not low-rank at a fair cost take exact side paths in the same layer: dense deltas (large
 LoHa/LoKr, full diffs), bias deltas, and DoRA's rescaling of the base output (see
 :mod:`pipelines.adapters.kinds.dora`). ``ComposedLinear``/``ComposedConv2d`` subclass ``nn.Linear``/``nn.Conv2d``
@@ -25,6 +31,7 @@ restores the model bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +133,16 @@ class AdapterBranch(nn.Module):
         self._gain_key = None
         self._empty = True
         self.fixed_rank = 0
+        self._columns: list[int] = []
+        # optional learned gate: gate(x, y, outputs[K, *y.shape], columns[K]) -> the layer's total change
+        self.gate: Callable[..., torch.Tensor] | None = None
         for name in ("down_cat", "up_cat", "owner", "dense_cat", "dense_owner", "bias_cat", "bias_owner",
                      "dora_out_cat", "dora_out_owner", "dora_in_cat", "dora_in_owner"):
             self.register_buffer(name, None, persistent=False)
+
+    def set_gate(self, gate: Callable[..., torch.Tensor] | None) -> None:
+        """Attach (or, with ``None``, detach) a gate; it is not registered as a submodule of the model."""
+        object.__setattr__(self, "gate", gate)
 
     # -------------------------------------------------------------------------------------------- packing
     def _pack(self, device: torch.device, dtype: torch.dtype, layer: nn.Module) -> None:
@@ -163,6 +177,7 @@ class AdapterBranch(nn.Module):
         self.dora_in_cat = cat([e.dora_in[None] for _, e in din])
         self.dora_in_owner = owners([c for c, _ in din])
         self._empty = not cols and fixed is None
+        self._columns = [c for c, _ in cols]
         self._pack_key = key
         self._gain_key = None
 
@@ -182,6 +197,14 @@ class AdapterBranch(nn.Module):
                 f"mix state holds gains for {rows} samples but this layer sees a batch of {x.shape[0]}"
             )
         conv = isinstance(layer, nn.Conv2d)
+        if self.gate is not None and not conv:
+            if self.fixed_rank:  # the layer's own branch is part of the base output the gate sees
+                r = self.fixed_rank
+                y = y + F.linear(F.linear(x, self.down_cat[:r]), self.up_cat[:, :r])
+            if not self._columns:
+                return y
+            outputs = self.adapter_outputs(x, y, layer, gains)
+            return y + self.gate(x, y, outputs, self._columns)
 
         def per_sample(v: torch.Tensor) -> torch.Tensor:  # [G, K] -> broadcastable against the output
             return v.view(rows, v.shape[1], 1, 1) if conv else v.view(rows, *[1] * (y.dim() - 2), v.shape[1])
@@ -219,6 +242,53 @@ class AdapterBranch(nn.Module):
                 g = gains[:, self.dora_in_owner[i]].view(rows, *[1] * (y.dim() - 1))
                 out = out + wx * g
         return out
+
+    def adapter_outputs(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module,
+                        gains: torch.Tensor | None = None) -> torch.Tensor:
+        """Each active adapter's own change of a linear layer's output, at its gain: ``[K, *y.shape]``.
+
+        Row k belongs to adapter column ``self._columns[k]``; the rows sum to what the ungated branch adds on
+        top of the base output. ``y`` is the base output including the layer's fixed segment, if it has one (the
+        fixed segment is no adapter's output and is left out here).
+        """
+        self._pack(y.device, y.dtype, layer)
+        if gains is None:
+            gains = self.state.gains_for(self.block_id, y.device, y.dtype, self.layer_id)
+        rows = gains.shape[0]
+        lead = [1] * (y.dim() - 2)
+        parts: dict[int, list[torch.Tensor]] = {c: [] for c in self._columns}
+
+        def gain(c: int) -> torch.Tensor:
+            return gains[:, c].view(rows, *lead, 1)
+
+        r = self.fixed_rank
+        if self.down_cat is not None and self.down_cat.shape[0] > r:
+            h = F.linear(x, self.down_cat[r:]) * gains[:, self.owner[r:]].view(rows, *lead, -1)
+            up = self.up_cat[:, r:]
+            owner = self.owner[r:].tolist()
+            start = 0
+            while start < len(owner):
+                end = start
+                while end < len(owner) and owner[end] == owner[start]:
+                    end += 1
+                parts[owner[start]].append(F.linear(h[..., start:end], up[:, start:end]))
+                start = end
+        if self.dense_cat is not None:
+            z = F.linear(x, self.dense_cat).unflatten(-1, (self.dense_owner.numel(), -1))
+            for i, c in enumerate(self.dense_owner.tolist()):
+                parts[c].append(z[..., i, :] * gain(c))
+        if self.bias_cat is not None:
+            for i, c in enumerate(self.bias_owner.tolist()):
+                parts[c].append(gain(c) * self.bias_cat[i])
+        if self.dora_out_cat is not None:
+            wx = y if layer.bias is None else y - layer.bias
+            for i, c in enumerate(self.dora_out_owner.tolist()):
+                parts[c].append(wx * self.dora_out_cat[i] * gain(c))
+        if self.dora_in_cat is not None:
+            for i, c in enumerate(self.dora_in_owner.tolist()):
+                parts[c].append(layer._base_op(x * self.dora_in_cat[i], with_bias=False) * gain(c))
+        return torch.stack([sum(parts[c][1:], parts[c][0]).expand_as(y) if parts[c] else torch.zeros_like(y)
+                            for c in self._columns])
 
 
 class ComposedLinear(nn.Linear):

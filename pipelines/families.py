@@ -38,6 +38,8 @@ class Family:
     default_steps: int
     default_guidance: float
     block_presets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # the denoiser's ``timestep`` argument times this is the noise level in [0, 1] (SDXL: t/1000; FLUX: sigma)
+    timestep_scale: float = 1.0
 
     @property
     def pipeline_class(self):
@@ -105,6 +107,7 @@ SDXL = Family(
         "subject: deep blocks": {"te": 1.0, "down": 0.0, "up": 0.0, "down.2": 1.0, "mid": 1.0, "up.0": 1.0},
         "style: outer blocks": {"te": 0.0, "down.2": 0.0, "mid": 0.0, "up.0": 0.0},
     },
+    timestep_scale=1.0 / 1000.0,
 )
 
 FLUX = Family(
@@ -184,17 +187,21 @@ def _selector_matches(selector: str, block: str) -> bool:
     return block.startswith(selector + ".")
 
 
+def blocks_matching(family: Family, blocks: list[str], selector: str) -> list[str]:
+    """The blocks a selector (block name, group or index range) addresses; an error when none."""
+    matched = [b for b in blocks if _selector_matches(selector, b)]
+    if not matched:
+        raise StudioError(
+            f"block '{selector}' does not exist in this {family.name.upper()} model; blocks are: " + ", ".join(blocks)
+        )
+    return matched
+
+
 def resolve_block_weights(family: Family, blocks: list[str], spec: Mapping[str, float]) -> dict[str, float]:
     """Expand a block spec into one weight per block name (unnamed blocks keep weight 1)."""
     weights = {b: 1.0 for b in blocks}
     for selector, value in spec.items():
-        matched = [b for b in blocks if _selector_matches(selector, b)]
-        if not matched:
-            raise StudioError(
-                f"block '{selector}' does not exist in this {family.name.upper()} model; blocks are: "
-                + ", ".join(blocks)
-            )
-        for b in matched:
+        for b in blocks_matching(family, blocks, selector):
             weights[b] = value
     return weights
 

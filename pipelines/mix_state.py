@@ -10,7 +10,11 @@ One ``MixState`` belongs to one pipeline. It holds, for the N loaded adapters (i
   strategies whose choice changes layer by layer and step by step (K-LoRA); rows are the stable ids that
   :meth:`layer_id` hands out to composed layers;
 * ``active``: the adapters packed into the layers' branches right now. Changing it re-concatenates small
-  tensors on the next forward; it never re-parses files or re-injects layers.
+  tensors on the next forward; it never re-parses files or re-injects layers;
+* ``step_block_weights``: an optional second ``[blocks, N]`` multiplier of the denoiser blocks that a strategy
+  may change at every step (time-varying block schedules); ``None`` when unused;
+* ``timestep``: the denoiser's current timestep per sample, normalised to [0, 1] (set by the seam for
+  layers and gates that depend on it; ``None`` outside a denoiser call).
 
 Every change bumps ``version``; layers cache their expanded gains per version.
 """
@@ -32,6 +36,8 @@ class MixState:
         self.text_gains = torch.zeros(1, 0)
         self.denoiser_gains = torch.zeros(1, 0)
         self.block_weights = torch.ones(len(self.blocks), 0)
+        self.step_block_weights: torch.Tensor | None = None
+        self.timestep: torch.Tensor | None = None
         self.layer_index: dict[str, int] = {}
         self.layer_weights: torch.Tensor | None = None
         self._layer_source: torch.Tensor | None = None
@@ -54,6 +60,7 @@ class MixState:
         self.text_gains = torch.cat([self.text_gains, torch.zeros(self.text_gains.shape[0], 1)], dim=1)
         self.denoiser_gains = torch.cat([self.denoiser_gains, torch.zeros(self.denoiser_gains.shape[0], 1)], dim=1)
         self.block_weights = torch.cat([self.block_weights, torch.ones(len(self.blocks), 1)], dim=1)
+        self.step_block_weights = None
         self.layer_weights = None
         self._bump(repack=True)
         return len(self.names) - 1
@@ -65,6 +72,7 @@ class MixState:
         self.text_gains = self.text_gains[:, keep]
         self.denoiser_gains = self.denoiser_gains[:, keep]
         self.block_weights = self.block_weights[:, keep]
+        self.step_block_weights = None
         self.active = tuple(n for n in self.active if n != name)
         self.layer_weights = None
         self._bump(repack=True)
@@ -105,6 +113,20 @@ class MixState:
             self.block_weights[:, col] = column
             self._bump()
 
+    def set_step_block_weights(self, weights: torch.Tensor | None) -> None:
+        """This step's ``[blocks, N]`` multiplier of the denoiser blocks (``None``: none)."""
+        if weights is not None:
+            if tuple(weights.shape) != (len(self.blocks), len(self.names)):
+                raise ValueError(f"step block weights must be [{len(self.blocks)}, {len(self.names)}], "
+                                 f"got {tuple(weights.shape)}")
+            weights = weights.detach().float().cpu()
+        same = (weights is None and self.step_block_weights is None) or (
+            weights is not None and self.step_block_weights is not None
+            and torch.equal(weights, self.step_block_weights))
+        if not same:
+            self.step_block_weights = weights
+            self._bump()
+
     def set_layer_weights(self, table: torch.Tensor | None) -> None:
         """Per-layer multipliers ``[layers, N]`` (rows by :meth:`layer_id`; missing rows count as ones)."""
         if table is self._layer_source and (table is None) == (self.layer_weights is None):
@@ -124,8 +146,11 @@ class MixState:
         key = (block_id, device, dtype)
         cached = self._cache.get(key)
         if cached is None:
-            gains = self.text_gains if block_id in self.text_block_ids else self.denoiser_gains
-            cached = (gains * self.block_weights[block_id]).to(device=device, dtype=dtype)
+            text = block_id in self.text_block_ids
+            gains = (self.text_gains if text else self.denoiser_gains) * self.block_weights[block_id]
+            if self.step_block_weights is not None and not text:
+                gains = gains * self.step_block_weights[block_id]
+            cached = gains.to(device=device, dtype=dtype)
             self._cache[key] = cached
         table = self.layer_weights
         if table is None or layer_id is None or layer_id >= table.shape[0]:

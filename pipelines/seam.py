@@ -13,6 +13,12 @@ all in **one** batched forward. The pipeline's own loop, scheduler, classifier-f
 ``torch.compile`` are untouched: with guidance, averaging the lanes' conditional and unconditional
 predictions before the pipeline applies ``u + s (c - u)`` equals averaging each lane's guided prediction.
 The step index comes from ``callback_on_step_end`` (see :meth:`DenoiserSeam.on_step_end`).
+
+Two optional parts of a plan reach deeper: ``block_gains`` (a per-step ``[blocks, N]`` multiplier of the
+denoiser blocks, for time-varying block schedules) and ``extras["feature_cache"]`` (``{"keys": [...],
+"reuse": [...]}``, one entry per lane: lanes that reuse skip the deep blocks and take cached deep features,
+see :mod:`pipelines.feature_cache`). The seam also publishes the denoiser's timestep, normalised to [0, 1],
+as ``MixState.timestep`` for timestep-aware layers and gates.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from .families import Family
+from .feature_cache import DeepFeatureCache, deep_span
 from .mix_state import MixState
 
 
@@ -32,6 +39,7 @@ from .mix_state import MixState
 class StepPlan:
     """What to run at one step: ``gains[L, N]`` per lane, ``weights[L]`` to reduce, text lane per lane.
 
+    ``block_gains[blocks, N]`` (optional) multiplies each adapter's gain per denoiser block for this step.
     ``layer_weights[layers, N]`` (optional) multiplies every lane's gains layer by layer (rows are
     :meth:`MixState.layer_id` ids), for strategies that pick adapters per layer (K-LoRA).
     """
@@ -40,6 +48,7 @@ class StepPlan:
     weights: torch.Tensor
     text_lanes: list[int] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    block_gains: torch.Tensor | None = None
     layer_weights: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -52,6 +61,10 @@ class StepPlan:
                              f"{tuple(self.gains.shape)}")
         if self.text_lanes is not None and len(self.text_lanes) != self.gains.shape[0]:
             raise ValueError("one text lane per denoiser lane")
+        if self.block_gains is not None and (self.block_gains.dim() != 2
+                                             or self.block_gains.shape[1] != self.gains.shape[1]):
+            raise ValueError(f"bad plan: block gains {tuple(self.block_gains.shape)} for gains "
+                             f"{tuple(self.gains.shape)}")
 
     @property
     def lanes(self) -> int:
@@ -134,6 +147,7 @@ class DenoiserSeam:
         self._handles: list = []
         self._pending: tuple | None = None
         self._saved_gains = None
+        self.feature_cache: DeepFeatureCache | None = None
         denoiser: nn.Module = getattr(pipe, family.denoiser)
         self._signature = inspect.signature(type(denoiser).forward)
 
@@ -152,8 +166,12 @@ class DenoiserSeam:
             handle.remove()
         self._handles = []
         self._pending = None
+        if self.feature_cache is not None:
+            self.feature_cache.remove()
         self.state.set_gains(denoiser=self._saved_gains)
+        self.state.set_step_block_weights(None)
         self.state.set_layer_weights(None)
+        self.state.timestep = None
 
     def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """Use as (part of) ``callback_on_step_end``: advances the step the next plan is made for."""
@@ -178,8 +196,11 @@ class DenoiserSeam:
         batch = main.shape[0]
         lanes = plan.lanes
         substitute = self.conditioning is not None and plan.text_lanes is not None
+        self.state.set_step_block_weights(plan.block_gains)
+        self._plan_feature_cache(module, plan, batch)
         if lanes == 1 and not substitute:
             self.state.set_gains(denoiser=plan.gains)
+            self._publish_timestep(bound, batch)
             self._pending = None
             return None
         new = dict(bound)
@@ -193,8 +214,29 @@ class DenoiserSeam:
                 if isinstance(value, torch.Tensor):
                     _set(new, name, self.conditioning.substitute(name, value, plan.text_lanes))
         self.state.set_gains(denoiser=plan.gains.repeat_interleave(batch, dim=0))
+        self._publish_timestep(new, batch * lanes)
         self._pending = (lanes, batch, plan.weights)
         return (), new
+
+    def _publish_timestep(self, arguments: dict, rows: int) -> None:
+        t = arguments.get("timestep")
+        if not isinstance(t, torch.Tensor):
+            self.state.timestep = None if t is None else torch.full((1,), float(t) * self.family.timestep_scale)
+            return
+        t = t.detach().float().reshape(-1) * self.family.timestep_scale
+        self.state.timestep = t if t.numel() in (1, rows) else t[:1]
+
+    def _plan_feature_cache(self, module: nn.Module, plan: StepPlan, batch: int) -> None:
+        request = plan.extras.get("feature_cache")
+        if request is None or plan.lanes == 1:
+            if self.feature_cache is not None:
+                self.feature_cache.pause()
+            return
+        if len(request["keys"]) != plan.lanes:
+            raise ValueError(f"feature cache request names {len(request['keys'])} lanes, the plan has {plan.lanes}")
+        if self.feature_cache is None:
+            self.feature_cache = DeepFeatureCache(deep_span(module, self.family.name), self.state).install()
+        self.feature_cache.begin(self.step, batch, request["keys"], request["reuse"])
 
     def _after(self, module, args, output):
         if self._pending is None:

@@ -79,9 +79,12 @@ class Studio:
         offload: bool = False,
         config: str | None = None,
         lora_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
     ):
         self.model = model
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
+        # derived data strategies keep between runs (e.g. CMLoRA frequency profiles); None: their default
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.pipe, self.family = load_pipeline(model, device=device, dtype=dtype, offload=offload, config=config)
         self.defaults = model_defaults(base_model_name(model))
         self.composer = Composer(self.pipe, self.family)
@@ -218,28 +221,79 @@ class Studio:
             progress = step / steps
             return torch.tensor([s.weight if s.start <= progress < s.end else 0.0 for s in specs])
 
+        def columns_of(stack: list[str]) -> Callable[..., torch.Tensor]:
+            """Rows over ``stack`` -> rows over all loaded adapter columns (``fill`` elsewhere)."""
+
+            def to_columns(rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+                out = torch.full((rows.shape[0], len(state.names)), fill)
+                if stack:
+                    out[:, torch.tensor([state.column(n) for n in stack], dtype=torch.long)] = rows
+                return out
+
+            return to_columns
+
         step_weights = torch.stack([weights_at(s) for s in range(steps)]) if specs else torch.zeros(steps, 0)
+        render = self._substack_renderer(names, columns_of(names), prompt=prompt, negative_prompt=negative_prompt,
+                                         seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                                         pipeline_kwargs=pipeline_kwargs)
+        loaded = self.loaded()
         run = RunContext(names=names, weights=weights, num_steps=steps, family=self.family.name, pipe=self.pipe,
-                         composer=self.composer, sources=[str(s.source) for s in specs], step_weights=step_weights)
-        strat.prepare(run)
-        stack = list(run.stack)  # the K LoRAs, or the adapters the strategy derived from them
-        columns = torch.tensor([state.column(n) for n in stack], dtype=torch.long)
+                         composer=self.composer, sources=[str(s.source) for s in specs], render=render,
+                         model=self.model, hashes=[loaded[n].sha256 for n in names],
+                         cache_dir=str(self.cache_dir) if self.cache_dir else None,
+                         settings={"width": width, "height": height, "guidance": guidance,
+                                   "negative_prompt": negative_prompt, "seed": seed, "steps": steps},
+                         step_weights=step_weights)
+        try:
+            strat.prepare(run)
+            t_prepared = time.perf_counter()
+            stack = list(run.stack)  # the K LoRAs, or the adapters the strategy derived from them
+            to_columns = columns_of(stack)
 
-        def to_columns(rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-            out = torch.full((rows.shape[0], len(state.names)), fill)
-            if len(stack):
-                out[:, columns] = rows
-            return out
+            def plan_for_step(step: int) -> StepPlan:
+                if not specs:
+                    return StepPlan(gains=torch.zeros(1, len(state.names)), weights=torch.ones(1), text_lanes=[0])
+                plan = strat.plan(StepContext(step=step, num_steps=steps, weights=step_weights[step]))
+                block_gains = None if plan.block_gains is None else to_columns(plan.block_gains, fill=1.0)
+                layer_weights = None if plan.layer_weights is None else to_columns(plan.layer_weights, fill=1.0)
+                return StepPlan(gains=to_columns(plan.gains), weights=plan.weights, text_lanes=plan.text_lanes,
+                                extras=plan.extras, block_gains=block_gains, layer_weights=layer_weights)
 
-        def plan_for_step(step: int) -> StepPlan:
-            if not specs:
-                return StepPlan(gains=torch.zeros(1, len(state.names)), weights=torch.ones(1), text_lanes=[0])
-            plan = strat.plan(StepContext(step=step, num_steps=steps, weights=step_weights[step]))
-            layer_weights = None if plan.layer_weights is None else to_columns(plan.layer_weights, fill=1.0)
-            return StepPlan(gains=to_columns(plan.gains), weights=plan.weights, text_lanes=plan.text_lanes,
-                            extras=plan.extras, layer_weights=layer_weights)
+            text_lanes = to_columns(strat.text_lanes(weights)) if specs else torch.zeros(1, len(state.names))
+            images, recipes, latents = self._render_images(
+                strat, specs, names, stack, plan_for_step, text_lanes, prompt=prompt,
+                negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+                height=height, count=count, callback=callback, output_type=output_type,
+                pipeline_kwargs=pipeline_kwargs)
+        finally:
+            strat.finish(run)
+        t_end = time.perf_counter()
+        warnings = [f"{self.loaded()[n].source}: {len(self.loaded()[n].skipped)} modules match no layer and were skipped"
+                    for n in names if self.loaded()[n].skipped]
+        return Result(images=images, recipes=recipes, latents=latents, warnings=warnings,
+                      timings={"load_s": t_load - t0, "prepare_s": t_prepared - t_load, "render_s": t_end - t_load,
+                               "total_s": t_end - t0, "per_image_s": (t_end - t_prepared) / count},
+                      strategy_info=dict(strat.info))
 
-        text_lanes = to_columns(strat.text_lanes(weights)) if specs else torch.zeros(1, len(state.names))
+    def _substack_renderer(self, names, to_columns, *, prompt, negative_prompt, seed, steps, guidance, width,
+                           height, pipeline_kwargs) -> Callable[..., Any]:
+        """``RunContext.render``: one image with the stack at gains ``row`` ([K]), float array [H, W, 3]."""
+
+        def render(row, *, steps: int | None = steps, prompt: str | None = prompt, seed: int | None = seed):
+            gains = to_columns(torch.as_tensor(row, dtype=torch.float32).reshape(1, -1))
+            output, _ = run_pipeline(
+                self.composer, stack=names, plan_for_step=lambda step: StepPlan(gains=gains, weights=torch.ones(1)),
+                text_lanes=gains, prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=int(steps),
+                guidance_scale=guidance, width=width, height=height,
+                generator=torch.Generator(self.device.type).manual_seed(int(seed)), output_type="np",
+                pipeline_kwargs=pipeline_kwargs,
+            )
+            return output.images[0]
+
+        return render
+
+    def _render_images(self, strat, specs, names, stack, plan_for_step, text_lanes, *, prompt, negative_prompt,
+                       seed, steps, guidance, width, height, count, callback, output_type, pipeline_kwargs):
         images, recipes, latents = [], [], []
         for k in range(count):
             generator = torch.Generator(self.device.type).manual_seed(seed + k)
@@ -264,13 +318,7 @@ class Studio:
                 latents.append(image)
             recipes.append(self._recipe(prompt, negative_prompt, specs, names, strat, seed + k, steps, guidance,
                                         width, height))
-        t_end = time.perf_counter()
-        warnings = [f"{self.loaded()[n].source}: {len(self.loaded()[n].skipped)} modules match no layer and were skipped"
-                    for n in names if self.loaded()[n].skipped]
-        return Result(images=images, recipes=recipes, latents=latents, warnings=warnings,
-                      timings={"load_s": t_load - t0, "render_s": t_end - t_load, "total_s": t_end - t0,
-                               "per_image_s": (t_end - t_load) / count},
-                      strategy_info=dict(strat.info))
+        return images, recipes, latents
 
     def reproduce(self, recipe: Recipe, **overrides: Any) -> Result:
         """Render ``recipe`` again (its model must be this studio's model)."""

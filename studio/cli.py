@@ -5,6 +5,7 @@
     studio render --recipe out/composite-seed7.png          # reproduce an image (or a .toml recipe)
     studio library ~/loras                                   # what is in a LoRA folder
     studio strategies                                        # registered strategies and their parameters
+    studio train-gates --lora a.safetensors --lora b.safetensors   # learned gates for `--strategy gated`
     studio batch grid.toml --out out/grid                    # grids / prompt lists, CLIPScore, HTML report
     studio score out/grid                                    # (re)score a folder
     studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
@@ -212,6 +213,10 @@ from studio.quantize import quantize as _quantize  # noqa: E402  (its own module
 app.command(name="quantize")(_quantize)
 
 app.command(name="merge")(merge_command)
+
+from studio.train_gates import train_gates_command  # noqa: E402
+
+app.command(name="train-gates")(train_gates_command)
 
 
 def _register_subcommands() -> None:

@@ -81,7 +81,8 @@ def save_merge(
 
 
 def format_strategy_info(info: Mapping[str, Any]) -> list[str]:
-    """Human-readable lines for what a strategy measured (interference of the qr merge, K-LoRA's gamma)."""
+    """Human-readable lines for what a strategy measured (interference of the qr merge, K-LoRA's gamma, CMLoRA's
+    frequency order, the gates ``gated`` used)."""
     lines = []
     qr = info.get("qr")
     if qr:
@@ -98,6 +99,14 @@ def format_strategy_info(info: Mapping[str, Any]) -> list[str]:
         share = klora["subject_share_per_step"]
         lines.append(f"K-LoRA: gamma {klora['gamma']:.4f} over {klora['layers']} layers; subject LoRA applied on "
                      f"{100 * share[0]:.0f}% of them at the first step, {100 * share[-1]:.0f}% at the last")
+    cmlora = info.get("cmlora")
+    if cmlora:
+        scores = cmlora["scores"]
+        order = ", ".join(n if scores is None else f"{n} ({scores[n]:.3f})" for n in cmlora["order"])
+        lines.append(f"CMLoRA dominant order ({'stack order' if scores is None else 'frequency score'}): {order}")
+    gated = info.get("gated")
+    if gated:
+        lines.append(f"gated: {gated['used']}")
     return lines
 
 

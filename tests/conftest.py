@@ -63,6 +63,21 @@ def flux_qr_loras(lora_dir) -> list[Path]:
     ]
 
 
+@pytest.fixture(scope="module")
+def studio_for():
+    """``studio_for(family)``: one tiny Studio per family, shared by the tests of a module."""
+    from studio import Studio
+
+    made = {}
+
+    def get(family: str) -> "Studio":
+        if family not in made:
+            made[family] = Studio(f"tiny-{family}")
+        return made[family]
+
+    return get
+
+
 def unet_inputs(batch: int = 2, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return dict(

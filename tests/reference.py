@@ -17,12 +17,13 @@ def load_adapters(pipe, files, names=None):
 
 
 def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, negative_prompt, steps, guidance, seed,
-              size=64, shared_text_encoding=False):
+              size=64, shared_text_encoding=False, lane_context=None):
     """Run ``pipe`` where each step averages the denoiser predictions of ``lanes_for_step(step)``.
 
     ``lanes_for_step`` returns ``[(adapter index, reduce weight), ...]``; lane i runs with only adapter i at
     its weight, conditioned on the prompt encoded with only adapter i active (or, with
     ``shared_text_encoding``, with all adapters active: the released Composite code's behaviour).
+    ``lane_context(step, index)``, if given, returns a context manager each lane's pass runs inside (e.g. hooks).
     """
     embeds = []
     for name, w in zip(names, weights):
@@ -54,7 +55,11 @@ def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, nega
                 kw["added_cond_kwargs"] = {**kw["added_cond_kwargs"], "text_embeds": embeds[index]["text_embeds"]}
             else:
                 kw["pooled_projections"] = embeds[index]["pooled_projections"]
-            out = out + reduce_weight * original(*args, **kw)[0]
+            if lane_context is None:
+                out = out + reduce_weight * original(*args, **kw)[0]
+            else:
+                with lane_context(step["i"], index):
+                    out = out + reduce_weight * original(*args, **kw)[0]
         return (out,)
 
     def on_step_end(p, i, t, kw):
