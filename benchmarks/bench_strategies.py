@@ -90,7 +90,7 @@ def load_studio(family_name: str, arch: str, workdir: Path):
     family = SDXL if family_name == "sdxl" else FLUX
     if arch == "tiny":
         build = build_tiny_sdxl if family is SDXL else build_tiny_flux
-        return Studio(f"tiny-{family_name}", cache_dir=workdir / "cache"), family, build
+        return Studio(f"tiny-{family_name}-random", cache_dir=workdir / "cache"), family, build
     build = (lambda: archs.sdxl(8)) if family is SDXL else (lambda: archs.flux(8))
     folder = workdir / f"model-{family_name}"
     build().save_pretrained(str(folder))

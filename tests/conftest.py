@@ -72,7 +72,7 @@ def studio_for():
 
     def get(family: str) -> "Studio":
         if family not in made:
-            made[family] = Studio(f"tiny-{family}")
+            made[family] = Studio(f"tiny-{family}-random")
         return made[family]
 
     return get

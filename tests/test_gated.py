@@ -93,7 +93,7 @@ def test_gates_on_a_4bit_model_see_its_own_branch_as_base(sdxl_loras, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the 4-bit reference path is many small ops (see test_quant_pipeline)
     try:
-        _, folder = convert("tiny-sdxl", tmp_path / "q", QuantConfig(fmt="int4", rank=8, alphas=None), None)
+        _, folder = convert("tiny-sdxl-random", tmp_path / "q", QuantConfig(fmt="int4", rank=8, alphas=None), None)
         studio = Studio(str(folder))
         names = studio.load(sdxl_loras[:2])
         composer, state = studio.composer, studio.composer.state
@@ -270,7 +270,7 @@ def test_train_gates_api_keeps_the_model_frozen_and_gated_uses_the_gates(studio_
     before = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items()}
     trained = train_gates(studio, files, config=GateTraining(steps=2, renders=1, render_steps=2, seed=1,
                                                                     size=32))
-    assert trained.path == gates_path(files, "tiny-sdxl", [studio.loaded()[n].sha256 for n in studio.load(files)])
+    assert trained.path == gates_path(files, "tiny-sdxl-random", [studio.loaded()[n].sha256 for n in studio.load(files)])
     assert trained.path.parent == tmp_path / "stack" and trained.path.exists()
     assert len(trained.losses) == 2 and all(np.isfinite(trained.losses))
     after = studio.pipe.unet.state_dict()
@@ -279,7 +279,7 @@ def test_train_gates_api_keeps_the_model_frozen_and_gated_uses_the_gates(studio_
     loaded = GateSet.load(trained.path, studio.composer, studio.load(files))
     assert any(float(g.w_out.detach().sub(0.512).abs().max()) > 0 for g in loaded.gates)  # the gates moved
     assert any(float(g.w_time.detach().abs().max()) > 0 for g in loaded.gates)  # so did the timestep term
-    assert loaded.metadata["model"] == "tiny-sdxl" and '"lora0.safetensors"' in loaded.metadata["loras"]
+    assert loaded.metadata["model"] == "tiny-sdxl-random" and '"lora0.safetensors"' in loaded.metadata["loras"]
 
     strat, learned, seen = _timesteps_seen_by_gates(studio, files)
     assert strat.used.startswith("learned gates") and strat.info["gated"]["used"] == strat.used
@@ -297,7 +297,7 @@ def test_train_gates_cli_on_flux_and_gated_render(studio_for, flux_loras, tmp_pa
     from studio.cli import app
 
     files = _copy(flux_loras, tmp_path / "flux-stack")
-    result = CliRunner().invoke(app, ["train-gates", "--model", "tiny-flux", "--lora", files[0], "--lora",
+    result = CliRunner().invoke(app, ["train-gates", "--model", "tiny-flux-random", "--lora", files[0], "--lora",
                                       f"{files[1]}:0.8", "--steps", "2", "--renders", "1", "--render-steps", "2",
                                       "--size", "32", "--caption", "0=a zorb", "--seed", "3"])
     assert result.exit_code == 0, result.output
