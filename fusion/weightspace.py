@@ -174,7 +174,7 @@ class WeightMerge(Strategy):
                 parts.append(LayerPart(i, name, w, entry, kind))
             if parts:
                 merged = self.merge_layer(key, parts, layer.weight)
-                if merged is not None:
+                if merged is not None and not _is_empty(merged):
                     deltas[key] = merged
         self.info.update(self.end_merge(names))
         params = ", ".join(f"{k}={v}" for k, v in self.values.items())
@@ -241,6 +241,11 @@ class WeightMerge(Strategy):
         derived = [n for n, a in composer.adapters.items() if a.derived_from and n not in keep]
         for name in derived[: max(0, len(derived) + len(keep) - MAX_DERIVED)]:
             composer.remove(name)
+
+
+def _is_empty(delta: LayerDelta) -> bool:
+    """A merged layer with nothing left (rank 0, e.g. LoRA factors that are all zero in that layer)."""
+    return delta.dense is None and delta.bias is None and (delta.down is None or delta.down.shape[0] == 0)
 
 
 def merge_stack(strategy: WeightMerge, composer, names: list[str], weights: Iterable[float]) -> ParsedLora:

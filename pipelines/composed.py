@@ -84,7 +84,7 @@ def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
             raise ValueError("DoRA needs the base weights, which are not loaded (meta device)")
         s = dora.norm_scale(weight.detach().cpu(), delta.to(device="cpu"))
     out = PreparedDelta()
-    if delta.down is not None:
+    if delta.down is not None and delta.down.shape[0] > 0:  # a merge can leave a dense part and rank 0
         rank = delta.rank
         down = delta.down.float()
         if down[0].numel() != int(torch.tensor(kernel).prod()):

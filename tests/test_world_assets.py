@@ -63,12 +63,13 @@ def test_every_shipped_lora_parses_with_its_format_and_metadata(studio):
         assert qr.info.format == "qr-lora" and qr.deltas
 
 
-@pytest.mark.parametrize("strategy", sorted(REGISTRY))
+@pytest.mark.parametrize("strategy", [*sorted(REGISTRY), "qr[qr-lora]"])
 def test_every_strategy_composes_the_world_loras(studio, strategy):
     family = studio.family.name
     names = ["subject-zorb", "style-striped"] if strategy == "klora" else ["subject-zorb", "style-striped",
                                                                         "background-bricks"]
-    folder = "qr-loras" if strategy == "qr" else "loras"
+    folder = "qr-loras" if strategy == "qr[qr-lora]" else "loras"
+    strategy = strategy.removesuffix("[qr-lora]")
     loras = [str(ASSETS / folder / f"tiny-{family}" / f"{n}.safetensors") for n in names]
     base = np.asarray(studio.compose(PROMPT, [], "merge", steps=4, seed=0).image, dtype=np.float32)
     image = np.asarray(studio.compose(PROMPT, loras, strategy, steps=4, seed=0).image, dtype=np.float32)
