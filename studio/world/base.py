@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataSet, drop_captions
+from .data import DataSet
 from .models import T5_MAX_LENGTH, world_flux, world_sdxl
-from .objectives import LOSSES, noise_scheduler_for
+from .objectives import denoiser_step_fn
 from .trainer import Checkpoint, device, param_groups, train
 
 SEEDS = {"sdxl": 2001, "flux": 2002}
@@ -52,20 +51,10 @@ def train_base(family: str, workdir: Path, vae, tokenizer_dir: Path, data: DataS
         module.train()
         groups += param_groups(module, 1e-2)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
-    loss_fn, noise_scheduler, seed = LOSSES[family], noise_scheduler_for(family), SEEDS[family]
+    seed = SEEDS[family]
 
-    def step_fn(step: int) -> float:
-        rng = np.random.default_rng([seed, step])
-        index = rng.integers(len(data), size=batch_size)
-        _, captions, _ = data.take(index)
-        captions = drop_captions(captions, 0.1, seed, step)
-        gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    step_fn = denoiser_step_fn(family, pipe, data, latents, seed=seed, batch_size=batch_size, drop_rate=0.1,
+                               params=[p for g in groups for p in g["params"]], optimizer=optimizer)
 
     train(f"base-{family}", Checkpoint(workdir / f"base-{family}", modules, optimizer), steps, step_fn, lr=lr,
           every=250, warmup=200)

@@ -18,14 +18,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .concepts import HELD_OUT, HeldOut
-from .data import DataSet, drop_captions
-from .objectives import LOSSES, noise_scheduler_for
+from .data import DataSet
+from .objectives import denoiser_step_fn
 from .trainer import Checkpoint, device, train
 
 SDXL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -159,20 +158,9 @@ def train_lora(job: LoraJob, pipe, data: DataSet, latents: torch.Tensor, workdir
         p.requires_grad_(True)
     bag = ParamBag(named)
     optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=0.0)
-    loss_fn, noise_scheduler = LOSSES[job.family], noise_scheduler_for(job.family)
 
-    def step_fn(step: int) -> float:
-        rng = np.random.default_rng([seed, step])
-        index = rng.integers(len(data), size=batch_size)
-        _, captions, _ = data.take(index)
-        captions = drop_captions(captions, 0.05, seed, step)
-        gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    step_fn = denoiser_step_fn(job.family, pipe, data, latents, seed=seed, batch_size=batch_size, drop_rate=0.05,
+                               params=named.values(), optimizer=optimizer)
 
     train(f"lora-{job.family}-{job.name}", Checkpoint(workdir / f"lora-{job.family}-{job.name}", {"lora": bag},
                                                       optimizer), steps, step_fn, lr=lr, every=200, warmup=50)

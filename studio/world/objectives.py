@@ -13,6 +13,9 @@ latents are the VAE posterior means, scaled the way each pipeline un-scales them
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +79,28 @@ def noise_scheduler_for(family: str):
         return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                              num_train_timesteps=1000)
     return None
+
+
+def denoiser_step_fn(family: str, pipe, data, latents: torch.Tensor, *, seed: int, batch_size: int,
+                     drop_rate: float, params, optimizer) -> Callable[[int], float]:
+    """The training step shared by the base, LoRA and QR-LoRA stages: a batch drawn from ``(seed, step)``,
+    ``drop_rate`` of its captions emptied, the family's loss, clipped gradients on ``params``, one optimizer step."""
+    from .data import drop_captions
+    from .trainer import device
+
+    loss_fn, noise_scheduler, params = LOSSES[family], noise_scheduler_for(family), list(params)
+
+    def step_fn(step: int) -> float:
+        rng = np.random.default_rng([seed, step])
+        index = rng.integers(len(data), size=batch_size)
+        _, captions, _ = data.take(index)
+        captions = drop_captions(captions, drop_rate, seed, step)
+        gen = torch.Generator().manual_seed(seed * 100_003 + step)
+        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step_fn

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +19,8 @@ from pipelines.adapters.qr_lora import qr_bases, save_qr_lora
 from pipelines.families import FAMILIES
 
 from .concepts import HELD_OUT, HeldOut
-from .data import DataSet, drop_captions
-from .objectives import LOSSES, noise_scheduler_for
+from .data import DataSet
+from .objectives import denoiser_step_fn
 from .trainer import Checkpoint, device, train
 
 RANK = 16
@@ -63,20 +62,9 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
     delta = DeltaR(bases)
     handles = attach(pipe, family, delta)
     optimizer = torch.optim.AdamW(delta.parameters(), lr=lr, weight_decay=0.0)
-    loss_fn, noise_scheduler = LOSSES[family], noise_scheduler_for(family)
 
-    def step_fn(step: int) -> float:
-        rng = np.random.default_rng([seed, step])
-        index = rng.integers(len(data), size=batch_size)
-        _, captions, _ = data.take(index)
-        captions = drop_captions(captions, 0.05, seed, step)
-        gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    step_fn = denoiser_step_fn(family, pipe, data, latents, seed=seed, batch_size=batch_size, drop_rate=0.05,
+                               params=delta.parameters(), optimizer=optimizer)
 
     try:
         train(f"qr-{family}-{concept.name}", Checkpoint(workdir / f"qr-{family}-{concept.name}", {"delta": delta},
