@@ -65,6 +65,17 @@ def flux_qr_loras(lora_dir) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the 4-bit
+    reference path runs many small ops per layer, and on the shared 2-core test machine intra-op threads make
+    them 10-40x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def studio_for():
     """``studio_for(family)``: one tiny Studio per family, shared by the tests of a module."""
     from studio import Studio

@@ -16,14 +16,7 @@ from pipelines.quant.targets import Target
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The 4-bit reference path runs many small ops per layer; on the shared 2-core test machine intra-op
-    threads make them 10-40x slower (measured), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def outlier_layer(n_in=256, n_out=192, seed=0):

@@ -29,14 +29,7 @@ from studio.cli import app
 FAST = dict(alphas=(0.25, 0.5, 0.75))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The 4-bit reference path runs many small ops per layer; on the shared 2-core test machine intra-op
-    threads make them 10-40x slower (measured), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def calibration():
