@@ -93,6 +93,11 @@ def test_qr_bases_create_what_the_released_code_computes(flux_studio, flux_qr_lo
     wrong = save_qr_lora(tmp_path / "wrong.safetensors", scaled, delta_r, alpha=4.0)
     with pytest.raises(IncompatibleLoraError, match="another alpha"):
         studio.load([wrong])
+    # a half-precision file (how the world's QR-LoRAs ship) passes the base check and keeps the delta to fp16
+    half = save_qr_lora(tmp_path / "half.safetensors", scaled, delta_r, alpha=8.0, dtype=torch.float16)
+    assert {v.dtype for v in load_file(str(half)).values()} == {torch.float16}
+    name = studio.load([half])[0]
+    torch.testing.assert_close(studio.composer.delta_weight(name, key), 2.0 * q @ delta_r[key], atol=2e-3, rtol=1e-2)
     studio.unload()
 
 

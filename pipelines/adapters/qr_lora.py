@@ -68,9 +68,10 @@ def triu_mask(rank: int, in_features: int) -> torch.Tensor:
 def qr_lora_tensors(
     bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     delta_r: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """The file's tensors: ``<layer>.lora.q.weight``, ``.lora.base_r.weight``, ``.lora.delta_r.weight``
-    (ΔR = 0 where ``delta_r`` has no entry)."""
+    (ΔR = 0 where ``delta_r`` has no entry), stored as ``dtype``."""
     delta_r = dict(delta_r or {})
     unknown = sorted(set(delta_r) - set(bases))
     if unknown:
@@ -81,9 +82,9 @@ def qr_lora_tensors(
         d = torch.zeros_like(r) if d is None else d
         if d.shape != r.shape:
             raise ValueError(f"{key}: ΔR has shape {tuple(d.shape)}, R has {tuple(r.shape)}")
-        out[f"{key}.{qr.Q_SUFFIX}"] = q.detach().float().contiguous().cpu()
-        out[f"{key}.{qr.R_SUFFIX}"] = r.detach().float().contiguous().cpu()
-        out[f"{key}.{qr.DELTA_SUFFIX}"] = d.detach().float().contiguous().cpu()
+        out[f"{key}.{qr.Q_SUFFIX}"] = q.detach().to(dtype).contiguous().cpu()
+        out[f"{key}.{qr.R_SUFFIX}"] = r.detach().to(dtype).contiguous().cpu()
+        out[f"{key}.{qr.DELTA_SUFFIX}"] = d.detach().to(dtype).contiguous().cpu()
     return out
 
 
@@ -96,12 +97,14 @@ def save_qr_lora(
     variant: str = "full",
     base_model: str = "",
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a QR-LoRA ``.safetensors`` file (format in :mod:`.kinds.qr`); ``extra_tensors`` (e.g. a PEFT
-    text-encoder LoRA with ``text_encoder.`` keys) are stored alongside."""
+    text-encoder LoRA with ``text_encoder.`` keys) are stored alongside. ``dtype`` (e.g. float16 to halve the
+    file) applies to Q, R and ΔR; the load-time base check tolerates half-precision copies."""
     if variant not in ("full", "triu"):
         raise ValueError(f"variant must be 'full' or 'triu', got {variant!r}")
-    tensors = qr_lora_tensors(bases, delta_r)
+    tensors = qr_lora_tensors(bases, delta_r, dtype)
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
     ranks = sorted({q.shape[1] for q, _ in bases.values()})
     metadata = {"qr_lora.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks), "qr_lora.variant": variant,

@@ -4,7 +4,7 @@ For every targeted linear layer the base weight gives a frozen basis (top-r SVD,
 :mod:`pipelines.adapters.kinds.qr`); only ``ΔR`` (r x in, initialised to zero) trains, in the layer
 ``W x + s·Q ΔR x``, which equals the paper's ``W_res x + s·Q (R + ΔR) x``. All concepts of one family share the
 same Q and R (same base, rank and precision), which is what makes their ΔR mergeable. The "triu" variant of the
-paper is not used (full ΔR). Saved in the studio's QR-LoRA file format (:func:`save_qr_lora`).
+paper is not used (full ΔR). Saved in the studio's QR-LoRA file format (:func:`save_qr_lora`), in float16.
 """
 
 from __future__ import annotations
@@ -74,5 +74,6 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
             handle.remove()
     out.parent.mkdir(parents=True, exist_ok=True)
     delta_r = {k: d.detach().cpu().clone() for k, d in zip(delta.keys, delta.delta)}
-    save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}")
+    save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}",
+                 dtype=torch.float16)
     return out
