@@ -82,8 +82,10 @@ def test_the_whole_build_runs_and_its_products_load(tmp_path):
     from studio.world.judge import load_judge
 
     assets = tmp_path / "assets"
-    run(["data", "vae", "judge", "clip", "base-sdxl", "loras-sdxl", "qr-sdxl"],
-        BuildConfig(workdir=tmp_path / "work", assets=assets, scale=0.001))
+    config = BuildConfig(workdir=tmp_path / "work", assets=assets, scale=0.001)
+    run(["data", "vae", "judge", "clip", "base-sdxl", "loras-sdxl"], config, ("subject-zorb",))
+    assert [p.name for p in (assets / "loras" / "tiny-sdxl").iterdir()] == ["subject-zorb.safetensors"]
+    run(["loras-sdxl", "qr-sdxl"], config)  # the rest; the zorb LoRA is not trained again
     folder = assets / "models" / "tiny-sdxl"
     assert (folder / "model_index.json").exists() and (folder / "studio_defaults.json").exists()
     loras = sorted(p.name for p in (assets / "loras" / "tiny-sdxl").glob("*.safetensors"))
@@ -102,6 +104,15 @@ def test_the_whole_build_runs_and_its_products_load(tmp_path):
     lora = assets / "loras" / "tiny-sdxl" / "style-striped.safetensors"  # LyCORIS LoHa, written by lycoris
     image = studio.compose("a large red zorb, striped", [str(lora)], "merge", steps=2, seed=0).image
     assert image.size == (64, 64)
+
+
+def test_lora_steps_scale_with_the_concept_category():
+    from studio.world.build import BuildConfig
+
+    config = BuildConfig()
+    assert (config.steps("lora", "subject"), config.steps("lora", "style"), config.steps("lora", "background")) == (
+        config.lora_steps, 3 * config.lora_steps, 2 * config.lora_steps)
+    assert config.steps("vae") == config.vae_steps and BuildConfig(scale=0.001).steps("lora", "style") == 10
 
 
 def test_composlora_mini_has_every_2_and_3_lora_composition():

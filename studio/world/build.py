@@ -137,11 +137,13 @@ class World:
         return pipe
 
     # --------------------------------------------------------------------------------------------- LoRAs
-    def loras(self, family: str) -> list[Path]:
+    def loras(self, family: str, only: tuple[str, ...] = ()) -> list[Path]:
         from .loras import jobs, train_lora
 
         out = []
         for job in jobs(family):
+            if only and job.name not in only:
+                continue
             path = self.config.assets / "loras" / f"tiny-{family}" / f"{job.name}.safetensors"
             marker = self.work / f"lora-{family}-{job.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
@@ -152,11 +154,13 @@ class World:
         return out
 
 
-    def qr_loras(self, family: str) -> list[Path]:
+    def qr_loras(self, family: str, only: tuple[str, ...] = ()) -> list[Path]:
         from .qr_lora import train_qr_lora
 
         out = []
         for concept in HELD_OUT:
+            if only and concept.name not in only:
+                continue
             path = self.config.assets / "qr-loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
             marker = self.work / f"qr-{family}-{concept.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
@@ -171,7 +175,9 @@ STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "loras-sdxl"
           "qr-flux")
 
 
-def run(stages, config: BuildConfig) -> None:
+def run(stages, config: BuildConfig, concepts: tuple[str, ...] = ()) -> None:
+    """Run ``stages`` in order; ``concepts`` restricts the LoRA and QR-LoRA stages to those held-out concepts
+    (e.g. to retrain one LoRA, or to train two families' LoRAs in parallel processes)."""
     world = World(config)
     for stage in stages:
         t0 = time.time()
@@ -187,9 +193,9 @@ def run(stages, config: BuildConfig) -> None:
         elif stage.startswith("base-"):
             world.base(stage.removeprefix("base-"))
         elif stage.startswith("loras-"):
-            world.loras(stage.removeprefix("loras-"))
+            world.loras(stage.removeprefix("loras-"), concepts)
         elif stage.startswith("qr-"):
-            world.qr_loras(stage.removeprefix("qr-"))
+            world.qr_loras(stage.removeprefix("qr-"), concepts)
         print(f"[world] stage {stage} done in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -199,12 +205,15 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", type=Path, default=BuildConfig.workdir)
     ap.add_argument("--assets", type=Path, default=ASSETS)
     ap.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ...")
+    ap.add_argument("--concept", action="append", choices=[c.name for c in HELD_OUT], default=[],
+                    help="only these held-out concepts in the LoRA and QR-LoRA stages (default: all)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
     args = ap.parse_args(argv)
     from .trainer import set_device
 
     set_device(args.device)
-    run(args.stage or STAGES, BuildConfig(workdir=args.workdir, assets=args.assets, scale=args.scale))
+    run(args.stage or STAGES, BuildConfig(workdir=args.workdir, assets=args.assets, scale=args.scale),
+        tuple(args.concept))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .build import ASSETS, STAGES, BuildConfig, run
+from .concepts import HELD_OUT
 
 world_app = typer.Typer(no_args_is_help=True, help="Build and measure the tiny offline world (models, LoRAs, judges).")
 
@@ -20,15 +21,20 @@ def build(
     assets: Path = typer.Option(ASSETS, help="Where trained weights are written."),
     scale: float = typer.Option(1.0, help="Multiply every step count (e.g. 0.02 for a smoke run)."),
     device: str = typer.Option("cpu", help="Where to train: cpu, cuda, cuda:1 ..."),
+    concept: list[str] = typer.Option([], "--concept", help="Only these held-out concepts in the LoRA and "
+                                      "QR-LoRA stages (e.g. style-dotted); default all."),
 ) -> None:
     """Train everything from nothing (seeded; a stopped build resumes where it stopped)."""
     unknown = [s for s in stage if s not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    known = [c.name for c in HELD_OUT]
+    if set(concept) - set(known):
+        raise typer.BadParameter(f"unknown concept(s) {sorted(set(concept) - set(known))}; concepts: {', '.join(known)}")
     from .trainer import set_device
 
     set_device(device)
-    run(stage or STAGES, BuildConfig(workdir=workdir, assets=assets, scale=scale))
+    run(stage or STAGES, BuildConfig(workdir=workdir, assets=assets, scale=scale), tuple(concept))
 
 
 @world_app.command("evaluate")
