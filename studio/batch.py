@@ -7,8 +7,9 @@
   again renders only what is missing. Each PNG is written atomically (temporary file + rename, recipe embedded)
   and its manifest line is appended only afterwards, so a ``kill -9`` loses at most the image in flight.
 * **Faults.** An out-of-memory on one item (:class:`~pipelines.errors.OutOfMemoryError` from
-  ``Studio.compose``) is recorded as a ``failed`` line with the reason and the batch goes on; a resume retries
-  it. Any other error stops the batch (resume continues where it stopped).
+  ``Studio.compose``) or a strategy that refuses that item's stack (:class:`~pipelines.errors.StrategyError`,
+  e.g. QR-LoRAs made on different bases) is recorded as a ``failed`` line with the reason and the batch goes on;
+  a resume retries it. Any other error stops the batch (resume continues where it stopped).
 * **Reuse.** One :class:`~studio.Studio` per model, kept for all of that model's items; every LoRA of those
   items is attached once, up front (a LoRA that does not fit the model stops the batch before it renders).
 * **Several processes.** Under ``accelerate launch`` (or ``torchrun``), :class:`accelerate.PartialState` gives
@@ -28,7 +29,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from pipelines.errors import OutOfMemoryError, StudioError
+from pipelines.errors import OutOfMemoryError, StrategyError, StudioError
 
 from . import manifest as mf
 from .grid import BatchItem
@@ -199,8 +200,9 @@ def _render_item(studio, item: BatchItem, out: Path, scorer: ClipScorer | None, 
             width=item.width, height=item.height, scheduler=item.scheduler,
             callback=lambda step, num_steps, _kw: reporter.step(step, num_steps),
         )
-    except OutOfMemoryError as e:
-        return {**base, "status": "failed", "error": f"out of memory: {e}", "file": None,
+    except (OutOfMemoryError, StrategyError) as e:
+        reason = f"out of memory: {e}" if isinstance(e, OutOfMemoryError) else f"{item.strategy.name}: {e}"
+        return {**base, "status": "failed", "error": reason, "file": None,
                 "timings": {"total_s": time.perf_counter() - t0}, "finished_at": _now()}
     t_render = time.perf_counter()
     result.recipe.save_png(result.image, out / item.file)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from batch_support import ROOT, cli_env, studio_cli, write_grid, write_tiny_clip
-from pipelines.errors import OutOfMemoryError
+from pipelines.errors import OutOfMemoryError, StrategyError
 from studio import Recipe, Studio
 from studio.batch import BatchError, BatchOptions, run_batch
 from studio.grid import load_grid
@@ -145,7 +145,9 @@ def test_studio_score_rescores_from_manifest_and_from_pngs(rendered, tiny_clip, 
         assert by_file[r["file"].removeprefix("images/")] == pytest.approx(r["scores"]["clip"], abs=1e-4)
 
 
-def test_out_of_memory_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypatch, tiny_studio):
+@pytest.mark.parametrize("error", [OutOfMemoryError("out of memory rendering 64x64 with 2 LoRA(s) under 'composite'"),
+                                   StrategyError("QR-LoRA adapters 'a' and 'b' were made with different Q")])
+def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypatch, tiny_studio, error):
     import studio.api as api
 
     items, _ = load_grid(write_grid(tmp_path / "g.toml", prompts=1))
@@ -153,7 +155,7 @@ def test_out_of_memory_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypa
 
     def flaky(self, prompt, loras=(), strategy="merge", **kwargs):
         if strategy == "composite" and kwargs["seed"] == 0:
-            raise OutOfMemoryError("out of memory rendering 64x64 with 2 LoRA(s) under 'composite'")
+            raise error
         return real(self, prompt, loras, strategy, **kwargs)
 
     monkeypatch.setattr(api.Studio, "compose", flaky)
@@ -161,7 +163,7 @@ def test_out_of_memory_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypa
     summary = run_batch(items, out, BatchOptions(score=False), studio=tiny_studio)
     assert (summary.rendered, summary.failed, summary.missing) == (3, 1, 1)
     failed = [r for r in read_lines(out / MANIFEST) if r["status"] == "failed"]
-    assert len(failed) == 1 and "out of memory" in failed[0]["error"] and failed[0]["item"]["row"] == "composite"
+    assert len(failed) == 1 and str(error) in failed[0]["error"] and failed[0]["item"]["row"] == "composite"
     assert "Failed items" in (out / "report.html").read_text()
     monkeypatch.setattr(api.Studio, "compose", real)
     summary = run_batch(items, out, BatchOptions(score=False), studio=tiny_studio)  # resume retries the failed one

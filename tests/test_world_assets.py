@@ -23,7 +23,7 @@ from studio.world.data import render_set
 from studio.world.loras import FORMATS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = ("sdxl",)
+SHIPPED = ("sdxl", "flux")
 FORMAT_LABELS = {"peft": ("peft", "diffusers"), "kohya": ("kohya",), "loha": ("loha",), "lokr": ("lokr",)}
 PROMPT = "a large red zorb, striped, on a light background, center"
 

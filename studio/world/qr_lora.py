@@ -5,14 +5,21 @@ For every targeted linear layer the base weight gives a frozen basis (top-r SVD,
 ``W x + s·Q ΔR x``, which equals the paper's ``W_res x + s·Q (R + ΔR) x``. All concepts of one family share the
 same Q and R (same base, rank and precision), which is what makes their ΔR mergeable. The "triu" variant of the
 paper is not used (full ΔR). Saved in the studio's QR-LoRA file format (:func:`save_qr_lora`), in float16.
+
+The bases are computed once per family and kept in the build folder (:func:`family_bases`): an SVD is not
+bit-reproducible across thread counts or machines (near-equal singular values can even rotate their vectors), and
+the merge requires every adapter of a family to carry the very same Q and R.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from pipelines.adapters.qr_lora import qr_bases, save_qr_lora
@@ -50,6 +57,21 @@ def attach(pipe, family: str, delta: DeltaR) -> list:
     return handles
 
 
+def family_bases(pipe, family: str, workdir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every QR-LoRA of ``family`` uses these Q, R (computed on first use, then read from ``workdir``)."""
+    path = Path(workdir) / f"qr-bases-{family}.safetensors"
+    if not path.exists():
+        targets = SDXL_TARGETS if family == "sdxl" else FLUX_TARGETS
+        bases = qr_bases(pipe, FAMILIES[family], RANK, targets=targets)
+        tensors = {f"{k}.{part}": t.detach().float().cpu().contiguous()
+                   for k, (q, r) in bases.items() for part, t in (("q", q), ("r", r))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"layers": json.dumps(list(bases))})
+        path.with_suffix(".tmp").replace(path)
+    with safe_open(str(path), "pt") as f:  # layer order = the order ΔR parameters are checkpointed in
+        return {k: (f.get_tensor(f"{k}.q"), f.get_tensor(f"{k}.r")) for k in json.loads(f.metadata()["layers"])}
+
+
 def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: torch.Tensor, workdir: Path,
                   out: Path, *, steps: int, batch_size: int = 32, lr: float = 2e-3) -> Path:
     seed = 7000 + 10 * [c.name for c in HELD_OUT].index(concept.name) + (0 if family == "sdxl" else 1)
@@ -57,8 +79,7 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
     for p in pipe.components.values():
         if isinstance(p, nn.Module):
             p.requires_grad_(False)
-    targets = SDXL_TARGETS if family == "sdxl" else FLUX_TARGETS
-    bases = qr_bases(pipe, FAMILIES[family], RANK, targets=targets)
+    bases = family_bases(pipe, family, workdir)
     delta = DeltaR(bases)
     handles = attach(pipe, family, delta)
     optimizer = torch.optim.AdamW(delta.parameters(), lr=lr, weight_decay=0.0)
