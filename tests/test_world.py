@@ -112,6 +112,8 @@ def test_lora_steps_scale_with_the_concept_category():
     config = BuildConfig()
     assert (config.steps("lora", "subject"), config.steps("lora", "style"), config.steps("lora", "background")) == (
         config.lora_steps, 3 * config.lora_steps, 2 * config.lora_steps)
+    assert config.steps("lora", "subject", "flux") == 3 * config.lora_steps  # a family-specific factor
+    assert config.steps("qr", "style", "flux") == 3 * config.qr_steps
     assert config.steps("vae") == config.vae_steps and BuildConfig(scale=0.001).steps("lora", "style") == 10
 
 

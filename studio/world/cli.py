@@ -43,6 +43,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Write the JSON report here (default assets/world/metrics.json)."),
     n_base: int = typer.Option(48, help="Prompts per family for the base-model check."),
     n_lora: int = typer.Option(20, help="Seeds per LoRA for the LoRA-alone check."),
+    n_judge: int = typer.Option(1000, help="Fresh renderer images for the judge and tiny-CLIP accuracy."),
     family: list[str] = typer.Option([], "--family", help="sdxl and/or flux (default: those whose model is built)."),
 ) -> None:
     """Judge accuracy of the base models and of each LoRA alone (renders through the studio), and of the
@@ -51,7 +52,9 @@ def evaluate(
 
     families = family or [f for f in ("sdxl", "flux") if (assets / "models" / f"tiny-{f}" / "model_index.json").exists()]
     report = evaluate_world(assets, families=tuple(families), n_base=n_base, n_lora=n_lora)
-    report["judges"] = evaluate_judges(assets)
+    report["judges"] = evaluate_judges(assets, n=n_judge)
+    report["settings"] = {"base_prompts": n_base, "lora_prompts_per_concept": n_lora, "judge_renders": n_judge,
+                          "judge_seed": 99, "steps": "each model's default (25)", "families": families}
     write_report(report, out or assets / "world" / "metrics.json")
     typer.echo(json.dumps(report, indent=2))
 
