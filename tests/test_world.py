@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -106,14 +108,60 @@ def test_the_whole_build_runs_and_its_products_load(tmp_path):
     assert image.size == (64, 64)
 
 
+def test_flux_guidance_distillation_stage(tmp_path):
+    """distill-flux fine-tunes the exported transformer once, marks the export, and adapters then train at
+    guidance 1; a fresh build folder reuses the shipped VAE instead of training another."""
+    from diffusers import FluxTransformer2DModel
+
+    from studio.world.build import BuildConfig, World, run
+
+    assets = tmp_path / "assets"
+    config = BuildConfig(workdir=tmp_path / "work", assets=assets, scale=0.001)
+    run(["data", "vae", "base-flux"], config)
+    folder = assets / "models" / "tiny-flux"
+    world = World(config)
+    assert not world.guidance_distilled("flux") and world.adapter_guidance("flux") is None
+    before = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).state_dict()
+    run(["distill-flux"], config)
+    assert world.guidance_distilled("flux") and world.adapter_guidance("flux") == 1.0
+    after = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "work" / "distill-flux" / "DONE").exists()
+    stamp = (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    run(["distill-flux"], config)  # already distilled: nothing is trained or written again
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+    fresh = World(BuildConfig(workdir=tmp_path / "fresh", assets=assets, scale=0.001))
+    shipped = fresh.vae()
+    assert not (tmp_path / "fresh" / "vae").exists()
+    assert shipped.config.scaling_factor == pytest.approx(
+        json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
+
+
+def test_the_distillation_target_is_classifier_free_guidance():
+    """The teacher's two velocities combine as Meng et al. Eq. 6: w = 1 is the conditional one, w = 0 the
+    unconditional one."""
+    from studio.world.distill import guided_velocity
+
+    v_cond, v_uncond = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    w = torch.tensor([1.0, 0.0])
+    out = guided_velocity(v_cond, v_uncond, w)
+    torch.testing.assert_close(out[0], v_cond[0])
+    torch.testing.assert_close(out[1], v_uncond[1])
+    torch.testing.assert_close(guided_velocity(v_cond, v_uncond, torch.tensor([3.5, 2.0]))[1],
+                               v_uncond[1] + 2.0 * (v_cond[1] - v_uncond[1]))
+
+
 def test_lora_steps_scale_with_the_concept_category():
     from studio.world.build import BuildConfig
 
     config = BuildConfig()
     assert (config.steps("lora", "subject"), config.steps("lora", "style"), config.steps("lora", "background")) == (
         config.lora_steps, 3 * config.lora_steps, 2 * config.lora_steps)
-    assert config.steps("lora", "subject", "flux") == 3 * config.lora_steps  # a family-specific factor
-    assert config.steps("qr", "style", "flux") == 3 * config.qr_steps
+    assert config.steps("lora", "subject", "flux") == 6 * config.lora_steps  # a family-specific factor
+    assert config.steps("lora", "style", "sdxl") == 6 * config.lora_steps
+    assert config.steps("qr", "style", "flux") == 6 * config.qr_steps
+    assert config.steps("qr", "background", "flux") == 2 * config.qr_steps
     assert config.steps("vae") == config.vae_steps and BuildConfig(scale=0.001).steps("lora", "style") == 10
 
 

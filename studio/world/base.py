@@ -63,11 +63,12 @@ def train_base(family: str, workdir: Path, vae, tokenizer_dir: Path, data: DataS
     return pipe
 
 
-def export_pipeline(pipe, family: str, folder: Path) -> None:
-    """Save in diffusers format (float16 weights, loaded back as float32 on the CPU) plus studio defaults."""
+def export_pipeline(pipe, family: str, folder: Path, **defaults) -> None:
+    """Save in diffusers format (float16 weights, loaded back as float32 on the CPU) plus studio defaults
+    (``defaults`` adds to or overrides the family's, e.g. ``guidance_distilled=True``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     home = pipe.device
     pipe.to("cpu", torch.float16).save_pretrained(str(folder), safe_serialization=True)
     pipe.to(home, torch.float32)
-    (folder / "studio_defaults.json").write_text(json.dumps(DEFAULTS[family], indent=2) + "\n")
+    (folder / "studio_defaults.json").write_text(json.dumps(DEFAULTS[family] | defaults, indent=2) + "\n")

@@ -146,7 +146,7 @@ def _attach(job: LoraJob, pipe, seed: int):
 
 
 def train_lora(job: LoraJob, pipe, data: DataSet, latents: torch.Tensor, workdir: Path, out: Path, *, steps: int,
-               batch_size: int = 32, lr: float = 1e-3) -> Path:
+               batch_size: int = 32, lr: float = 1e-3, guidance: float | None = None) -> Path:
     """Train ``job`` on ``pipe`` (modified in place: build a fresh pipe per job) and write ``out``."""
     seed = 5000 + 10 * [c.name for c in HELD_OUT].index(job.name) + (0 if job.family == "sdxl" else 1)
     pipe.to(device())
@@ -160,7 +160,7 @@ def train_lora(job: LoraJob, pipe, data: DataSet, latents: torch.Tensor, workdir
     optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=0.0)
 
     step_fn = denoiser_step_fn(job.family, pipe, data, latents, seed=seed, batch_size=batch_size, drop_rate=0.05,
-                               params=named.values(), optimizer=optimizer)
+                               params=named.values(), optimizer=optimizer, guidance=guidance)
 
     train(f"lora-{job.family}-{job.name}", Checkpoint(workdir / f"lora-{job.family}-{job.name}", {"lora": bag},
                                                       optimizer), steps, step_fn, lr=lr, every=200, warmup=50)

@@ -7,8 +7,10 @@ latents are the VAE posterior means, scaled the way each pipeline un-scales them
   dropped captions get the all-zero embeddings SDXL's pipeline uses for an empty negative prompt
   (``force_zeros_for_empty_prompt``), which is what classifier-free guidance will pair them with.
 * FLUX.1: rectified flow, ``x_t = (1 - σ) x_0 + σ ε`` with σ from a logit-normal, target ``ε - x_0``. The
-  guidance embedding receives random scales in [1, 5] and the target does not depend on them: the tiny model is
-  not guidance-distilled (the real FLUX.1-dev is), so its guidance input is present but has no learned effect.
+  guidance embedding receives random scales in [1, 5] and the target does not depend on them, so the freshly
+  trained base ignores it; :mod:`.distill` then guidance-distills it, as FLUX.1-dev is. Adapters trained on the
+  distilled model see guidance 1 (where it predicts the plain conditional flow, the target of this loss), as
+  kohya's and ai-toolkit's FLUX.1-dev LoRA trainers do.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def scale_latents(family: str, vae, raw: torch.Tensor) -> torch.Tensor:
 
 
 def sdxl_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator,
-              noise_scheduler) -> torch.Tensor:
+              noise_scheduler, guidance: float | None = None) -> torch.Tensor:
     latents = scale_latents("sdxl", pipe.vae, raw_latents)
     b = latents.shape[0]
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, device=latents.device, num_images_per_prompt=1,
@@ -49,22 +51,35 @@ def sdxl_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
     return F.mse_loss(pred, noise)
 
 
-def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator, noise_scheduler=None
-              ) -> torch.Tensor:
+def flux_noised(pipe, raw_latents: torch.Tensor, gen: torch.Generator):
+    """A rectified-flow training sample: packed ``x_t``, packed target ``ε - x_0``, σ and the image position ids."""
     latents = scale_latents("flux", pipe.vae, raw_latents)
     b, c, h, w = latents.shape
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, device=latents.device,
-                                                         num_images_per_prompt=1,
-                                                         max_sequence_length=T5_MAX_LENGTH)
     dev = latents.device
     noise = torch.randn(latents.shape, generator=gen).to(dev)
     sigma = torch.sigmoid(torch.randn(b, generator=gen)).to(dev)
     noisy = (1 - sigma.view(b, 1, 1, 1)) * latents + sigma.view(b, 1, 1, 1) * noise
     packed = pipe._pack_latents(noisy, b, c, h, w)
     target = pipe._pack_latents(noise - latents, b, c, h, w)
-    img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
-    guidance = (1 + 4 * torch.rand(b, generator=gen)).to(dev)
-    pred = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+    img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, dev, latents.dtype)
+    return packed, target, sigma, img_ids
+
+
+def flux_encode(pipe, captions: list[str], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, device=dev, num_images_per_prompt=1,
+                                                         max_sequence_length=T5_MAX_LENGTH)
+    return prompt_embeds, pooled, text_ids
+
+
+def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator, noise_scheduler=None,
+              guidance: float | None = None) -> torch.Tensor:
+    """``guidance=None``: random scales in [1, 5] (base training); a number: that scale for every sample."""
+    dev = raw_latents.device
+    prompt_embeds, pooled, text_ids = flux_encode(pipe, captions, dev)
+    packed, target, sigma, img_ids = flux_noised(pipe, raw_latents, gen)
+    b = packed.shape[0]
+    scales = 1 + 4 * torch.rand(b, generator=gen) if guidance is None else torch.full((b,), float(guidance))
+    pred = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=scales.to(dev), pooled_projections=pooled,
                             encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids).sample
     return F.mse_loss(pred, target)
 
@@ -82,13 +97,16 @@ def noise_scheduler_for(family: str):
 
 
 def denoiser_step_fn(family: str, pipe, data, latents: torch.Tensor, *, seed: int, batch_size: int,
-                     drop_rate: float, params, optimizer) -> Callable[[int], float]:
-    """The training step shared by the base, LoRA and QR-LoRA stages: a batch drawn from ``(seed, step)``,
-    ``drop_rate`` of its captions emptied, the family's loss, clipped gradients on ``params``, one optimizer step."""
+                     drop_rate: float, params, optimizer, guidance: float | None = None,
+                     loss_fn: Callable | None = None) -> Callable[[int], float]:
+    """The training step shared by the base, LoRA, QR-LoRA and distillation stages: a batch drawn from
+    ``(seed, step)``, ``drop_rate`` of its captions emptied, the family's loss (or ``loss_fn``, same signature),
+    clipped gradients on ``params``, one optimizer step. ``guidance`` is the FLUX guidance input (None: random,
+    see :func:`flux_loss`); SDXL has none."""
     from .data import drop_captions
     from .trainer import device
 
-    loss_fn, noise_scheduler, params = LOSSES[family], noise_scheduler_for(family), list(params)
+    loss_fn, noise_scheduler, params = loss_fn or LOSSES[family], noise_scheduler_for(family), list(params)
 
     def step_fn(step: int) -> float:
         rng = np.random.default_rng([seed, step])
@@ -96,7 +114,7 @@ def denoiser_step_fn(family: str, pipe, data, latents: torch.Tensor, *, seed: in
         _, captions, _ = data.take(index)
         captions = drop_captions(captions, drop_rate, seed, step)
         gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler)
+        loss = loss_fn(pipe, latents[index].to(device()), captions, gen, noise_scheduler, guidance)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -73,7 +73,8 @@ def family_bases(pipe, family: str, workdir: Path) -> dict[str, tuple[torch.Tens
 
 
 def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: torch.Tensor, workdir: Path,
-                  out: Path, *, steps: int, batch_size: int = 32, lr: float = 2e-3) -> Path:
+                  out: Path, *, steps: int, batch_size: int = 32, lr: float = 2e-3,
+                  guidance: float | None = None) -> Path:
     seed = 7000 + 10 * [c.name for c in HELD_OUT].index(concept.name) + (0 if family == "sdxl" else 1)
     pipe.to(device())
     for p in pipe.components.values():
@@ -85,7 +86,7 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
     optimizer = torch.optim.AdamW(delta.parameters(), lr=lr, weight_decay=0.0)
 
     step_fn = denoiser_step_fn(family, pipe, data, latents, seed=seed, batch_size=batch_size, drop_rate=0.05,
-                               params=delta.parameters(), optimizer=optimizer)
+                               params=delta.parameters(), optimizer=optimizer, guidance=guidance)
 
     try:
         train(f"qr-{family}-{concept.name}", Checkpoint(workdir / f"qr-{family}-{concept.name}", {"delta": delta},

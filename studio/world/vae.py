@@ -62,3 +62,12 @@ def train_vae(workdir: Path, data: DataSet, steps: int = 2500, batch_size: int =
     mean, std = float(latents.mean()), float(latents.std())
     vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
     return vae
+
+
+def load_shipped_vae(folder: Path):
+    """The VAE of a shipped base model (both families share it), on the training device, frozen by the caller."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(folder)).to(device())
+    vae.eval()
+    return vae
