@@ -35,7 +35,8 @@ def test_single_file_flux_transformer(tmp_path):
     assert sniff_single_file(single) == "flux"
     studio = Studio(str(single), config=str(folder))
     assert studio.family.name == "flux"
-    np.testing.assert_array_equal(_render(studio), _render(Studio("tiny-flux-random")))
+    # same weights, same image up to float rounding (the single-file route may lay tensors out differently)
+    np.testing.assert_allclose(_render(studio), _render(Studio("tiny-flux-random")), rtol=0, atol=1e-5)
 
 
 def test_sniff_rejects_other_checkpoints(tmp_path):

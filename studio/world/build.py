@@ -148,7 +148,8 @@ class World:
             return
         pipe = self.load_base(family)
         distill_guidance(pipe, self.work, self.data("base"), self.latents("base"), steps=self.config.steps("distill"))
-        export_pipeline(pipe, family, self.config.assets / "models" / f"tiny-{family}", guidance_distilled=True)
+        export_pipeline(pipe, family, self.config.assets / "models" / f"tiny-{family}", only="transformer",
+                        guidance_distilled=True)
 
     def guidance_distilled(self, family: str) -> bool:
         defaults = self.config.assets / "models" / f"tiny-{family}" / "studio_defaults.json"
