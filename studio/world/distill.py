@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataSet
-from .objectives import denoiser_step_fn, flux_encode, flux_noised
+from .objectives import denoiser_step_fn, flux_encode, flux_noised, random_guidance
 from .trainer import Checkpoint, device, param_groups, train
 
 SEED = 2102
-GUIDANCE_RANGE = (1.0, 5.0)
 
 
 def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -38,13 +37,11 @@ def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, w: torch.Tenso
 def distillation_loss(teacher, empty: tuple[torch.Tensor, ...]) -> Callable:
     """A loss with :func:`.objectives.flux_loss`'s signature: the student at ``w ~ U[1, 5]`` against the guided
     velocity of ``teacher`` (``empty``: the encoded empty prompt, one row per sample)."""
-    low, high = GUIDANCE_RANGE
-
     def loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator, noise_scheduler=None,
              guidance=None) -> torch.Tensor:
         packed, _, sigma, img_ids = flux_noised(pipe, raw_latents, gen)
         b, dev = packed.shape[0], packed.device
-        w = (low + (high - low) * torch.rand(b, generator=gen)).to(dev)
+        w = random_guidance(b, gen).to(dev)
         with torch.no_grad():
             cond = flux_encode(pipe, captions, dev)
             both = teacher(hidden_states=torch.cat([packed, packed]), timestep=torch.cat([sigma, sigma]),

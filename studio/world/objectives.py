@@ -71,6 +71,14 @@ def flux_encode(pipe, captions: list[str], dev) -> tuple[torch.Tensor, torch.Ten
     return prompt_embeds, pooled, text_ids
 
 
+GUIDANCE_RANGE = (1.0, 5.0)  # FLUX guidance scales drawn in base training and in distillation
+
+
+def random_guidance(b: int, gen: torch.Generator) -> torch.Tensor:
+    low, high = GUIDANCE_RANGE
+    return low + (high - low) * torch.rand(b, generator=gen)
+
+
 def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.Generator, noise_scheduler=None,
               guidance: float | None = None) -> torch.Tensor:
     """``guidance=None``: random scales in [1, 5] (base training); a number: that scale for every sample."""
@@ -78,7 +86,7 @@ def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
     prompt_embeds, pooled, text_ids = flux_encode(pipe, captions, dev)
     packed, target, sigma, img_ids = flux_noised(pipe, raw_latents, gen)
     b = packed.shape[0]
-    scales = 1 + 4 * torch.rand(b, generator=gen) if guidance is None else torch.full((b,), float(guidance))
+    scales = random_guidance(b, gen) if guidance is None else torch.full((b,), float(guidance))
     pred = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=scales.to(dev), pooled_projections=pooled,
                             encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids).sample
     return F.mse_loss(pred, target)
