@@ -152,6 +152,41 @@ def test_the_distillation_target_is_classifier_free_guidance():
                                v_uncond[1] + 2.0 * (v_cond[1] - v_uncond[1]))
 
 
+def test_tiny_sdxl_trains_for_zero_terminal_snr_with_velocity_targets(tmp_path):
+    """Lin et al. 2024: the world's SDXL schedule reaches SNR 0 at its last step (sampling starts from pure noise,
+    as in training) and the UNet predicts v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0, computed here directly."""
+    from studio.world import tokenizer
+    from studio.world.models import world_sdxl
+    from studio.world.objectives import SIZE_IDS, noise_scheduler_for, scale_latents, sdxl_loss
+    from studio.world.evaluate import ASSETS
+    from studio.world.vae import load_shipped_vae
+
+    tokenizer.write(tmp_path / "tok")
+    pipe = world_sdxl(load_shipped_vae(ASSETS / "models" / "tiny-sdxl" / "vae"), tmp_path / "tok")
+    sched = noise_scheduler_for("sdxl", pipe)
+    assert pipe.scheduler.config.prediction_type == sched.config.prediction_type == "v_prediction"
+    assert float(sched.alphas_cumprod[-1]) < 1e-6 and pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.scheduler.set_timesteps(25)
+    assert int(pipe.scheduler.timesteps[0]) == 999  # the first sampling step is the pure-noise one
+
+    raw = torch.randn(2, 4, 16, 16)
+    captions = ["a large red circle, solid, on a dark background, left", ""]
+    with torch.no_grad():
+        loss = sdxl_loss(pipe, raw, captions, torch.Generator().manual_seed(3), sched)
+        gen = torch.Generator().manual_seed(3)
+        x0 = scale_latents("sdxl", pipe.vae, raw)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (2,), generator=gen)
+        ab = sched.alphas_cumprod[t].view(2, 1, 1, 1)
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+        keep = torch.tensor([1.0, 0.0])
+        pred = pipe.unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, encoder_hidden_states=embeds * keep.view(2, 1, 1),
+                         added_cond_kwargs={"text_embeds": pooled * keep.view(2, 1),
+                                            "time_ids": torch.tensor([SIZE_IDS] * 2, dtype=torch.float32)}).sample
+        expected = (pred - (ab.sqrt() * noise - (1 - ab).sqrt() * x0)).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
 def test_lora_steps_scale_with_the_concept_category():
     from studio.world.build import BuildConfig
 

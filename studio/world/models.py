@@ -38,15 +38,16 @@ def world_sdxl(vae, tokenizer_dir: Path, seed: int = 0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(48, 96, 96),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=1, attention_head_dim=(3, 6, 6), cross_attention_dim=2 * TEXT_HIDDEN,
+        block_out_channels=(48, 96, 96, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=1, attention_head_dim=(3, 6, 6, 6), cross_attention_dim=2 * TEXT_HIDDEN,
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + TEXT_HIDDEN, use_linear_projection=True, norm_num_groups=16,
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1, num_train_timesteps=1000)
+                                       timestep_spacing="trailing", steps_offset=1, num_train_timesteps=1000,
+                                       rescale_betas_zero_snr=True, prediction_type="v_prediction")
     vocab = world_tokenizer.vocab_size(tokenizer_dir)
     return _eval(StableDiffusionXLPipeline(
         vae=vae, text_encoder=CLIPTextModel(_clip_config(vocab)),

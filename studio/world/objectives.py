@@ -48,6 +48,8 @@ def sdxl_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
     time_ids = torch.tensor([SIZE_IDS] * b, dtype=latents.dtype, device=dev)
     pred = pipe.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return F.mse_loss(pred, noise_scheduler.get_velocity(latents, noise, t))
     return F.mse_loss(pred, noise)
 
 
@@ -95,12 +97,13 @@ def flux_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
 LOSSES = {"sdxl": sdxl_loss, "flux": flux_loss}
 
 
-def noise_scheduler_for(family: str):
+def noise_scheduler_for(family: str, pipe):
+    """SDXL's training noise: a DDPM scheduler with the pipeline's own betas, terminal-SNR rescaling and
+    prediction type, so training and sampling agree. FLUX draws its σ itself (:func:`flux_noised`)."""
     from diffusers import DDPMScheduler
 
     if family == "sdxl":
-        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                             num_train_timesteps=1000)
+        return DDPMScheduler.from_config(pipe.scheduler.config)
     return None
 
 
@@ -114,7 +117,7 @@ def denoiser_step_fn(family: str, pipe, data, latents: torch.Tensor, *, seed: in
     from .data import drop_captions
     from .trainer import device
 
-    loss_fn, noise_scheduler, params = loss_fn or LOSSES[family], noise_scheduler_for(family), list(params)
+    loss_fn, noise_scheduler, params = loss_fn or LOSSES[family], noise_scheduler_for(family, pipe), list(params)
 
     def step_fn(step: int) -> float:
         rng = np.random.default_rng([seed, step])
