@@ -195,6 +195,8 @@ def test_lora_steps_scale_with_the_concept_category():
         config.lora_steps, 3 * config.lora_steps, 2 * config.lora_steps)
     assert config.steps("lora", "subject", "flux") == 6 * config.lora_steps  # a family-specific factor
     assert config.steps("lora", "style", "sdxl") == 6 * config.lora_steps
+    assert config.steps("lora", "style", "sdxl", "style-dotted") == 6 * config.lora_steps
+    assert config.steps("lora", "style", "sdxl", "style-striped") == 10 * config.lora_steps  # one concept's own
     assert config.steps("qr", "style", "flux") == 6 * config.qr_steps
     assert config.steps("qr", "background", "flux") == 2 * config.qr_steps
     assert config.steps("vae") == config.vae_steps and BuildConfig(scale=0.001).steps("lora", "style") == 10

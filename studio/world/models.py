@@ -1,7 +1,13 @@
 """The tiny world's model architectures: the real diffusers/transformers classes at toy size.
 
-* SDXL: ``UNet2DConditionModel`` with SDXL's three-level layout and ``text_time`` conditioning on 16x16x4
-  latents, two CLIP text encoders (the second with projection, pooled into the added embedding), Euler.
+* SDXL: ``UNet2DConditionModel`` with SDXL's block types and ``text_time`` conditioning on 16x16x4 latents, two
+  CLIP text encoders (the second with projection, pooled into the added embedding), Euler. One level more than
+  SDXL's three (16 -> 8 -> 4 -> 2): with three levels the model never learned the caption's position word (33%,
+  chance), its convolutions being translation-equivariant with little border signal at 4x4; at 2x2 every pixel
+  meets the zero padding differently. Its schedule is SDXL's scaled-linear betas rescaled to zero terminal SNR,
+  v-prediction, trailing timesteps (Lin et al. 2024, *Common Diffusion Noise Schedules and Sample Steps Are
+  Flawed*, Sec. 3): sampling starts from pure noise as training did, and the high-noise steps that decide the
+  layout are not weighted away as ε-prediction weighs them (by the SNR).
 * FLUX.1: ``FluxTransformer2DModel`` with dual- and single-stream blocks on the 8x8 grid of packed latents,
   CLIP (pooled) + T5 (sequence), guidance embedding (FLUX.1-dev layout), flow-matching Euler.
 

@@ -3,7 +3,8 @@
 Prompts are encoded with the pipeline's ``encode_prompt`` (so training and inference see the same text path);
 latents are the VAE posterior means, scaled the way each pipeline un-scales them when decoding.
 
-* SDXL: DDPM epsilon prediction on the scaled-linear schedule SDXL uses (1000 steps, betas 0.00085-0.012);
+* SDXL: DDPM on the pipeline scheduler's own schedule and prediction type (the world's: SDXL's scaled-linear
+  betas rescaled to zero terminal SNR, v-prediction, :mod:`.models`; an ε-prediction base trains on ε);
   dropped captions get the all-zero embeddings SDXL's pipeline uses for an empty negative prompt
   (``force_zeros_for_empty_prompt``), which is what classifier-free guidance will pair them with.
 * FLUX.1: rectified flow, ``x_t = (1 - σ) x_0 + σ ε`` with σ from a logit-normal, target ``ε - x_0``. The
