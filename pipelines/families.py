@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from .errors import StudioError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -213,3 +216,17 @@ def block_preset(family: Family, name: str) -> dict[str, float]:
         raise StudioError(
             f"unknown block preset '{name}' for {family.name.upper()}; presets: {', '.join(family.block_presets)}"
         ) from None
+
+
+def ddpm_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a DDPM-scheduled denoiser (SDXL's UNet) is trained to predict for ``x_t = add_noise(x0, noise, t)``,
+    by the scheduler's ``prediction_type``: ε, the velocity ``sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (Salimans & Ho
+    2022), or the clean sample."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise StudioError(f"cannot train a denoiser with prediction_type '{kind}' (epsilon, v_prediction or sample)")

@@ -33,6 +33,7 @@ import typer
 
 from fusion.gates import GateSet, gates_path, stack_metadata
 from pipelines.errors import StudioError
+from pipelines.families import ddpm_target
 
 from .lora import Lora
 
@@ -121,8 +122,7 @@ class _Denoiser:
             sched = self.noise_scheduler
             t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=generator).to(x0.device)
             x_t = sched.add_noise(x0, eps, t)
-            target = sched.get_velocity(x0, eps, t) if sched.config.prediction_type == "v_prediction" else eps
-            return x_t, t, t.float() * self.family.timestep_scale, target
+            return x_t, t, t.float() * self.family.timestep_scale, ddpm_target(sched, x0, eps, t)
         sigma = torch.rand((1,), generator=generator).to(x0.device, x0.dtype)
         x_t = (1 - sigma) * x0 + sigma * eps
         return x_t, sigma, sigma.float(), eps - x0

@@ -187,6 +187,19 @@ def test_tiny_sdxl_trains_for_zero_terminal_snr_with_velocity_targets(tmp_path):
     torch.testing.assert_close(loss, expected)
 
 
+def test_the_ddpm_target_follows_the_prediction_type():
+    from diffusers import DDPMScheduler
+
+    from pipelines.errors import StudioError
+    from pipelines.families import ddpm_target
+
+    x0, noise, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([10, 900])
+    assert ddpm_target(DDPMScheduler(), x0, noise, t) is noise
+    assert ddpm_target(DDPMScheduler(prediction_type="sample"), x0, noise, t) is x0
+    with pytest.raises(StudioError, match="prediction_type 'flow'"):
+        ddpm_target(DDPMScheduler(prediction_type="flow"), x0, noise, t)
+
+
 def test_lora_steps_scale_with_the_concept_category():
     from studio.world.build import BuildConfig
 

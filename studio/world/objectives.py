@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.families import ddpm_target
+
 from .models import T5_MAX_LENGTH
 
 SIZE_IDS = (64, 64, 0, 0, 64, 64)
@@ -49,9 +51,7 @@ def sdxl_loss(pipe, raw_latents: torch.Tensor, captions: list[str], gen: torch.G
     time_ids = torch.tensor([SIZE_IDS] * b, dtype=latents.dtype, device=dev)
     pred = pipe.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return F.mse_loss(pred, noise_scheduler.get_velocity(latents, noise, t))
-    return F.mse_loss(pred, noise)
+    return F.mse_loss(pred, ddpm_target(noise_scheduler, latents, noise, t))
 
 
 def flux_noised(pipe, raw_latents: torch.Tensor, gen: torch.Generator):
