@@ -50,9 +50,8 @@ class BuildConfig:
 
     def steps(self, name: str, category: str | None = None, family: str | None = None,
               concept: str | None = None) -> int:
-        factors = self.lora_steps_factor
-        factor = factors.get(f"{family}/{concept}", factors.get(f"{family}/{category}", factors.get(category, 1.0))) \
-            if category else 1.0
+        keys = (f"{family}/{concept}", f"{family}/{category}", category) if category else ()
+        factor = next((self.lora_steps_factor[k] for k in keys if k in self.lora_steps_factor), 1.0)
         return max(10, int(getattr(self, f"{name}_steps") * factor * self.scale))
 
 
