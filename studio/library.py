@@ -29,7 +29,8 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".w
 
 
 def scan(root: str | Path) -> tuple[list[LoraInfo], list[LoraFileError]]:
-    """Describe every ``.safetensors`` under ``root`` (recursively); unreadable files are returned as errors."""
+    """Describe every adapter ``.safetensors`` under ``root`` (recursively); unreadable files are returned as
+    errors, and QR-LoRA bases files (shared Q and R, not adapters) are left out."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise StudioError(f"{root}: not a folder")
@@ -38,9 +39,12 @@ def scan(root: str | Path) -> tuple[list[LoraInfo], list[LoraFileError]]:
         if not within(root, path):
             continue  # a symlink leading out of the library
         try:
-            infos.append(describe(path))
+            info = describe(path)
         except LoraFileError as e:
             errors.append(e)
+            continue
+        if info.format != "qr-bases":
+            infos.append(info)
     return infos, errors
 
 

@@ -4,18 +4,19 @@ LoRAs, each against its formula computed directly (float32, CPU)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import writers
 from fusion import make_strategy, merge_stack
 from fusion.qr import orthogonalize, shared_basis
 from pipelines.adapters.kinds import qr
-from pipelines.adapters.qr_lora import qr_bases, save_qr_lora, triu_mask
-from pipelines.errors import IncompatibleLoraError, StrategyError
+from pipelines.adapters.qr_lora import qr_bases, save_qr_bases, save_qr_lora, triu_mask
+from pipelines.errors import IncompatibleLoraError, LoraFileError, StrategyError
 from pipelines.families import FLUX
 from pipelines.tiny import build_tiny_flux
 from studio import Studio
@@ -99,6 +100,48 @@ def test_qr_bases_create_what_the_released_code_computes(flux_studio, flux_qr_lo
     name = studio.load([half])[0]
     torch.testing.assert_close(studio.composer.delta_weight(name, key), 2.0 * q @ delta_r[key], atol=2e-3, rtol=1e-2)
     studio.unload()
+
+
+def test_adapters_sharing_one_bases_file_load_as_self_contained_ones(flux_studio, tmp_path):
+    """ΔR-only adapters naming a bases file next to them give the very deltas of self-contained files; the
+    base check still runs on the shared Q and R, and a bases file is neither an adapter nor a path escape."""
+    studio = flux_studio
+    bases = qr_bases(studio.pipe, FLUX, rank=4)
+    gen = torch.Generator().manual_seed(5)
+    delta_r = {k: 0.01 * torch.randn(r.shape, generator=gen) for k, (q, r) in bases.items()}
+    whole = save_qr_lora(tmp_path / "whole.safetensors", bases, delta_r)
+    library = tmp_path / "library"
+    save_qr_bases(library / "qr-bases.safetensors", bases)
+    slim = save_qr_lora(library / "style.safetensors", bases, delta_r, bases_file="qr-bases.safetensors")
+    assert all(k.endswith(".lora.delta_r.weight") for k in load_file(str(slim)))
+    assert slim.stat().st_size < 0.5 * whole.stat().st_size
+    a, b = studio.load([whole, slim])
+    for key in itertools.islice(bases, 6):
+        assert torch.equal(studio.composer.delta_weight(a, key), studio.composer.delta_weight(b, key))
+    studio.unload()
+
+    from studio.library import scan
+
+    infos, errors = scan(library)
+    assert [Path(i.path).name for i in infos] == ["style.safetensors"] and not errors
+    with pytest.raises(IncompatibleLoraError, match="QR-LoRA bases file"):
+        studio.load([library / "qr-bases.safetensors"])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "style.safetensors").write_bytes(slim.read_bytes())
+    with pytest.raises(LoraFileError, match="bases file 'qr-bases.safetensors', which is not in"):
+        studio.load([alone / "style.safetensors"])
+    # Q, R of another alpha (s·QR = W_r with s = 2) do not fit the adapter's s = 1: the base check refuses them
+    save_qr_bases(alone / "qr-bases.safetensors", qr_bases(studio.pipe, FLUX, rank=4, alpha=8.0))
+    with pytest.raises(IncompatibleLoraError, match="another alpha"):
+        studio.load([alone / "style.safetensors"])
+    escape = {k: v for k, v in load_file(str(slim)).items()}
+    save_file(escape, str(alone / "escape.safetensors"), metadata={"qr_lora.bases": "../library/qr-bases.safetensors"})
+    with pytest.raises(LoraFileError, match="file name in the adapter's folder"):
+        studio.load([alone / "escape.safetensors"])
+    with pytest.raises(ValueError, match="file name"):
+        save_qr_lora(tmp_path / "x.safetensors", bases, delta_r, bases_file="/etc/qr-bases.safetensors")
+    assert not studio.composer.layers
 
 
 def test_adapter_for_another_base_checkpoint_is_refused(flux_studio, tmp_path):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from studio.world import composlora
 from studio.world.concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler, held_out
@@ -92,7 +93,10 @@ def test_the_whole_build_runs_and_its_products_load(tmp_path):
     assert (folder / "model_index.json").exists() and (folder / "studio_defaults.json").exists()
     loras = sorted(p.name for p in (assets / "loras" / "tiny-sdxl").glob("*.safetensors"))
     assert loras == sorted(f"{c.name}.safetensors" for c in HELD_OUT)
-    assert len(list((assets / "qr-loras" / "tiny-sdxl").glob("*.safetensors"))) == len(HELD_OUT)
+    qr_folder = assets / "qr-loras" / "tiny-sdxl"  # ΔR-only adapters and the family's one bases file
+    assert sorted(p.name for p in qr_folder.glob("*.safetensors")) == sorted(
+        [f"{c.name}.safetensors" for c in HELD_OUT] + ["qr-bases.safetensors"])
+    assert all(k.endswith(".lora.delta_r.weight") for k in load_file(str(qr_folder / "style-striped.safetensors")))
     judge = load_judge(assets / "judges" / "concept-judge")
     assert set(judge.predict([np.zeros((64, 64, 3), np.uint8)])[0]) == set(ATTRIBUTES)
     from studio.scoring import ClipScorer
@@ -209,7 +213,9 @@ def test_lora_steps_scale_with_the_concept_category():
     assert config.steps("lora", "subject", "flux") == 6 * config.lora_steps  # a family-specific factor
     assert config.steps("lora", "style", "sdxl") == 6 * config.lora_steps
     assert config.steps("lora", "style", "sdxl", "style-dotted") == 6 * config.lora_steps
-    assert config.steps("lora", "style", "sdxl", "style-striped") == 10 * config.lora_steps  # one concept's own
+    own = BuildConfig(lora_steps_factor={**config.lora_steps_factor, "sdxl/style-striped": 10.0})
+    assert own.steps("lora", "style", "sdxl", "style-striped") == 10 * config.lora_steps  # one concept's own
+    assert own.steps("lora", "style", "sdxl", "style-dotted") == 6 * config.lora_steps
     assert config.steps("qr", "style", "flux") == 6 * config.qr_steps
     assert config.steps("qr", "background", "flux") == 2 * config.qr_steps
     assert config.steps("vae") == config.vae_steps and BuildConfig(scale=0.001).steps("lora", "style") == 10

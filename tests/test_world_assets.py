@@ -49,6 +49,11 @@ def test_builtin_names_load_the_trained_weights(studio):
     assert studio.pipe.tokenizer("zorb striped bricks").input_ids[1:-1] != [studio.pipe.tokenizer.unk_token_id] * 3
 
 
+def test_all_shipped_assets_stay_within_40_megabytes():
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= 40e6, f"assets/ holds {total / 1e6:.1f} MB"
+
+
 def test_every_shipped_lora_parses_with_its_format_and_metadata(studio):
     family = studio.family.name
     for concept in HELD_OUT:

@@ -48,6 +48,8 @@ def detect_format(keys: list[str]) -> str:
     joined = "\n".join(keys)
     if ".lora.delta_r.weight" in joined:
         return "qr-lora"
+    if ".lora.q.weight" in joined and ".lora.base_r.weight" in joined:
+        return "qr-bases"  # the shared Q and R of QR-LoRA adapters, not an adapter itself
     if "query_norm.scale" in joined and "lora_A" in joined:
         return "bfl-control"
     if ".processor.proj_lora" in joined or ".processor.qkv_lora" in joined:

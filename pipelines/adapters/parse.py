@@ -98,8 +98,15 @@ def parse_lora(
             "needs a control image (diffusers' FluxControlPipeline); it cannot be composed on a text-to-image "
             "FluxPipeline",
         )
+    if info.format == "qr-bases":
+        raise IncompatibleLoraError(
+            label,
+            "this is a QR-LoRA bases file (the frozen Q and R that QR-LoRA adapters of one base share), not an "
+            f"adapter: load the adapters that name it in {kinds.qr.BASES_KEY}",
+        )
     if info.format == "qr-lora":
-        deltas, skipped = _qr_route(tensors, metadata, pipe, family, label)
+        folder = None if label.startswith("<") else Path(label).parent
+        deltas, skipped = _qr_route(tensors, metadata, pipe, family, label, folder)
     elif info.format in ("peft", "diffusers-old", "xlabs"):
         deltas, skipped = _diffusers_route(tensors, metadata, pipe, family, label)
     elif info.format == "unknown":
@@ -229,10 +236,13 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
     return deltas, []
 
 
-def _qr_route(tensors, metadata, pipe, family, label):
-    """QR-LoRA layers (see :mod:`.kinds.qr`), each checked against the base weight it was made for; the
-    file's other keys (the released trainer saves a PEFT text-encoder LoRA alongside) take the diffusers route."""
+def _qr_route(tensors, metadata, pipe, family, label, folder: Path | None):
+    """QR-LoRA layers (see :mod:`.kinds.qr`), each checked against the base weight it was made for; Q and R
+    the file leaves out come from the bases file it names in ``folder``. The file's other keys (the released
+    trainer saves a PEFT text-encoder LoRA alongside) take the diffusers route."""
     groups, rest = kinds.qr.split_keys(tensors)
+    if any("q" not in g or "r" not in g for g in groups.values()):
+        _fill_qr_bases(groups, metadata, label, folder)
     try:
         alpha = float(metadata["qr_lora.alpha"]) if "qr_lora.alpha" in metadata else None
     except ValueError:
@@ -263,6 +273,27 @@ def _qr_route(tensors, metadata, pipe, family, label):
         deltas.update(more)
         skipped += more_skipped
     return deltas, skipped
+
+
+def _fill_qr_bases(groups, metadata, label, folder: Path | None) -> None:
+    try:
+        name = kinds.qr.bases_file_name(metadata)
+    except ValueError as e:
+        raise LoraFileError(label, str(e)) from None
+    if name is None:
+        return  # kinds.qr.build names the missing tensors
+    if folder is None:
+        raise LoraFileError(label, f"keeps Q and R in the bases file {name!r}: load it from its file, not a state dict")
+    path = folder / name
+    if path.is_symlink() and path.resolve().parent != folder.resolve():
+        raise LoraFileError(label, f"its bases file {name!r} is a link leading out of {folder}")
+    if not path.is_file():
+        raise LoraFileError(label, f"keeps Q and R in the bases file {name!r}, which is not in {folder}")
+    bases, _ = read_safetensors(path)
+    try:
+        kinds.qr.fill_from_bases(groups, bases)
+    except ValueError as e:
+        raise IncompatibleLoraError(label, f"{e} ({path})") from None
 
 
 def _lora_config_metadata(metadata: dict[str, str]) -> dict[str, dict]:

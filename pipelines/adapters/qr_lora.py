@@ -3,6 +3,8 @@
 >>> bases = qr_bases(pipe, FLUX, rank=64)                     # {layer: (Q, R)} from the base weights
 >>> delta_r = {k: torch.zeros_like(r) for k, (q, r) in bases.items()}   # what a trainer optimises
 >>> save_qr_lora("style.safetensors", bases, delta_r, variant="triu", base_model="FLUX.1-dev")
+>>> save_qr_bases("qr-bases.safetensors", bases)               # or: Q and R once for a set of adapters,
+>>> save_qr_lora("style.safetensors", bases, delta_r, bases_file="qr-bases.safetensors")   # each holding ΔR
 
 A trainer keeps Q and R frozen and learns ΔR for the layer ``W x + s·Q ΔR x`` (equal to the paper's
 ``W_res x + s·Q (R + ΔR) x``); the "triu" variant multiplies ΔR by :func:`triu_mask` in the forward pass.
@@ -69,9 +71,11 @@ def qr_lora_tensors(
     bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     delta_r: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    with_bases: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The file's tensors: ``<layer>.lora.q.weight``, ``.lora.base_r.weight``, ``.lora.delta_r.weight``
-    (ΔR = 0 where ``delta_r`` has no entry), stored as ``dtype``."""
+    """The file's tensors: ``<layer>.lora.q.weight``, ``.lora.base_r.weight`` (unless ``with_bases`` is
+    false), ``.lora.delta_r.weight`` (ΔR = 0 where ``delta_r`` has no entry), stored as ``dtype``."""
     delta_r = dict(delta_r or {})
     unknown = sorted(set(delta_r) - set(bases))
     if unknown:
@@ -82,8 +86,9 @@ def qr_lora_tensors(
         d = torch.zeros_like(r) if d is None else d
         if d.shape != r.shape:
             raise ValueError(f"{key}: ΔR has shape {tuple(d.shape)}, R has {tuple(r.shape)}")
-        out[f"{key}.{qr.Q_SUFFIX}"] = q.detach().to(dtype).contiguous().cpu()
-        out[f"{key}.{qr.R_SUFFIX}"] = r.detach().to(dtype).contiguous().cpu()
+        if with_bases:
+            out[f"{key}.{qr.Q_SUFFIX}"] = q.detach().to(dtype).contiguous().cpu()
+            out[f"{key}.{qr.R_SUFFIX}"] = r.detach().to(dtype).contiguous().cpu()
         out[f"{key}.{qr.DELTA_SUFFIX}"] = d.detach().to(dtype).contiguous().cpu()
     return out
 
@@ -98,20 +103,54 @@ def save_qr_lora(
     base_model: str = "",
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    bases_file: str | None = None,
 ) -> Path:
     """Write a QR-LoRA ``.safetensors`` file (format in :mod:`.kinds.qr`); ``extra_tensors`` (e.g. a PEFT
     text-encoder LoRA with ``text_encoder.`` keys) are stored alongside. ``dtype`` (e.g. float16 to halve the
-    file) applies to Q, R and ΔR; the load-time base check tolerates half-precision copies."""
+    file) applies to Q, R and ΔR; the load-time base check tolerates half-precision copies.
+
+    With ``bases_file`` (a file name) the adapter stores only ΔR and names that file, which
+    :func:`save_qr_bases` writes once, next to it, for all adapters sharing ``bases``."""
     if variant not in ("full", "triu"):
         raise ValueError(f"variant must be 'full' or 'triu', got {variant!r}")
-    tensors = qr_lora_tensors(bases, delta_r, dtype)
+    tensors = qr_lora_tensors(bases, delta_r, dtype, with_bases=bases_file is None)
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+    metadata = _metadata(bases, alpha, base_model) | {"qr_lora.variant": variant}
+    if bases_file is not None:
+        metadata[qr.BASES_KEY] = bases_file
+        qr.bases_file_name(metadata)  # the same check the loader makes
+    return _write(path, tensors, metadata)
+
+
+def save_qr_bases(
+    path: str | Path,
+    bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float | None = None,
+    base_model: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the shared Q and R of ``bases`` as a bases file (see :mod:`.kinds.qr`, "Shared bases")."""
+    tensors = {}
+    for key, (q, r) in bases.items():
+        tensors[f"{key}.{qr.Q_SUFFIX}"] = q.detach().to(dtype).contiguous().cpu()
+        tensors[f"{key}.{qr.R_SUFFIX}"] = r.detach().to(dtype).contiguous().cpu()
+    return _write(path, tensors, _metadata(bases, alpha, base_model))
+
+
+def _metadata(bases, alpha: float | None, base_model: str) -> dict[str, str]:
     ranks = sorted({q.shape[1] for q, _ in bases.values()})
-    metadata = {"qr_lora.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks), "qr_lora.variant": variant,
-                "qr_lora.base_model": base_model}
+    metadata = {"qr_lora.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks), "qr_lora.base_model": base_model}
     if alpha is not None:
         metadata["qr_lora.alpha"] = str(float(alpha))
+    return metadata
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Atomically: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
     return path

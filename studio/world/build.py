@@ -41,11 +41,10 @@ class BuildConfig:
     # with the judge (LoRA alone, 20 seeds): at 400 steps the SDXL texture LoRAs drew their texture in only 25-30%
     # of seeds and the FLUX subject LoRAs their shape in 40-60%.
     # Doubling the SDXL styles again (6x) took dotted from 55% to 85%, and the FLUX quix LoRA from 55% to 70%.
-    # On the four-level SDXL UNet the striped LoHa drew stripes in 70% at 6x and 75% when resumed to 8x, then was
-    # resumed to 10x. A "<family>/<concept>" key comes first.
+    # A "<family>/<concept>" key comes first (none is set: the striped LoHa needed a larger dim, not more steps;
+    # see loras.LYCORIS_DIM).
     lora_steps_factor: dict[str, float] = field(default_factory=lambda: {"subject": 1.0, "style": 3.0,
                                                                          "background": 2.0, "sdxl/style": 6.0,
-                                                                         "sdxl/style-striped": 10.0,
                                                                          "flux/subject": 6.0, "flux/style": 6.0})
 
     def steps(self, name: str, category: str | None = None, family: str | None = None,

@@ -4,7 +4,9 @@ For every targeted linear layer the base weight gives a frozen basis (top-r SVD,
 :mod:`pipelines.adapters.kinds.qr`); only ``ΔR`` (r x in, initialised to zero) trains, in the layer
 ``W x + s·Q ΔR x``, which equals the paper's ``W_res x + s·Q (R + ΔR) x``. All concepts of one family share the
 same Q and R (same base, rank and precision), which is what makes their ΔR mergeable. The "triu" variant of the
-paper is not used (full ΔR). Saved in the studio's QR-LoRA file format (:func:`save_qr_lora`), in float16.
+paper is not used (full ΔR). Saved in the studio's QR-LoRA file format (:func:`save_qr_lora`), in float16, with
+the shared Q and R written once per family as the bases file :data:`BASES_FILE` next to the adapters (each
+adapter holds only its ΔR: a third of a self-contained file).
 
 The bases are computed once per family and kept in the build folder (:func:`family_bases`): an SVD is not
 bit-reproducible across thread counts or machines (near-equal singular values can even rotate their vectors), and
@@ -22,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pipelines.adapters.qr_lora import qr_bases, save_qr_lora
+from pipelines.adapters.qr_lora import qr_bases, save_qr_bases, save_qr_lora
 from pipelines.families import FAMILIES
 
 from .concepts import HELD_OUT, HeldOut
@@ -31,6 +33,7 @@ from .objectives import denoiser_step_fn
 from .trainer import Checkpoint, device, train
 
 RANK = 16
+BASES_FILE = "qr-bases.safetensors"
 SDXL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
@@ -96,6 +99,7 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
             handle.remove()
     out.parent.mkdir(parents=True, exist_ok=True)
     delta_r = {k: d.detach().cpu().clone() for k, d in zip(delta.keys, delta.delta)}
-    save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}",
-                 dtype=torch.float16)
+    save_qr_bases(out.parent / BASES_FILE, bases, base_model=f"tiny-{family}", dtype=torch.float16)
+    save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}", dtype=torch.float16,
+                 bases_file=BASES_FILE)
     return out

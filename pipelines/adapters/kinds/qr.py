@@ -26,6 +26,12 @@ convolution layers use the flattened weight (out x in·kh·kw). Optional ``__met
 (e.g. a PEFT text-encoder LoRA, which the released training script saves alongside) are read as usual.
 The released code never stores W_res (it ships a separate residual file); the studio does not need it.
 
+**Shared bases** (a studio extension, read and written by the studio). Every adapter of one base shares the same
+Q and R, so a set of them may keep Q and R once: an adapter that stores only ``<layer>.lora.delta_r.weight``
+names, in ``qr_lora.bases``, a *bases file* in its own folder (a plain file name, no path) that holds
+``<layer>.lora.q.weight`` and ``<layer>.lora.base_r.weight`` for its layers (and no ΔR). The loader fills each
+layer's Q and R from it and runs the same base check. A bases file alone is not an adapter and is refused as one.
+
 **Base check.** Q and R are only meaningful for the base weight they were computed from. Since Q spans the
 top-r left singular space of W, Qᵀ W = s·R exactly; the studio checks ``‖QᵀW − s·R‖ ≤ tol·‖s·R‖`` (and that Q
 is orthonormal) for every layer when the file is loaded, so an adapter made for another checkpoint (or with
@@ -34,6 +40,8 @@ another rank convention) is refused with the layer that disagrees. Adapters of o
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -46,8 +54,35 @@ SUFFIXES = (Q_SUFFIX, R_SUFFIX, DELTA_SUFFIX)
 BASE_TOLERANCE = 2e-2  # relative; bf16/fp16 copies of the same checkpoint stay well below it
 
 
+BASES_KEY = "qr_lora.bases"  # metadata: the file name of the shared bases file next to the adapter
+
+
 def is_qr_key(key: str) -> bool:
     return key.endswith(SUFFIXES)
+
+
+def bases_file_name(metadata: dict[str, str]) -> str | None:
+    """The bases file an adapter names (``None`` if it names none); only a plain ``.safetensors`` file name in
+    the adapter's own folder is accepted, so a file cannot point the loader elsewhere."""
+    name = metadata.get(BASES_KEY)
+    if not name:
+        return None
+    if Path(name).name != name or name in (".", "..") or "\\" in name or not name.endswith(".safetensors"):
+        raise ValueError(f"metadata {BASES_KEY} must be a .safetensors file name in the adapter's folder, got {name!r}")
+    return name
+
+
+def fill_from_bases(groups: dict[str, dict[str, torch.Tensor]], bases: dict[str, torch.Tensor]) -> None:
+    """Give every layer of ``groups`` that lacks Q or R the ones of the bases file's tensors (in place)."""
+    base_groups, _ = split_keys(bases)
+    for key, group in groups.items():
+        if "q" in group and "r" in group:
+            continue
+        shared = base_groups.get(key)
+        if shared is None or "q" not in shared or "r" not in shared:
+            raise ValueError(f"the bases file has no Q and R for layer '{key}'")
+        group.setdefault("q", shared["q"])
+        group.setdefault("r", shared["r"])
 
 
 def split_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
