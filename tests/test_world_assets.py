@@ -68,6 +68,23 @@ def test_every_shipped_lora_parses_with_its_format_and_metadata(studio):
         assert qr.info.format == "qr-lora" and qr.deltas
 
 
+def test_studio_demo_writes_the_report_offline(tmp_path):
+    """The README's main job (here two strategies, one seed): the ``studio`` CLI in a fresh process, offline."""
+    import subprocess
+
+    from batch_support import cli_env, studio_cli
+
+    out = tmp_path / "demo"
+    args = studio_cli("demo", "--out", str(out), "-s", "merge", "-s", "composite", "--seed", "0")
+    result = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 6  # 3 compositions x 2 strategies x 1 seed
+    assert len(list((out / "images").rglob("*.png"))) == 6
+    report = (out / "report.html").read_text()
+    assert "composite" in report and "zorb" in report
+
+
 @pytest.mark.parametrize("strategy", [*sorted(REGISTRY), "qr[qr-lora]"])
 def test_every_strategy_composes_the_world_loras(studio, strategy):
     family = studio.family.name
