@@ -11,8 +11,9 @@ Three routes, chosen by the file's layout:
   (:mod:`.kinds`); module names are resolved by :mod:`.naming` (model module table, then diffusers'
   converters probed). ``scale = alpha / rank`` per module, as kohya defines it.
 * **QR-LoRA route** (``*.lora.q.weight``/``lora.base_r.weight``/``lora.delta_r.weight``, :mod:`.kinds.qr`):
-  each layer becomes ``s · Q ΔR`` after Q and R are checked against the base weight they claim to come from;
-  the file's other keys take the diffusers route.
+  each layer becomes ``s · Q ΔR`` after Q and R (the file's own, or those of the bases file it names next to
+  it) are checked against the base weight they claim to come from; the file's other keys take the diffusers
+  route.
 
 Before anything is attached, every delta is checked against its target layer; a LoRA for another base model,
 a file that matches no layer, or mismatched shapes raise :class:`IncompatibleLoraError` naming the file and,
