@@ -33,11 +33,13 @@ FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
                 "norm1.linear", "norm.linear"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-RANK = 8
-# LyCORIS dim (= alpha, linear and conv) per "<family>/<concept>", 4 otherwise. On the four-level tiny-sdxl the
-# striped LoHa at dim 4 drew stripes in 70% of 20 seeds at 2400 steps (75% resumed to 4000; 85% at lr 3e-3) and
-# at dim 8 in 95% at 2400 steps: the failures were yellow shapes, whose white stripes differ least from the fill.
-LYCORIS_DIM = {"sdxl/style-striped": 8}
+RANK = 8  # PEFT/kohya LoRA rank (= alpha) of the denoiser
+LYCORIS_DIM = 4  # LyCORIS dim (= alpha), linear and conv layers
+# The network dim (kohya's ss_network_dim: LoRA rank or LyCORIS dim) per "<family>/<concept>" where the default
+# was too small. On the four-level tiny-sdxl, 20 seeds alone, 2400 steps: the striped LoHa drew stripes in 70% at
+# dim 4 (75% resumed to 4000 steps, 85% at lr 3e-3) and 95% at dim 8; the dotted kohya LoRA its dots in 80% at
+# rank 8 and 90% at rank 16. Every striped miss was a yellow shape, whose white stripes differ least from its fill.
+NETWORK_DIM = {"sdxl/style-striped": 8, "sdxl/style-dotted": 16}
 
 # which real-world format each LoRA ships in
 FORMATS = {
@@ -97,11 +99,13 @@ def _attach(job: LoraJob, pipe, seed: int):
     torch.manual_seed(seed)
     denoiser = getattr(pipe, job.denoiser)
     targets = SDXL_TARGETS if job.family == "sdxl" else FLUX_TARGETS
-    if job.kind in ("peft", "kohya"):
+    lora_kind = job.kind in ("peft", "kohya")
+    dim = NETWORK_DIM.get(f"{job.family}/{job.name}", RANK if lora_kind else LYCORIS_DIM)
+    if lora_kind:
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
 
-        denoiser.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets,
+        denoiser.add_adapter(LoraConfig(r=dim, lora_alpha=dim, target_modules=targets,
                                         init_lora_weights="gaussian"), adapter_name="default")
         pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS,
                                                  init_lora_weights="gaussian"), adapter_name="default")
@@ -120,9 +124,9 @@ def _attach(job: LoraJob, pipe, seed: int):
                 from diffusers.utils import convert_state_dict_to_kohya
 
                 tensors = convert_state_dict_to_kohya(tensors)
-                meta = metadata(job, RANK, RANK, "networks.lora")
+                meta = metadata(job, dim, dim, "networks.lora")
             else:
-                meta = metadata(job, RANK, RANK, "peft")
+                meta = metadata(job, dim, dim, "peft")
             save_file({k: v.half().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
         return named, save
@@ -139,7 +143,6 @@ def _attach(job: LoraJob, pipe, seed: int):
     # FLUX's LoKr keeps w2 a full matrix (LyCORIS' "full_matrix", as kohya users set a huge dim): with a rank-4 w2
     # the FLUX quix LoRA drew its star in 70% of seeds after 2400 steps.
     extra = {"factor": 4, "full_matrix": job.family == "flux"} if job.kind == "lokr" else {}
-    dim = LYCORIS_DIM.get(f"{job.family}/{job.name}", 4)
     net = lk.create_network(1.0, dim, float(dim), pipe.vae, [pipe.text_encoder], denoiser, algo=job.kind,
                             preset="studio-world", conv_dim=dim, conv_alpha=float(dim), **extra)
     net.apply_to([pipe.text_encoder], denoiser, apply_text_encoder=True, apply_unet=True)
