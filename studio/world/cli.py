@@ -46,7 +46,7 @@ def evaluate(
     n_judge: int = typer.Option(1000, help="Fresh renderer images for the judge and tiny-CLIP accuracy."),
     family: list[str] = typer.Option([], "--family", help="sdxl and/or flux (default: those whose model is built)."),
 ) -> None:
-    """Judge accuracy of the base models and of each LoRA alone (renders through the studio), and of the
+    """Judge accuracy of the base models and of each LoRA and QR-LoRA alone (renders through the studio), and of the
     judge and the tiny CLIP on fresh renderer images."""
     from .evaluate import evaluate_judges, evaluate_world, write_report
 

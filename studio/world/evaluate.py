@@ -56,10 +56,11 @@ def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int
     report: dict = {"families": {}}
     for family in families:
         studio = Studio(f"tiny-{family}")
-        entry = {"base": base_accuracy(studio, judge, n_base), "loras": {}}
-        for concept in HELD_OUT:
-            path = assets / "loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
-            entry["loras"][concept.name] = lora_alone(studio, judge, path, concept, n_lora)
+        entry = {"base": base_accuracy(studio, judge, n_base), "loras": {}, "qr_loras": {}}
+        for folder in ("loras", "qr_loras"):
+            for concept in HELD_OUT:
+                path = assets / folder.replace("_", "-") / f"tiny-{family}" / f"{concept.name}.safetensors"
+                entry[folder][concept.name] = lora_alone(studio, judge, path, concept, n_lora)
         report["families"][family] = entry
     return report
 
