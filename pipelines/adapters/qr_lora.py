@@ -87,8 +87,7 @@ def qr_lora_tensors(
         if d.shape != r.shape:
             raise ValueError(f"{key}: ΔR has shape {tuple(d.shape)}, R has {tuple(r.shape)}")
         if with_bases:
-            out[f"{key}.{qr.Q_SUFFIX}"] = q.detach().to(dtype).contiguous().cpu()
-            out[f"{key}.{qr.R_SUFFIX}"] = r.detach().to(dtype).contiguous().cpu()
+            out |= _basis_tensors(key, q, r, dtype)
         out[f"{key}.{qr.DELTA_SUFFIX}"] = d.detach().to(dtype).contiguous().cpu()
     return out
 
@@ -133,9 +132,13 @@ def save_qr_bases(
     """Write the shared Q and R of ``bases`` as a bases file (see :mod:`.kinds.qr`, "Shared bases")."""
     tensors = {}
     for key, (q, r) in bases.items():
-        tensors[f"{key}.{qr.Q_SUFFIX}"] = q.detach().to(dtype).contiguous().cpu()
-        tensors[f"{key}.{qr.R_SUFFIX}"] = r.detach().to(dtype).contiguous().cpu()
+        tensors |= _basis_tensors(key, q, r, dtype)
     return _write(path, tensors, _metadata(bases, alpha, base_model))
+
+
+def _basis_tensors(key: str, q: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {f"{key}.{qr.Q_SUFFIX}": q.detach().to(dtype).contiguous().cpu(),
+            f"{key}.{qr.R_SUFFIX}": r.detach().to(dtype).contiguous().cpu()}
 
 
 def _metadata(bases, alpha: float | None, base_model: str) -> dict[str, str]:

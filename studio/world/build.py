@@ -42,7 +42,7 @@ class BuildConfig:
     # of seeds and the FLUX subject LoRAs their shape in 40-60%.
     # Doubling the SDXL styles again (6x) took dotted from 55% to 85%, and the FLUX quix LoRA from 55% to 70%.
     # A "<family>/<concept>" key comes first (none is set: the striped LoHa needed a larger dim, not more steps;
-    # see loras.LYCORIS_DIM).
+    # see loras.NETWORK_DIM).
     lora_steps_factor: dict[str, float] = field(default_factory=lambda: {"subject": 1.0, "style": 3.0,
                                                                          "background": 2.0, "sdxl/style": 6.0,
                                                                          "flux/subject": 6.0, "flux/style": 6.0})

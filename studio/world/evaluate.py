@@ -57,10 +57,10 @@ def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int
     for family in families:
         studio = Studio(f"tiny-{family}")
         entry = {"base": base_accuracy(studio, judge, n_base), "loras": {}, "qr_loras": {}}
-        for folder in ("loras", "qr_loras"):
+        for key, folder in (("loras", "loras"), ("qr_loras", "qr-loras")):
             for concept in HELD_OUT:
-                path = assets / folder.replace("_", "-") / f"tiny-{family}" / f"{concept.name}.safetensors"
-                entry[folder][concept.name] = lora_alone(studio, judge, path, concept, n_lora)
+                path = assets / folder / f"tiny-{family}" / f"{concept.name}.safetensors"
+                entry[key][concept.name] = lora_alone(studio, judge, path, concept, n_lora)
         report["families"][family] = entry
     return report
 

@@ -97,7 +97,6 @@ def train_qr_lora(family: str, concept: HeldOut, pipe, data: DataSet, latents: t
     finally:
         for handle in handles:
             handle.remove()
-    out.parent.mkdir(parents=True, exist_ok=True)
     delta_r = {k: d.detach().cpu().clone() for k, d in zip(delta.keys, delta.delta)}
     save_qr_bases(out.parent / BASES_FILE, bases, base_model=f"tiny-{family}", dtype=torch.float16)
     save_qr_lora(str(out), bases, delta_r, variant="full", base_model=f"tiny-{family}", dtype=torch.float16,
