@@ -17,6 +17,8 @@ from .composite import Composite
 from .dare import Dare
 from .gated import Gated
 from .klora import KLora
+from .lego import Lego
+from .mcdropout import MCDropout
 from .merge import Merge
 from .qr import QRMerge
 from .svd import SVD
@@ -25,7 +27,7 @@ from .ties import Ties
 from .weightspace import WeightMerge, merge_stack
 
 _BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated, QRMerge, Cat, SVD, Ties, Dare,
-                                        KLora)
+                                        KLora, Lego, MCDropout)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 

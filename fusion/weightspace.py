@@ -248,10 +248,17 @@ def _is_empty(delta: LayerDelta) -> bool:
     return delta.dense is None and delta.bias is None and (delta.down is None or delta.down.shape[0] == 0)
 
 
+def weight_merge_names() -> list[str]:
+    """The registered weight-space merges (the strategies ``studio merge`` can save), in registry order."""
+    from . import REGISTRY
+
+    return [name for name, cls in REGISTRY.items() if issubclass(cls, WeightMerge)]
+
+
 def merge_stack(strategy: WeightMerge, composer, names: list[str], weights: Iterable[float]) -> ParsedLora:
     """The merged adapter of ``names`` at ``weights`` (denoiser and text encoders) without attaching it."""
     if not isinstance(strategy, WeightMerge):
         raise StrategyError(f"strategy '{strategy.name}' is not a weight-space merge; it cannot be saved as a LoRA "
-                            "(weight-space merges: cat, svd, ties, dare, qr)")
+                            f"(weight-space merges: {', '.join(weight_merge_names())})")
     weights = list(weights)
     return strategy.merged_adapter(composer, names, weights, weights)

@@ -37,6 +37,7 @@ class MergeReport:
 def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any] | None):
     """``(specs, strategy)`` for a merge to a file, or a :class:`StudioError` before any model is loaded."""
     from fusion import WeightMerge, make_strategy
+    from fusion.weightspace import weight_merge_names
 
     from .lora import Lora
 
@@ -50,7 +51,7 @@ def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any
     strat = make_strategy(strategy, params)
     if not isinstance(strat, WeightMerge):
         raise StudioError(f"strategy '{strat.name}' is not a weight-space merge; it cannot be saved as a LoRA "
-                          "(weight-space merges: cat, svd, ties, dare, qr)")
+                          f"(weight-space merges: {', '.join(weight_merge_names())})")
     return specs, strat
 
 
@@ -112,7 +113,7 @@ def format_strategy_info(info: Mapping[str, Any]) -> list[str]:
 
 def merge_command(
     lora: list[str] = typer.Option(..., "--lora", "-l", help="PATH[:WEIGHT][:blocks=SPEC]; repeatable."),
-    strategy: str = typer.Option("cat", "--strategy", "-s", help="cat, svd, ties, dare or qr."),
+    strategy: str = typer.Option("cat", "--strategy", "-s", help="A weight-space merge: cat, svd, ties, dare, qr, lego, mcdropout."),
     param: list[str] = typer.Option([], "--param", "-p", help="Strategy parameter name=value; repeatable."),
     out: Path = typer.Option(..., "--out", "-o", help="The merged LoRA (.safetensors)."),
     model: str = typer.Option("tiny-sdxl", "--model", "-m", help="The base model the LoRAs are for."),

@@ -1,0 +1,152 @@
+"""LoRA-LEGO (``lego``) and orthogonal Monte Carlo dropout (``mcdropout``) against their formulas computed
+directly: planted clusters on a toy layer, ``cat`` up to a permutation of ranks at k = Σr, exactly orthogonal
+outputs on the layers of PEFT files, and the saved merges rendering in plain diffusers as in the studio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion import make_strategy, merge_stack
+from fusion.lego import kmeans, lego_factors
+from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
+from studio import Studio
+from studio.merging import save_merge
+
+WEIGHTS = [0.8, -0.5, 0.7]
+SCALES = [8 / 4, 2 / 2, 4 / 8]  # alpha / rank of the sdxl_loras fixtures
+RANKS = [4, 2, 8]
+ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def sdxl_studio():
+    return Studio("tiny-sdxl-random")
+
+
+@pytest.fixture(scope="module")
+def stack(sdxl_studio, sdxl_loras):
+    names = sdxl_studio.load(sdxl_loras)
+    files = [load_file(str(f)) for f in sdxl_loras]
+    factors = [{k.removesuffix(".lora_A.weight"): (s * sd[k.replace("lora_A", "lora_B")], sd[k])
+                for k in sd if k.endswith(".lora_A.weight")} for sd, s in zip(files, SCALES)]
+    return names, factors
+
+
+def planted_units(seed: int = 0):
+    """Three well separated groups of rank-one units (b, a): 3, 2 and 4 noisy copies of three directions."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 10 + 7, generator=gen, dtype=torch.float64) * 5
+    sizes = [3, 2, 4]
+    rows = [centers[c] + 0.01 * torch.randn(s, 17, generator=gen, dtype=torch.float64)
+            for c, s in enumerate(sizes)]
+    points = torch.cat(rows)
+    truth = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    return points[:, :10].T.contiguous(), points[:, 10:].contiguous(), truth
+
+
+def test_lego_on_planted_clusters_is_the_papers_formula():
+    """Centroid = mean of the members; parameter reweighting to the members' mean norms; output × √(n/k)."""
+    ups, downs, truth = planted_units()
+    n, k = downs.shape[0], 3
+    for reweight in ("both", "parameter", "output", "none"):
+        up, down = lego_factors(ups, downs, k, torch.Generator().manual_seed(4), reweight)
+        expected = torch.zeros(10, 7, dtype=torch.float64)
+        for c in range(k):
+            m = truth == c
+            b, a = ups[:, m].mean(1), downs[m].mean(0)
+            if reweight in ("both", "parameter"):
+                b = b * ups[:, m].norm(dim=0).mean() / b.norm()
+                a = a * downs[m].norm(dim=1).mean() / a.norm()
+            expected += torch.outer(b, a)
+        if reweight in ("both", "output"):
+            expected *= (n / k) ** 0.5
+        torch.testing.assert_close(up.double() @ down.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kmeans_is_seeded_and_reaches_a_fixed_point():
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(40, 6, generator=gen)
+    c1, l1 = kmeans(points, 5, torch.Generator().manual_seed(9))
+    c2, l2 = kmeans(points, 5, torch.Generator().manual_seed(9))
+    assert torch.equal(c1, c2) and torch.equal(l1, l2)
+    assert torch.equal(torch.cdist(points.double(), c1).argmin(1), l1)  # every point sits with its nearest centroid
+    for c in range(5):
+        torch.testing.assert_close(c1[c], points[l1 == c].double().mean(0))
+    with pytest.raises(ValueError, match="1 <= k"):
+        kmeans(points, 41, gen)
+
+
+def test_lego_with_k_equal_to_all_ranks_is_cat_up_to_permutation(sdxl_studio, stack):
+    names, factors = stack
+    composer = sdxl_studio.composer
+    lego = merge_stack(make_strategy("lego", {"rank": sum(RANKS)}), composer, names, WEIGHTS)
+    cat = merge_stack(make_strategy("cat"), composer, names, WEIGHTS)
+    default = merge_stack(make_strategy("lego"), composer, names, WEIGHTS)
+    for key, delta in lego.deltas.items():
+        units = torch.cat([cat.deltas[key].up.T, cat.deltas[key].down], dim=1)
+        got = torch.cat([delta.up.T, delta.down], dim=1)
+        assert got.shape == units.shape
+        distance = torch.cdist(got.double(), units.double())
+        match = distance.argmin(1)
+        assert sorted(match.tolist()) == list(range(sum(RANKS)))  # a permutation of cat's ranks
+        torch.testing.assert_close(got, units[match], atol=1e-6, rtol=1e-5)
+        expected = sum(w * b @ a for w, f in zip(WEIGHTS, factors) for b, a in [f[key]])
+        torch.testing.assert_close(delta.up @ delta.down, expected, atol=1e-6, rtol=1e-5)
+        assert default.deltas[key].rank == max(RANKS)  # k defaults to the largest input rank
+
+
+def test_mcdropout_outputs_are_exactly_orthogonal(sdxl_studio, stack):
+    names, factors = stack
+    merged = merge_stack(make_strategy("mcdropout", {"seed": 3}), sdxl_studio.composer, names, WEIGHTS)
+    again = merge_stack(make_strategy("mcdropout", {"seed": 3}), sdxl_studio.composer, names, WEIGHTS)
+    other = merge_stack(make_strategy("mcdropout", {"seed": 4}), sdxl_studio.composer, names, WEIGHTS)
+    owners_seen = torch.zeros(3)
+    bounds = np.cumsum([0] + RANKS)
+    gen = torch.Generator().manual_seed(0)
+    for key, delta in merged.deltas.items():
+        assert torch.equal(delta.up, again.deltas[key].up)
+        x = torch.randn(delta.down.shape[1], 16, generator=gen)
+        outputs = [delta.up[:, bounds[i]:bounds[i + 1]] @ (delta.down[bounds[i]:bounds[i + 1]] @ x) for i in range(3)]
+        for i in range(3):
+            for j in range(i + 1, 3):
+                # every token's output vectors are orthogonal: disjoint supports, so the products are exact zeros
+                assert ((outputs[i] * outputs[j]).sum(0) == 0).all()
+        # the formula: each output row is N · w_i · (s_i B_i A_i)[row] of exactly one LoRA i
+        full = [w * b @ a for w, f in zip(WEIGHTS, factors) for b, a in [f[key]]]
+        got = delta.up @ delta.down
+        for row in range(got.shape[0]):
+            hits = [i for i in range(3) if torch.allclose(got[row], 3 * full[i][row], atol=1e-6, rtol=1e-5)]
+            assert len(hits) == 1, (key, row)
+            owners_seen[hits[0]] += 1
+    share = owners_seen / owners_seen.sum()
+    assert (share - 1 / 3).abs().max() < 0.05  # keep probability 1 - p = 1/N for each LoRA
+    assert any(not torch.equal(merged.deltas[k].up, other.deltas[k].up) for k in merged.deltas)
+
+
+def test_saved_lego_and_mcdropout_render_in_diffusers_as_in_the_studio(sdxl_studio, sdxl_te_loras, flux_loras,
+                                                                       tmp_path):
+    flux_studio = Studio("tiny-flux-random")
+    cases = [
+        (sdxl_studio, build_tiny_sdxl, [f"{sdxl_te_loras[0]}:0.9", f"{sdxl_te_loras[1]}:0.6"], "lego", {"rank": 3}, 5.0),
+        (flux_studio, build_tiny_flux, [f"{f}:{w}" for f, w in zip(flux_loras, [0.9, 0.7])], "mcdropout", {}, 3.5),
+    ]
+    sdxl_studio.unload()
+    for studio, build, loras, strategy, params, guidance in cases:
+        path = tmp_path / f"{strategy}.safetensors"
+        report = save_merge(studio, loras, strategy, params, path)
+        assert report.layers > 0
+        kw = dict(num_inference_steps=2, guidance_scale=guidance, height=32, width=32, output_type="np")
+        pipe = build()
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            expected = pipe("a corgi", generator=torch.Generator("cpu").manual_seed(1), **kw).images[0]
+        got = studio.compose("a corgi", loras, strategy, strategy_params=params, steps=2, seed=1, guidance=guidance,
+                             width=32, height=32, output_type="np").latents[0]
+        base = studio.compose("a corgi", [], "merge", steps=2, seed=1, guidance=guidance, width=32, height=32,
+                              output_type="np").latents[0]
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+        assert np.abs(got - base).max() > 10 * ATOL  # the merged LoRAs act
+        studio.unload()
