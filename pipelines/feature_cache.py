@@ -21,7 +21,10 @@ recompute, and the mix state's per-sample gains with them; a forward hook on the
 fresh features per lane and splices the cached ones back in for the reusing rows, so everything after the span
 sees the full batch again. The deep blocks therefore really run on fewer rows, which is where the time goes.
 The cache lives for one pipeline call and is keyed by (lane key, call index within the step), so pipelines
-that call the denoiser twice per step (FLUX true CFG) keep separate entries. Extra residual inputs from
+that call the denoiser twice per step (FLUX true CFG) keep separate entries. When the seam runs the lanes in
+chunks (``max_lanes``), :meth:`DeepFeatureCache.begin` decides once per denoiser call which lanes reuse and
+:meth:`DeepFeatureCache.select` hands each chunk its part of that decision; a chunk in which every lane reuses
+does not run the deep blocks at all (they return stand-ins and the last one the cached features). Extra residual inputs from
 ControlNet or T2I adapters inside the span are not supported together with the cache.
 """
 
@@ -49,13 +52,29 @@ class DeepSpan:
     carried: tuple[str, ...]  # entry argument names, in the order of the last block's outputs
     residual: bool  # cache output - input (True) or the output itself
     batched: frozenset[str]  # per-sample arguments of the blocks
+    # per module, for calls in which every lane reuses (the blocks do not run at all): None -> the block hands
+    # on its carried inputs; n -> it returns (hidden_states, n skip connections), like an SDXL down block
+    skip_connections: tuple[int | None, ...] = ()
+
+    def stand_in(self, index: int, arguments: dict):
+        """What module ``index`` returns when skipped: placeholders of the right structure (the span's last
+        output is replaced by the cached features, and the placeholder skip connections only reach the span's
+        own up blocks, which are skipped too)."""
+        n = self.skip_connections[index] if self.skip_connections else None
+        carried = tuple(arguments[name] for name in self.carried)
+        if n is not None:
+            return carried[0], (carried[0],) * n
+        return carried if len(carried) > 1 else carried[0]
 
 
 def deep_span(denoiser: nn.Module, family_name: str, shallow: int = 1) -> DeepSpan:
     """The deep part of ``denoiser``: everything but ``shallow`` blocks at each end."""
     if family_name == "sdxl":
-        modules = (*denoiser.down_blocks[shallow:], denoiser.mid_block, *denoiser.up_blocks[:-shallow])
-        span = DeepSpan(tuple(modules), ("hidden_states",), residual=False, batched=SDXL_BATCHED)
+        downs = denoiser.down_blocks[shallow:]
+        modules = (*downs, denoiser.mid_block, *denoiser.up_blocks[:-shallow])
+        skips = tuple(len(b.resnets) + len(getattr(b, "downsamplers", None) or ()) for b in downs)
+        span = DeepSpan(tuple(modules), ("hidden_states",), residual=False, batched=SDXL_BATCHED,
+                        skip_connections=skips + (None,) * (len(modules) - len(downs)))
     elif family_name == "flux":
         singles = denoiser.single_transformer_blocks
         modules = (*denoiser.transformer_blocks[shallow:], *singles[: len(singles) - shallow])
@@ -70,13 +89,14 @@ def deep_span(denoiser: nn.Module, family_name: str, shallow: int = 1) -> DeepSp
 
 @dataclass
 class _Call:
-    """One denoiser call: which lanes recompute the span (``live``) and which take cached features."""
+    """One denoiser call (one chunk of lanes): which lanes recompute the span and which take cached features."""
 
     index: int
     batch: int  # rows per lane
-    keys: list[Hashable]
+    keys: list[Hashable]  # the lanes of this call
     live: list[int]  # lanes that run the deep blocks
     rows: torch.Tensor | None  # their rows in the full batch; None when every lane runs them
+    skip: bool = False  # no lane runs the span: its blocks are not run at all
     entry: tuple[torch.Tensor, ...] = ()
     saved: tuple = ()
     stats: dict = field(default_factory=dict)
@@ -101,46 +121,93 @@ class DeepFeatureCache:
         self.skipped_rows = 0
         self.computed_rows = 0
         self._handles: list = []
+        self._forwards: list = []  # the span modules' own instance ``forward`` (None: the class's), put back
         self._signatures = {id(m): inspect.signature(m.forward) for m in span.modules}
         self._step = None
         self._call_index = 0
+        self._plan: tuple | None = None  # (call index, rows per lane, keys, reused per lane) of the next call
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def install(self) -> "DeepFeatureCache":
         if not self._handles:
-            for module in self.span.modules:
+            for index, module in enumerate(self.span.modules):
                 self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self._forwards.append(module.__dict__.get("forward"))
+                module.forward = self._skippable(index, module, module.forward)
             self._handles.append(self.span.modules[-1].register_forward_hook(self._post))
         return self
+
+    def _skippable(self, index: int, module: nn.Module, forward):
+        """``module``'s forward, or its stand-in during a call in which no lane runs the span."""
+        signature = self._signatures[id(module)]
+
+        def run(*args, **kwargs):
+            if self.call is not None and self.call.skip:
+                return self.span.stand_in(index, signature.bind(*args, **kwargs).arguments)
+            return forward(*args, **kwargs)
+
+        return run
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for module, saved in zip(self.span.modules, self._forwards):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
         self._handles = []
+        self._forwards = []
         self.store.clear()
         self.call = None
+        self._plan = None
 
     def pause(self) -> None:
         """The next denoiser call runs every block on every row and leaves the cache untouched."""
         self.call = None
+        self._plan = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the next denoiser call is planned (after :meth:`begin`, until :meth:`pause`)."""
+        return self._plan is not None
 
     def begin(self, step: int, batch: int, keys: Sequence[Hashable], reuse: Sequence[bool]) -> None:
         """Plan the next denoiser call: ``len(keys)`` lanes of ``batch`` rows; lane j reuses if ``reuse[j]``.
 
-        A lane reuses only when its cache entry exists; at least one lane always runs the span.
+        A lane reuses only when its cache entry exists. The plan covers every lane; when the seam runs the lanes
+        in chunks it calls :meth:`select` before each chunk (``begin`` selects all lanes, one call).
         """
         if len(keys) != len(reuse):
             raise ValueError("one reuse flag per lane key")
         self._call_index = self._call_index + 1 if step == self._step else 0
         self._step = step
         index = self._call_index
-        live = [j for j, key in enumerate(keys) if not (reuse[j] and (key, index) in self.store)]
-        if not live:
-            live = [0]
+        reused = [bool(reuse[j]) and (key, index) in self.store for j, key in enumerate(keys)]
+        self._plan = (index, batch, list(keys), reused)
+        self.select(range(len(keys)))
+
+    def select(self, lanes: Sequence[int]) -> None:
+        """The next denoiser call runs only ``lanes`` (positions in :meth:`begin`'s keys), in that order.
+
+        In a call in which every lane reuses (e.g. a chunk without the lane that refreshes), the span's blocks do
+        not run at all: each returns a stand-in (:meth:`DeepSpan.stand_in`) and the last one the cached features.
+        """
+        index, batch, keys, reused = self._plan
+        lanes = list(lanes)
+        live = [p for p, j in enumerate(lanes) if not reused[j]]
         rows = None
-        if len(live) < len(keys):
-            rows = torch.cat([torch.arange(j * batch, (j + 1) * batch) for j in live])
-        self.call = _Call(index=index, batch=batch, keys=list(keys), live=live, rows=rows)
+        if live and len(live) < len(lanes):
+            rows = torch.cat([torch.arange(p * batch, (p + 1) * batch) for p in live])
+        self.call = _Call(index=index, batch=batch, keys=[keys[j] for j in lanes], live=live, rows=rows,
+                          skip=not live)
+
+    def abort(self) -> None:
+        """After a failed call (e.g. out of memory): undo a narrowed mix state; the plan stays for a retry."""
+        call = self.call
+        if call is not None and call.saved:
+            self._restore_state(call)
+            call.saved = ()
 
     # ------------------------------------------------------------------------------------------ hooks
     def _pre(self, module, args, kwargs):
@@ -176,10 +243,12 @@ class DeepFeatureCache:
                 fresh = tuple(f - e[lane * b:(lane + 1) * b] for f, e in zip(fresh, call.entry))
             self.store[(call.keys[lane], call.index)] = tuple(f.detach() for f in fresh)
         self.computed_rows += len(call.live) * b
-        if call.rows is None:
+        if call.rows is None and not call.skip:
             return None
         self.skipped_rows += call.total - len(call.live) * b
-        self._restore_state(call)
+        if call.rows is not None:
+            self._restore_state(call)
+            call.saved = ()
         full = []
         for k, out in enumerate(outputs):
             pieces = []

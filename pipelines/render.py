@@ -39,8 +39,12 @@ def run_pipeline(
     callback: Callable[[int, int, dict], None] | None = None,
     pipeline_kwargs: dict[str, Any] | None = None,
     seam_factory: Callable[..., DenoiserSeam] = DenoiserSeam,
+    max_lanes: int | str | None = "auto",
 ):
-    """Render one prompt; ``plan_for_step`` and ``text_lanes`` are in the state's column space ([·, N])."""
+    """Render one prompt; ``plan_for_step`` and ``text_lanes`` are in the state's column space ([·, N]).
+
+    ``max_lanes`` caps the lanes per denoiser call (see :mod:`pipelines.lane_memory`); it never changes the image.
+    """
     pipe, family, state = composer.pipe, composer.family, composer.state
     extra = dict(pipeline_kwargs or {})
     true_cfg = float(extra.get("true_cfg_scale", 1.0))
@@ -60,7 +64,7 @@ def run_pipeline(
         call["prompt"] = prompt
         if negative_prompt and (family.name == "sdxl" or do_cfg):
             call["negative_prompt"] = negative_prompt
-    seam = seam_factory(pipe, family, state, plan_for_step, conditioning)
+    seam = seam_factory(pipe, family, state, plan_for_step, conditioning, max_lanes=max_lanes)
 
     def on_step_end(p, step, timestep, callback_kwargs):
         seam.on_step_end(p, step, timestep, callback_kwargs)

@@ -1,12 +1,19 @@
 """The denoising-loop seam: run a strategy's *lanes* inside the stock pipeline's denoiser call.
 
 A strategy answers, for every denoising step, with a :class:`StepPlan`: L lanes, each a gain vector over the
-loaded adapters, plus the weights that reduce the L lane predictions to one. The seam installs a forward
-pre-hook and a forward hook on ``pipe.unet`` / ``pipe.transformer``:
+loaded adapters, plus the weights that reduce the L lane predictions to one. For the duration of a pipeline
+call the seam replaces ``forward`` of ``pipe.unet`` / ``pipe.transformer`` (an instance attribute over the
+class's method, or over an offload hook's wrapper, put back on exit) by a wrapper that
 
-* pre-hook: replicates the batch L times (lane-major), gives each lane its own text conditioning when the
-  adapters have text-encoder parts, and sets the per-sample denoiser gains in the :class:`MixState`;
-* hook: reduces the ``[L·B, ...]`` prediction to ``[B, ...]`` with the plan's weights.
+* replicates the batch L times (lane-major), gives each lane its own text conditioning when the adapters have
+  text-encoder parts, and sets the per-sample denoiser gains in the :class:`MixState`;
+* calls the original forward once for all lanes, or once per *chunk* of at most ``max_lanes`` lanes when
+  memory is short (see :mod:`pipelines.lane_memory`): each chunk gets its own rows of gains, text conditioning
+  and feature-cache plan, so the result is the one-batch result;
+* reduces the ``[L·B, ...]`` prediction to ``[B, ...]`` with the plan's weights.
+
+An out-of-memory error inside a lane call halves the chunk size (kept for the rest of the render) and runs the
+step again once; a second one raises :class:`~pipelines.errors.OutOfMemoryError` saying what to lower.
 
 So merge is one lane; switch is one lane whose adapter changes with the step; composite is N lanes averaged,
 all in **one** batched forward. The pipeline's own loop, scheduler, classifier-free guidance, offloading and
@@ -30,8 +37,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import OutOfMemoryError
 from .families import Family
 from .feature_cache import DeepFeatureCache, deep_span
+from .lane_memory import LaneBudget, execution_device
 from .mix_state import MixState
 
 
@@ -126,7 +135,11 @@ def _set(kwargs: dict, dotted: str, value) -> None:
 
 
 class DenoiserSeam:
-    """Context manager that routes ``family.denoiser`` calls of ``pipe`` through ``plan_for_step``."""
+    """Context manager that routes ``family.denoiser`` calls of ``pipe`` through ``plan_for_step``.
+
+    ``max_lanes``: at most this many lanes per denoiser call (an int >= 1), ``"auto"`` (default: from the
+    device's free memory, see :class:`~pipelines.lane_memory.LaneBudget`) or ``None`` (all lanes at once).
+    """
 
     def __init__(
         self,
@@ -135,6 +148,7 @@ class DenoiserSeam:
         state: MixState,
         plan_for_step: Callable[[int], StepPlan],
         conditioning: LaneConditioning | None = None,
+        max_lanes: int | str | None = "auto",
     ):
         self.pipe = pipe
         self.family = family
@@ -144,28 +158,34 @@ class DenoiserSeam:
         self.step = 0
         self.plans: dict[int, StepPlan] = {}
         self.calls = 0
-        self._handles: list = []
-        self._pending: tuple | None = None
+        self.chunk_calls = 0  # calls of the original forward (one per chunk)
+        self.oom_retries = 0
         self._saved_gains = None
+        self._saved_forward = None
         self.feature_cache: DeepFeatureCache | None = None
-        denoiser: nn.Module = getattr(pipe, family.denoiser)
-        self._signature = inspect.signature(type(denoiser).forward)
+        self.denoiser: nn.Module = getattr(pipe, family.denoiser)
+        self.budget = LaneBudget(max_lanes, execution_device(pipe, self.denoiser))
+        self._signature = inspect.signature(type(self.denoiser).forward)
+        self._original: Callable | None = None
 
     # -------------------------------------------------------------------------------------------- plumbing
     def __enter__(self) -> "DenoiserSeam":
-        denoiser = getattr(self.pipe, self.family.denoiser)
+        denoiser = self.denoiser
         self._saved_gains = self.state.denoiser_gains.clone()
-        self._handles = [
-            denoiser.register_forward_pre_hook(self._before, with_kwargs=True),
-            denoiser.register_forward_hook(self._after),
-        ]
+        # an instance attribute (an offload hook's or a compiled forward) is called through and put back;
+        # otherwise the class's method is, and deleting our attribute uncovers it again
+        self._saved_forward = denoiser.__dict__.get("forward")
+        self._original = denoiser.forward
+        denoiser.forward = self._forward
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._pending = None
+        denoiser = self.denoiser
+        if self._saved_forward is not None:
+            denoiser.forward = self._saved_forward
+        else:
+            denoiser.__dict__.pop("forward", None)
+        self._original = self._saved_forward = None
         if self.feature_cache is not None:
             self.feature_cache.remove()
         self.state.set_gains(denoiser=self._saved_gains)
@@ -179,44 +199,79 @@ class DenoiserSeam:
         return {}
 
     def plan(self, step: int) -> StepPlan:
-        plan = self.plans.get(step)
-        if plan is None:
-            plan = self.plan_for_step(step)
-            self.plans[step] = plan
+        plan = self.plan_for_step(step) if step not in self.plans else self.plans[step]
+        self.plans[step] = plan
         return plan
 
-    # -------------------------------------------------------------------------------------------- hooks
-    def _before(self, module, args, kwargs):
+    # -------------------------------------------------------------------------------------------- the call
+    def _forward(self, *args, **kwargs):
+        """The denoiser's forward while the seam is open: lanes in, one reduced prediction out."""
         plan = self.plan(self.step)
         self.calls += 1
         self.state.set_layer_weights(plan.layer_weights)
-        bound = self._signature.bind_partial(module, *args, **kwargs).arguments
-        bound.pop(next(iter(bound)))  # self
-        main = _get(bound, self.family.batched_args[0])
-        batch = main.shape[0]
-        lanes = plan.lanes
-        substitute = self.conditioning is not None and plan.text_lanes is not None
         self.state.set_step_block_weights(plan.block_gains)
-        self._plan_feature_cache(module, plan, batch)
-        if lanes == 1 and not substitute:
+        bound = self._signature.bind_partial(self.denoiser, *args, **kwargs).arguments
+        bound.pop(next(iter(bound)))  # self
+        batch = _get(bound, self.family.batched_args[0]).shape[0]
+        substitute = self.conditioning is not None and plan.text_lanes is not None
+        self._plan_feature_cache(plan, batch)
+        if plan.lanes == 1 and not substitute:
             self.state.set_gains(denoiser=plan.gains)
             self._publish_timestep(bound, batch)
-            self._pending = None
-            return None
-        new = dict(bound)
-        for name in self.family.batched_args:
-            value = _get(new, name)
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and lanes > 1:
-                _set(new, name, torch.cat([value] * lanes, dim=0))
-        if substitute:
-            for name in self.family.text_args:
+            self.chunk_calls += 1
+            return self._original(*args, **kwargs)
+        size = self.budget.lanes_per_call(plan.lanes, batch)
+        try:
+            return self._run_lanes(bound, plan, batch, size, substitute)
+        except torch.OutOfMemoryError:
+            self._release_memory()
+            smaller = self.budget.after_out_of_memory(size)
+            if smaller is None:
+                raise self._out_of_memory(plan.lanes, batch, size) from None
+        self.oom_retries += 1
+        try:
+            return self._run_lanes(bound, plan, batch, smaller, substitute)
+        except torch.OutOfMemoryError:
+            self._release_memory()
+            raise self._out_of_memory(plan.lanes, batch, smaller) from None
+
+    def _run_lanes(self, bound: dict, plan: StepPlan, batch: int, size: int, substitute: bool):
+        """Every lane of ``plan`` through the original forward, ``size`` lanes per call; then the reduce."""
+        outputs = []
+        for start in range(0, plan.lanes, size):
+            chunk = list(range(start, min(start + size, plan.lanes)))
+            new = dict(bound)
+            for name in self.family.batched_args:
                 value = _get(bound, name)
-                if isinstance(value, torch.Tensor):
-                    _set(new, name, self.conditioning.substitute(name, value, plan.text_lanes))
-        self.state.set_gains(denoiser=plan.gains.repeat_interleave(batch, dim=0))
-        self._publish_timestep(new, batch * lanes)
-        self._pending = (lanes, batch, plan.weights)
-        return (), new
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and len(chunk) > 1:
+                    _set(new, name, torch.cat([value] * len(chunk), dim=0))
+            if substitute:
+                lanes_text = [plan.text_lanes[j] for j in chunk]
+                for name in self.family.text_args:
+                    value = _get(bound, name)
+                    if isinstance(value, torch.Tensor):
+                        _set(new, name, self.conditioning.substitute(name, value, lanes_text))
+            self.state.set_gains(denoiser=plan.gains[chunk].repeat_interleave(batch, dim=0))
+            self._publish_timestep(new, batch * len(chunk))
+            if self.feature_cache is not None and self.feature_cache.active:
+                self.feature_cache.select(chunk)
+            self.chunk_calls += 1
+            with self.budget.observe(len(chunk)):
+                outputs.append(self._original(**new))
+        return _reduce(outputs, plan.lanes, batch, plan.weights)
+
+    def _release_memory(self) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache.abort()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _out_of_memory(self, lanes: int, batch: int, size: int) -> OutOfMemoryError:
+        return OutOfMemoryError(
+            f"out of memory running {lanes} lanes of {batch} sample(s) each, {size} lane(s) per denoiser call "
+            f"(after halving once); lower max_lanes (--max-lanes, now {self.budget.describe()}), the image size "
+            "or the number of LoRAs, or use offload=True (--offload)"
+        )
 
     def _publish_timestep(self, arguments: dict, rows: int) -> None:
         t = arguments.get("timestep")
@@ -226,7 +281,7 @@ class DenoiserSeam:
         t = t.detach().float().reshape(-1) * self.family.timestep_scale
         self.state.timestep = t if t.numel() in (1, rows) else t[:1]
 
-    def _plan_feature_cache(self, module: nn.Module, plan: StepPlan, batch: int) -> None:
+    def _plan_feature_cache(self, plan: StepPlan, batch: int) -> None:
         request = plan.extras.get("feature_cache")
         if request is None or plan.lanes == 1:
             if self.feature_cache is not None:
@@ -235,25 +290,30 @@ class DenoiserSeam:
         if len(request["keys"]) != plan.lanes:
             raise ValueError(f"feature cache request names {len(request['keys'])} lanes, the plan has {plan.lanes}")
         if self.feature_cache is None:
-            self.feature_cache = DeepFeatureCache(deep_span(module, self.family.name), self.state).install()
+            self.feature_cache = DeepFeatureCache(deep_span(self.denoiser, self.family.name), self.state).install()
         self.feature_cache.begin(self.step, batch, request["keys"], request["reuse"])
 
-    def _after(self, module, args, output):
-        if self._pending is None:
-            return None
-        lanes, batch, weights = self._pending
-        self._pending = None
-        if lanes == 1:
-            return None
 
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            x = x.view(lanes, batch, *x.shape[1:])
-            w = weights.to(device=x.device, dtype=x.dtype).view(lanes, *[1] * (x.dim() - 1))
-            return (x * w).sum(0)
+def _reduce(outputs: list, lanes: int, batch: int, weights: torch.Tensor):
+    """Concatenate the chunks' predictions (``[L·B, ...]`` in all) and sum the lanes with ``weights``.
 
+    A single lane (one lane with its own text conditioning) is returned as is, whatever its weight."""
+    if lanes == 1:
+        return outputs[0]
+
+    def main(output) -> torch.Tensor:
         if isinstance(output, tuple):
-            return (reduce(output[0]), *output[1:])
-        if hasattr(output, "sample"):
-            output.sample = reduce(output.sample)
-            return output
-        return reduce(output)
+            return output[0]
+        return output.sample if hasattr(output, "sample") else output
+
+    x = torch.cat([main(o) for o in outputs], dim=0) if len(outputs) > 1 else main(outputs[0])
+    x = x.view(lanes, batch, *x.shape[1:])
+    w = weights.to(device=x.device, dtype=x.dtype).view(lanes, *[1] * (x.dim() - 1))
+    reduced = (x * w).sum(0)
+    first = outputs[0]
+    if isinstance(first, tuple):
+        return (reduced, *first[1:])
+    if hasattr(first, "sample"):
+        first.sample = reduced
+        return first
+    return reduced
