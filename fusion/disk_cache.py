@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipelines.atomic_files import atomic_write_bytes
 
 ENV_VAR = "LORA_STUDIO_CACHE"
 
@@ -47,12 +48,5 @@ class DiskCache:
     def put(self, key: dict[str, Any], value: Any) -> Path:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"key": key, "value": value}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, json.dumps({"key": key, "value": value}).encode("utf-8"))
         return path

@@ -3,7 +3,6 @@
 Never imports :mod:`fusion` or :mod:`studio` (the layers point one way: ui -> studio -> fusion -> pipelines).
 """
 
-from .composer import Composer
 from .errors import (
     IncompatibleLoraError,
     LoraFileError,
@@ -13,10 +12,23 @@ from .errors import (
     StrategyError,
     StudioError,
 )
-from .families import FAMILIES, FLUX, SDXL, Family
-from .loading import DEFAULT_MODEL, load_pipeline
-from .mix_state import MixState
-from .seam import DenoiserSeam, StepPlan
+
+# The torch-backed names load on first use (PEP 562): importing pipelines.errors for a listing command must
+# not import torch and diffusers.
+_LAZY = {"Composer": ".composer", "FAMILIES": ".families", "FLUX": ".families", "SDXL": ".families",
+         "Family": ".families", "DEFAULT_MODEL": ".loading", "load_pipeline": ".loading", "MixState": ".mix_state",
+         "DenoiserSeam": ".seam", "StepPlan": ".seam"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Composer", "DEFAULT_MODEL", "DenoiserSeam", "FAMILIES", "FLUX", "Family", "IncompatibleLoraError",

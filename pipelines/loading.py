@@ -1,7 +1,8 @@
 """Loading SDXL and FLUX.1 pipelines from a built-in name, a Hub id, a local folder or a single file.
 
-* ``tiny-sdxl`` / ``tiny-flux``: built offline (trained weights from ``assets/models/<name>`` when shipped,
-  else seeded random weights, see :mod:`pipelines.tiny`);
+* ``tiny-sdxl`` / ``tiny-flux``: the trained offline world from the shipped assets (:mod:`pipelines.assets`;
+  missing files are an error); ``tiny-sdxl-random`` / ``tiny-flux-random``: seeded random weights
+  (:mod:`pipelines.tiny`);
 * a Hub id (``stabilityai/stable-diffusion-xl-base-1.0``, ``black-forest-labs/FLUX.1-dev``) or a local
   diffusers folder: ``DiffusionPipeline.from_pretrained``;
 * a quantized folder written by ``studio quantize`` (``studio_quant.json``, see :mod:`pipelines.quant.storage`):
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .assets import asset_path
 from .errors import ModelLoadError
 from .families import FAMILIES, FLUX, SDXL, Family
 from .quant.storage import is_quantized_folder, load_quantized_pipeline, read_info
@@ -31,7 +33,6 @@ from .tiny import TINY_BUILDERS
 
 log = logging.getLogger(__name__)
 
-ASSET_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 DEFAULT_MODEL = "tiny-sdxl"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -85,19 +86,31 @@ def sniff_single_file(path: Path) -> str:
 
 def model_defaults(model: str) -> dict:
     """Generation defaults a model folder ships in ``studio_defaults.json`` (size, steps, guidance, ...)."""
-    folder = ASSET_MODELS / model if model in TINY_BUILDERS else Path(model).expanduser()
+    folder = _trained_folder(model) if model in TINY_BUILDERS else Path(model).expanduser()
+    if folder is None:
+        return {}
     path = folder / "studio_defaults.json"
     if folder.is_dir() and path.exists():
         return json.loads(path.read_text())
     return {}
 
 
+def _trained_folder(name: str) -> Path | None:
+    """The shipped folder of a built-in world model; ``None`` for the seeded random ``*-random`` models.
+
+    ``tiny-sdxl`` / ``tiny-flux`` are the trained world: when their files are missing this is a
+    :class:`~pipelines.assets.MissingAssetError`, never a silent switch to the random model."""
+    if name.endswith("-random"):
+        return None
+    return asset_path("models", name, "model_index.json", what=f"{name} model").parent
+
+
 def _builtin(name: str, dtype: torch.dtype, components: dict | None = None):
-    trained = ASSET_MODELS / name
-    if (trained / "model_index.json").exists():
+    trained = _trained_folder(name)
+    if trained is not None:
         import diffusers
 
-        return diffusers.DiffusionPipeline.from_pretrained(str(trained), torch_dtype=dtype, **(components or {}))
+        return diffusers.DiffusionPipeline.from_pretrained(str(trained), dtype=dtype, **(components or {}))
     pipe = TINY_BUILDERS[name]()
     for key, component in (components or {}).items():
         setattr(pipe, key, component)
@@ -119,7 +132,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, components: dict | None = 
         if index.get("_class_name") not in ("StableDiffusionXLPipeline", "FluxPipeline"):
             raise ModelLoadError(f"{source}: {index.get('_class_name')} is not an SDXL or FLUX.1 pipeline")
     try:
-        return diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **(components or {}))
+        return diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype, **(components or {}))
     except (OSError, ValueError) as e:
         hint = " (no network? pass a local folder or a single file)" if not path.exists() else ""
         raise ModelLoadError(f"cannot load '{source}'{hint}: {e}") from None
@@ -133,15 +146,15 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, compon
     try:
         if kind == "sdxl":
             extra = {"config": config} if config else {}
-            return diffusers.StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype, **extra,
+            return diffusers.StableDiffusionXLPipeline.from_single_file(str(path), dtype=dtype, **extra,
                                                                        **components)
         repo = config or "black-forest-labs/FLUX.1-dev"
         transformer = components.pop("transformer", None)
         if transformer is None:
             transformer = diffusers.FluxTransformer2DModel.from_single_file(
-                str(path), config=repo, subfolder="transformer", torch_dtype=dtype
+                str(path), config=repo, subfolder="transformer", dtype=dtype
             )
-        return diffusers.FluxPipeline.from_pretrained(repo, transformer=transformer, torch_dtype=dtype)
+        return diffusers.FluxPipeline.from_pretrained(repo, transformer=transformer, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load single file {path} as {kind.upper()}: {e}. Pass --config with a local diffusers folder "

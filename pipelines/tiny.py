@@ -192,7 +192,7 @@ def build_tiny_flux(seed: int = TINY_SEED):
     ))
 
 
-# "tiny-sdxl"/"tiny-flux" load the trained world models from assets/ when they are shipped and fall back to
-# these random builders otherwise; the "-random" names always give the seeded random models (tests use them).
+# "tiny-sdxl"/"tiny-flux" load the trained world models from the shipped assets (pipelines.assets; missing files
+# are an error); the "-random" names always give these seeded random models (tests use them).
 TINY_BUILDERS = {"tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
                  "tiny-sdxl-random": build_tiny_sdxl, "tiny-flux-random": build_tiny_flux}

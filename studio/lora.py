@@ -16,11 +16,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pipelines.errors import LoraFileError, StudioError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

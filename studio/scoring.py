@@ -22,20 +22,23 @@ no pickled code). A model without weights is refused: random weights would give 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
 from PIL import Image
 
+from pipelines.assets import MissingAssetError, assets_root
 from pipelines.errors import StudioError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
-ASSET_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CONFIG_NAME = "open_clip_config.json"
 
@@ -44,12 +47,32 @@ WORLD_MODELS = ("tiny-sdxl", "tiny-flux")
 WORLD_CLIP = "tiny-clip"
 
 
+def _world_models() -> Path | None:
+    """The shipped ``assets/models`` folder, or ``None`` in an installation without the tiny world."""
+    try:
+        return assets_root() / "models"
+    except MissingAssetError:
+        return None
+
+
+def _no_grad(method):
+    """``torch.no_grad()`` around ``method``, importing torch only when it runs (listings import this module)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+    return wrapper
+
+
 def default_clip_model(models: Iterable[str]) -> str:
     """The scorer used when none is named: the tiny world's CLIP (``assets/models/tiny-clip``, trained on the
     world's captions) for images of the tiny world models, which the web-scale CLIPs do not understand and which
     must score offline; ``ViT-B-32``/``openai`` for everything else."""
     names = {str(m) for m in models}
-    if names and names <= set(WORLD_MODELS) and (ASSET_MODELS / WORLD_CLIP / CONFIG_NAME).is_file():
+    world = _world_models()
+    if names and names <= set(WORLD_MODELS) and world is not None and (world / WORLD_CLIP / CONFIG_NAME).is_file():
         return WORLD_CLIP
     return DEFAULT_CLIP_MODEL
 
@@ -130,8 +153,9 @@ def resolve_clip(model: str | Path = DEFAULT_CLIP_MODEL, pretrained: str | Path 
         if not path.is_file():
             raise ScorerError(f"{path}: CLIP config file not found")
         return _config_file_spec(path.resolve(), pretrained)
-    if (ASSET_MODELS / model_text / CONFIG_NAME).is_file():
-        return _local_dir_spec(ASSET_MODELS / model_text, pretrained)
+    world = _world_models()
+    if world is not None and (world / model_text / CONFIG_NAME).is_file():
+        return _local_dir_spec(world / model_text, pretrained)
     if model_text.replace("/", "-") not in open_clip.list_models():
         raise ScorerError(f"unknown CLIP model '{model_text}': not an open_clip architecture "
                           f"(see open_clip.list_models()), a folder with {CONFIG_NAME}, a .json config or hf-hub:ID")
@@ -159,6 +183,8 @@ class ClipScorer:
 
     def __init__(self, model: str | Path = DEFAULT_CLIP_MODEL, pretrained: str | Path | None = None,
                  *, device: str | torch.device | None = None, batch_size: int = 32):
+        import torch
+
         self.spec = resolve_clip(model, pretrained)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch_size = int(batch_size)
@@ -169,9 +195,11 @@ class ClipScorer:
     def name(self) -> str:
         return self.spec.label
 
-    @torch.no_grad()
+    @_no_grad
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Unit-norm text embeddings ``[T, D]`` (float32, on the CPU)."""
+        import torch
+
         missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
@@ -183,9 +211,11 @@ class ClipScorer:
             return torch.zeros(0, 0)
         return torch.stack([self._text_cache[t] for t in texts])
 
-    @torch.no_grad()
+    @_no_grad
     def embed_images(self, images: Iterable[Image.Image]) -> torch.Tensor:
         """Unit-norm image embeddings ``[I, D]``, in batches of ``batch_size``."""
+        import torch
+
         out, batch = [], []
 
         def flush():
@@ -204,6 +234,8 @@ class ClipScorer:
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         """CLIPScore of image ``i`` with text ``i``: ``[I]``."""
+        import torch
+
         if len(images) != len(texts):
             raise ValueError("score() pairs images and texts one to one")
         if not images:

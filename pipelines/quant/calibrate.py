@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parents[2] / "assets" / "prompts" / "calibration.txt"
+from ..assets import asset_path
+
+DEFAULT_PROMPTS_FILE = ("prompts", "calibration.txt")  # inside the shipped assets (pipelines.assets)
 
 
 @dataclass
@@ -79,7 +81,7 @@ def read_prompts(path: str | Path | None) -> list[str]:
     """Prompts from a text file, one per line (blank lines and ``#`` comments skipped)."""
     from ..errors import StudioError
 
-    path = Path(path) if path else DEFAULT_PROMPTS_FILE
+    path = Path(path) if path else asset_path(*DEFAULT_PROMPTS_FILE, what="calibration prompts")
     if not path.is_file():
         raise StudioError(f"{path}: calibration prompt file not found")
     prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]

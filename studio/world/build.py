@@ -21,13 +21,13 @@ import torch
 from .concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler
 from .data import DataSet, cached_set
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = ROOT / "assets"
+from .layout import BUILD_ASSETS as ASSETS
+from .layout import ROOT, STAGES, WORKDIR
 
 
 @dataclass
 class BuildConfig:
-    workdir: Path = ROOT / ".world-build"
+    workdir: Path = WORKDIR
     assets: Path = ASSETS
     scale: float = 1.0
     vae_steps: int = 2000
@@ -168,7 +168,7 @@ class World:
         folder = self.config.assets / "models" / f"tiny-{family}"
         if not (folder / "model_index.json").exists():
             self.base(family)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -209,9 +209,6 @@ class World:
             out.append(path)
         return out
 
-
-STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "distill-flux", "loras-sdxl", "loras-flux",
-          "qr-sdxl", "qr-flux")
 
 
 def run(stages, config: BuildConfig, concepts: tuple[str, ...] = ()) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .build import ASSETS, STAGES, BuildConfig, run
 from .concepts import HELD_OUT
+from .layout import BUILD_ASSETS, STAGES, WORKDIR
 
 world_app = typer.Typer(no_args_is_help=True, help="Build and measure the tiny offline world (models, LoRAs, judges).")
 
@@ -17,8 +17,8 @@ world_app = typer.Typer(no_args_is_help=True, help="Build and measure the tiny o
 @world_app.command("build")
 def build(
     stage: list[str] = typer.Option([], "--stage", help=f"Stages to run (default all): {', '.join(STAGES)}."),
-    workdir: Path = typer.Option(BuildConfig.workdir, help="Checkpoints and rendered data (resumable)."),
-    assets: Path = typer.Option(ASSETS, help="Where trained weights are written."),
+    workdir: Path = typer.Option(WORKDIR, help="Checkpoints and rendered data (resumable)."),
+    assets: Path = typer.Option(BUILD_ASSETS, help="Where trained weights are written."),
     scale: float = typer.Option(1.0, help="Multiply every step count (e.g. 0.02 for a smoke run)."),
     device: str = typer.Option("cpu", help="Where to train: cpu, cuda, cuda:1 ..."),
     concept: list[str] = typer.Option([], "--concept", help="Only these held-out concepts in the LoRA and "
@@ -31,6 +31,7 @@ def build(
     known = [c.name for c in HELD_OUT]
     if set(concept) - set(known):
         raise typer.BadParameter(f"unknown concept(s) {sorted(set(concept) - set(known))}; concepts: {', '.join(known)}")
+    from .build import BuildConfig, run
     from .trainer import set_device
 
     set_device(device)
@@ -39,7 +40,7 @@ def build(
 
 @world_app.command("evaluate")
 def evaluate(
-    assets: Path = typer.Option(ASSETS),
+    assets: Path = typer.Option(BUILD_ASSETS),
     out: Optional[Path] = typer.Option(None, help="Write the JSON report here (default assets/world/metrics.json)."),
     n_base: int = typer.Option(48, help="Prompts per family for the base-model check."),
     n_lora: int = typer.Option(20, help="Seeds per LoRA for the LoRA-alone check."),

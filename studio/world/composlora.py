@@ -23,8 +23,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipelines.assets import assets_root
+
 from .concepts import HELD_OUT
-from .demo import ASSETS, TINY_CLIP, Composition, composition_items
+from .demo import TINY_CLIP_NAME, Composition, composition_items
 
 QR_LORA_LABEL = "qr[qr-lora]"
 COLORS = ("red", "green", "blue", "yellow")
@@ -42,10 +44,11 @@ def compositions() -> list[Composition]:
             for i, stack in enumerate(stacks)]
 
 
-def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int], *, assets: Path = ASSETS,
+def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int], *, assets: Path | None = None,
                     steps: int | None = None, comps: Sequence[Composition] | None = None) -> list:
     """Batch items for every composition x strategy x seed (``qr`` also on the QR-LoRA files)."""
     comps = list(comps or compositions())
+    assets = assets or assets_root()
     items = []
     for strategy in strategies:
         items += composition_items(comps, family, [strategy], seeds, assets=assets, steps=steps)
@@ -134,7 +137,7 @@ def markdown_table(scores: Sequence[StrategyScore], merge_label: str = "merge") 
 
 
 def run_benchmark(out: Path, *, family: str = "sdxl", strategies: Sequence[str] | None = None,
-                  seeds: Sequence[int] = (0, 1), steps: int | None = None, assets: Path = ASSETS,
+                  seeds: Sequence[int] = (0, 1), steps: int | None = None, assets: Path | None = None,
                   comps: Sequence[Composition] | None = None, reporter=None) -> list[StrategyScore]:
     """Render (resuming), judge and summarise; returns one score per strategy label."""
     from studio import manifest as mf
@@ -143,8 +146,9 @@ def run_benchmark(out: Path, *, family: str = "sdxl", strategies: Sequence[str] 
     from .demo import all_strategies
     from .judge import load_judge
 
+    assets = assets or assets_root()
     items = benchmark_items(family, strategies or all_strategies(), seeds, assets=assets, steps=steps, comps=comps)
-    run_batch(items, out, BatchOptions(score=True, clip_model=str(assets / "models" / TINY_CLIP.name)), reporter)
+    run_batch(items, out, BatchOptions(score=True, clip_model=str(assets / "models" / TINY_CLIP_NAME)), reporter)
     planned = {item.id for item in items}
     records = [r for r in mf.load_records(Path(out)).values() if r["id"] in planned]
     judged = judge_records(records, Path(out), load_judge(assets / "judges" / "concept-judge"))

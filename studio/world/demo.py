@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.assets import asset_path, assets_root
+
 from .concepts import HeldOut, held_out
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-TINY_CLIP = ASSETS / "models" / "tiny-clip"
+TINY_CLIP_NAME = "tiny-clip"  # assets/models/<this>
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,13 @@ DEMO_COMPOSITIONS = (
 )
 
 
-def lora_path(family: str, concept: str, assets: Path = ASSETS, folder: str = "loras") -> Path:
-    """A world LoRA file: ``folder`` is ``loras`` (ordinary formats) or ``qr-loras`` (QR-LoRA adapters)."""
-    return assets / folder / f"tiny-{family}" / f"{concept}.safetensors"
+def lora_path(family: str, concept: str, assets: Path | None = None, folder: str = "loras") -> Path:
+    """A world LoRA file: ``folder`` is ``loras`` (ordinary formats) or ``qr-loras`` (QR-LoRA adapters);
+    ``assets`` defaults to the shipped world (:func:`pipelines.assets.assets_root`)."""
+    return (assets or assets_root()) / folder / f"tiny-{family}" / f"{concept}.safetensors"
 
 
-def composition_items(compositions, family: str, strategies, seeds, *, assets: Path = ASSETS, steps=None,
+def composition_items(compositions, family: str, strategies, seeds, *, assets: Path | None = None, steps=None,
                       lora_folder: str = "loras"):
     """Batch items for ``compositions`` on ``tiny-<family>`` (every strategy x seed; a strategy defined for
     fewer LoRAs than a composition has, such as K-LoRA's two, skips it)."""
@@ -79,15 +81,15 @@ def all_strategies() -> list[str]:
 
 
 def run_demo(out: Path, *, family: str = "sdxl", seeds=(0, 1), strategies=None, score: bool = True,
-             assets: Path = ASSETS, reporter=None):
+             assets: Path | None = None, reporter=None):
     from studio.batch import BatchOptions, run_batch
 
-    missing = [str(lora_path(family, c, assets)) for comp in DEMO_COMPOSITIONS for c in comp.concepts
-               if not lora_path(family, c, assets).exists()]
-    if missing:
-        from pipelines.errors import StudioError
-
-        raise StudioError(f"the tiny world's LoRAs are not built: {missing[0]} is missing (run `studio world build`)")
+    if assets is None:  # the shipped world: each file it needs must be there (a clear error names the first gap)
+        for comp in DEMO_COMPOSITIONS:
+            for concept in comp.concepts:
+                asset_path("loras", f"tiny-{family}", f"{concept}.safetensors", what=f"tiny-{family} LoRA {concept}")
+        asset_path("models", f"tiny-{family}", "model_index.json", what=f"tiny-{family} model")
+        assets = assets_root()
     items = composition_items(DEMO_COMPOSITIONS, family, strategies or all_strategies(), seeds, assets=assets)
-    options = BatchOptions(score=score, clip_model=str(assets / "models" / "tiny-clip"))
+    options = BatchOptions(score=score, clip_model=str(assets / "models" / TINY_CLIP_NAME))
     return run_batch(items, out, options, reporter)

@@ -15,7 +15,7 @@ import torch
 
 from .concepts import ATTRIBUTES, BASE, HELD_OUT, HeldOut, SceneSampler
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+from .layout import BUILD_ASSETS as ASSETS  # measures (and writes metrics into) the source tree's world
 
 
 def _render(studio, prompts: list[str], seed: int, loras=(), strategy="merge", **kw):
@@ -76,7 +76,7 @@ def evaluate_judges(assets: Path = ASSETS, n: int = 1000, seed: int = 99) -> dic
     from .judge import accuracy, load_judge
 
     data = render_set(SceneSampler(pool=dict(ATTRIBUTES)), n, seed, desc="eval renders")
-    vae = AutoencoderKL.from_pretrained(str(assets / "models" / "tiny-sdxl" / "vae"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(assets / "models" / "tiny-sdxl" / "vae"), dtype=torch.float32)
     judge = load_judge(assets / "judges" / "concept-judge")
     import open_clip
 

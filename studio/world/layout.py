@@ -1,0 +1,15 @@
+"""Names and places of the tiny world that commands need without torch: the build stages, where a build writes.
+
+A build writes into the source tree's ``assets/`` (``BUILD_ASSETS``); readers find the shipped world through
+:func:`pipelines.assets.assets_root` (the source tree or the installed ``studio_assets`` package).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_ASSETS = ROOT / "assets"
+WORKDIR = ROOT / ".world-build"
+STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "distill-flux", "loras-sdxl", "loras-flux",
+          "qr-sdxl", "qr-flux")
