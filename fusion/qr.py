@@ -155,6 +155,8 @@ class QRMerge(WeightMerge):
             merged = orthogonalize(coeffs, segments) if mode == "orthogonal" else coeffs
             self._record(low_parts, coeffs, merged, mode)
             up, down = q, sum(w * c for (w, _, _), c in zip(low, merged))
+        if up is not None and up.shape[1] == 0:  # every B factor is zero on this layer: nothing low-rank is left
+            up = down = None
         if up is None and dense is None and bias is None:
             return None
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731

@@ -10,6 +10,7 @@
     studio score out/grid                                    # (re)score a folder
     studio quantize tiny-flux --out flux-int4/ --format int4  # 4-bit SVDQuant denoiser; then --model flux-int4/
     studio merge --lora a.safetensors:0.8 --lora b.safetensors --strategy ties --out merged.safetensors
+    studio squeeze a.safetensors --rank 4 --out a-r4.safetensors  # LoRA-Squeeze: lower rank by SVD, per layer
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from pipelines.errors import StudioError
 from studio.merging import format_strategy_info, merge_command
+from studio.squeeze import squeeze_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA Composition Studio: stack LoRAs on SDXL and FLUX.1.")
 console = Console(stderr=True, soft_wrap=True)
@@ -213,6 +215,7 @@ from studio.quantize import quantize as _quantize  # noqa: E402  (its own module
 app.command(name="quantize")(_quantize)
 
 app.command(name="merge")(merge_command)
+app.command(name="squeeze")(squeeze_command)
 
 from studio.train_gates import train_gates_command  # noqa: E402
 

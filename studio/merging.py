@@ -32,15 +32,29 @@ class MergeReport:
     ranks: tuple[int, int]  # smallest and largest rank per layer
     size_bytes: int
     strategy_info: dict[str, Any] = field(default_factory=dict)
+    dense_layers: list = field(default_factory=list)  # studio.squeeze.LayerSqueeze of each factored dense part
+
+    def dense_summary(self) -> str | None:
+        """One line on the dense parts factored to fit a LoRA file (``None`` if there were none)."""
+        if not self.dense_layers:
+            return None
+        ranks = [r.rank_out for r in self.dense_layers]
+        errors = [r.relative_error for r in self.dense_layers]
+        return (f"dense parts (LoHa/LoKr/full/DoRA deltas) of {len(ranks)} layers factored by SVD at rank "
+                f"{min(ranks)}-{max(ranks)}: relative error of those parts max {100 * max(errors):.2f}%, "
+                f"mean {100 * sum(errors) / len(errors):.2f}% (--dense-rank N to choose the rank)")
 
 
-def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any] | None):
+def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any] | None,
+                        dense_rank: int | None = None):
     """``(specs, strategy)`` for a merge to a file, or a :class:`StudioError` before any model is loaded."""
     from fusion import WeightMerge, make_strategy
     from fusion.weightspace import weight_merge_names
 
     from .lora import Lora
 
+    if dense_rank is not None and dense_rank < 1:
+        raise StudioError(f"--dense-rank must be at least 1 (or left out for an automatic rank), got {dense_rank}")
     specs = [Lora.parse(spec) for spec in loras]
     if not specs:
         raise StudioError("give at least one --lora to merge")
@@ -49,6 +63,9 @@ def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any
         raise StudioError(f"step windows cannot be stored in a LoRA file (given for {', '.join(windowed)}); "
                           "render with them instead")
     strat = make_strategy(strategy, params)
+    if strat.values.get("rank") == -1:
+        raise StudioError("--param rank=-1 keeps the merged delta dense, which a LoRA file cannot hold; leave it out "
+                          "(rank 0: the largest input rank) or give --param rank=N")
     if not isinstance(strat, WeightMerge):
         raise StudioError(f"strategy '{strat.name}' is not a weight-space merge; it cannot be saved as a LoRA "
                           f"(weight-space merges: {', '.join(weight_merge_names())})")
@@ -56,13 +73,21 @@ def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any
 
 
 def save_merge(
-    studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path
+    studio, loras: Sequence, strategy: str, params: Mapping[str, Any] | None, out: str | Path,
+    dense_rank: int | None = None,
 ) -> MergeReport:
-    """Merge ``loras`` with weight-space ``strategy`` on ``studio``'s model and write the result to ``out``."""
+    """Merge ``loras`` with weight-space ``strategy`` on ``studio``'s model and write the result to ``out``.
+
+    Parts of the merge that are not low-rank (LoHa/LoKr/full deltas too large to factor exactly, DoRA's
+    rescaling) are factored by truncated SVD (:func:`studio.squeeze.factor_dense_parts`) at ``dense_rank``, or
+    at the fewest ranks keeping 99.9% of their σ² when it is ``None``; the report says how much was lost.
+    """
     from fusion import merge_stack
     from pipelines.adapters.export import save_lora
 
-    specs, strat = check_merge_request(loras, strategy, params)
+    from .squeeze import AUTO_DENSE_ENERGY, factor_dense_parts
+
+    specs, strat = check_merge_request(loras, strategy, params, dense_rank)
     names = studio.load(specs)
     studio._set_block_weights(names, specs)
     merged = merge_stack(strat, studio.composer, names, [s.weight for s in specs])
@@ -73,12 +98,17 @@ def save_merge(
                    else (dict(s.blocks) if s.blocks else None), "sha256": loaded[n].sha256}
                   for n, s in zip(names, specs)],
     }
-    path = save_lora(out, merged.deltas, studio.pipe, studio.family,
+    deltas, dense_layers = factor_dense_parts(merged.deltas, rank=dense_rank,
+                                              energy=None if dense_rank else AUTO_DENSE_ENERGY)
+    if dense_layers:
+        provenance["dense_parts"] = {"rank": dense_rank or f"auto ({AUTO_DENSE_ENERGY:g} of energy)",
+                                     "relative_error": {r.key: round(r.relative_error, 6) for r in dense_layers}}
+    path = save_lora(out, deltas, studio.pipe, studio.family,
                      metadata={"studio.merge": json.dumps(provenance), "modelspec.title": Path(out).stem})
-    ranks = [d.rank for d in merged.deltas.values()]
-    return MergeReport(path=Path(path), strategy=strat.name, params=dict(strat.values), layers=len(merged.deltas),
+    ranks = [d.rank for d in deltas.values()]
+    return MergeReport(path=Path(path), strategy=strat.name, params=dict(strat.values), layers=len(deltas),
                        ranks=(min(ranks), max(ranks)), size_bytes=Path(path).stat().st_size,
-                       strategy_info=dict(strat.info))
+                       strategy_info=dict(strat.info), dense_layers=dense_layers)
 
 
 def format_strategy_info(info: Mapping[str, Any]) -> list[str]:
@@ -121,6 +151,8 @@ def merge_command(
     lora_dir: Optional[Path] = typer.Option(None, help="LoRA library; relative LoRA names resolve inside it."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ... (the merge runs where the model is)."),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
+    dense_rank: Optional[int] = typer.Option(None, help="Rank for the SVD of dense parts (LoHa/LoKr/full/DoRA) "
+                                             "(default: the fewest ranks keeping 99.9% of their energy)."),
 ) -> None:
     """Merge LoRAs into one LoRA file (weight-space strategies) that diffusers and the studio load."""
     from studio import Studio
@@ -128,13 +160,15 @@ def merge_command(
 
     try:
         params = _parse_params(param)
-        check_merge_request(lora, strategy, params)  # fail fast, before the model loads
+        check_merge_request(lora, strategy, params, dense_rank)  # fail fast, before the model loads
         studio = Studio(model, device=device, dtype=dtype, config=config, lora_dir=lora_dir)
-        report = save_merge(studio, lora, strategy, params, out)
+        report = save_merge(studio, lora, strategy, params, out, dense_rank=dense_rank)
     except StudioError as e:
         _fail(e)
     for line in format_strategy_info(report.strategy_info):
         console.print(line)
+    if report.dense_summary():
+        console.print(report.dense_summary())
     typer.echo(str(report.path))
     rank = f"{report.ranks[0]}" if report.ranks[0] == report.ranks[1] else f"{report.ranks[0]}-{report.ranks[1]}"
     console.print(f"{report.strategy} merge of {len(lora)} LoRA(s): {report.layers} layers, rank {rank}, "
