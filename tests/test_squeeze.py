@@ -134,6 +134,15 @@ def test_merge_of_the_readme_pair_factors_the_loha_within_the_reported_error(tmp
         dense = torch.zeros_like(low) if delta.dense is None else delta.dense.flatten(1)
         err = torch.linalg.norm(saved[key] - low - dense) / torch.linalg.norm(dense).clamp_min(1e-12)
         assert err <= errors.get(key, 0.0) + 1e-4, key
+    # the exporter's own refusal names the fix, which works
+    from pipelines.adapters.export import save_lora
+    from pipelines.errors import StudioError
+    from studio.squeeze import factor_dense_parts
+
+    with pytest.raises(StudioError, match="factor it first"):
+        save_lora(tmp_path / "raw.safetensors", exact, studio.pipe, studio.family)
+    factored, _ = factor_dense_parts(exact, rank=8)
+    assert save_lora(tmp_path / "raw.safetensors", factored, studio.pipe, studio.family).exists()
     # the error messages' advice works when followed
     dense = runner.invoke(app, [*args[:-2], "--strategy", "ties", "--param", "rank=-1", "--out", str(out)])
     assert dense.exit_code == 2 and "leave it out" in dense.output and "--param rank=N" in dense.output

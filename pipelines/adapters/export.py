@@ -32,8 +32,9 @@ def _component_layers(deltas: Mapping[str, LayerDelta], pipe) -> dict[str, dict[
         component, _, module_path = key.partition(".")
         if delta.down is None or delta.dense is not None or delta.magnitude is not None:
             raise StudioError(
-                f"layer {key}: the merged delta is not low-rank (dense or DoRA parts), so it cannot be written as "
-                "a LoRA file; merge with a rank (e.g. --strategy svd, or --param rank=N)"
+                f"layer {key}: the delta is not low-rank (dense or DoRA parts), so it cannot be written as a LoRA "
+                "file; factor it first (studio.squeeze.factor_dense_parts, which `studio merge` and "
+                "`studio squeeze` apply)"
             )
         module = getattr(pipe, component).get_submodule(module_path)
         rank = delta.rank
