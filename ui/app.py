@@ -25,10 +25,15 @@ from studio.library import Library
 
 from . import strategy_form
 from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
-from .handlers import Handlers, card_markdown, md_escape
+from .handlers import Handlers, card_markdown, md_escape, user_errors
+from .recipe_api import render_recipe_endpoint
 
 CSS = """
-#library-panel { max-height: 96vh; overflow-y: auto; }
+/* one column that scrolls: a max height on Gradio's wrapping flex column moved the cards into a hidden second
+   column at common window sizes (1280x800, 1600x1100) */
+#library-panel { flex-wrap: nowrap !important; max-height: calc(100vh - 16px); overflow-y: auto;
+                 position: sticky; top: 8px; align-self: flex-start; }
+#library-panel > * { flex-shrink: 0; }
 .lora-card { padding: 6px !important; margin-bottom: 6px; }
 .lora-card .lora-thumb { flex-grow: 0 !important; }
 .stack-row { padding: 6px !important; margin-bottom: 6px; }
@@ -250,6 +255,17 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
             h.restore, [restore_file, params, strategy, stack_rev, params_rev],
             [prompt, negative, seed, steps, guidance, width, height, strategy, params, params_rev, stack, stack_rev,
              restore_status], api_name="restore", **LIGHT)
+
+        # ---------------------------------------------------------------------------------- API only
+        # one endpoint that takes a whole recipe (TOML or JSON) and returns images and recipes (ui.recipe_api)
+        api_recipe = gr.Textbox(visible=False, label="recipe (TOML or JSON)")
+        api_count = gr.Number(1, visible=False, precision=0, label="count")
+        api_images = gr.Gallery(visible=False, format="png", label="images")
+        api_recipes = gr.Textbox(visible=False, label="recipes (TOML)")
+        api_recipe.submit(user_errors(render_recipe_endpoint(cb)), [api_recipe, api_count], [api_images, api_recipes],
+                          api_name="render_recipe", api_description="Render a whole recipe (TOML or JSON text: "
+                          "prompt, strategy and parameters, LoRAs from the library with weights, step windows and "
+                          "block weights, seed, steps, guidance, size); returns the PNGs and their recipes.", **GPU)
     return demo
 
 
