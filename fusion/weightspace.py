@@ -52,9 +52,16 @@ class LayerPart:
 
     @property
     def is_low_rank(self) -> bool:
-        """Exactly ``up @ down`` plus at most a dense and a bias part (no DoRA rescaling)."""
+        """Exactly ``up @ down`` plus at most a dense and a bias part (no DoRA rescaling, no sparse part)."""
         d = self.delta
-        return d.down is not None and d.dora_out is None and d.dora_in is None
+        return d.down is not None and d.dora_out is None and d.dora_in is None and d.sparse_values is None
+
+    @property
+    def is_sparse(self) -> bool:
+        """Only a sparse (SHiRA) part, plus at most a bias."""
+        d = self.delta
+        return (d.sparse_values is not None and d.down is None and d.dense is None and d.dora_out is None
+                and d.dora_in is None)
 
     @property
     def rank(self) -> int:
@@ -245,7 +252,8 @@ class WeightMerge(Strategy):
 
 def _is_empty(delta: LayerDelta) -> bool:
     """A merged layer with nothing left (rank 0, e.g. LoRA factors that are all zero in that layer)."""
-    return delta.dense is None and delta.bias is None and (delta.down is None or delta.down.shape[0] == 0)
+    return (delta.dense is None and delta.bias is None and (delta.down is None or delta.down.shape[0] == 0)
+            and getattr(delta, "sparse_values", None) is None)
 
 
 def weight_merge_names() -> list[str]:

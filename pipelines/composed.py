@@ -30,6 +30,7 @@ restores the model bit for bit.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +54,8 @@ class PreparedDelta:
     bias: torch.Tensor | None = None
     dora_out: torch.Tensor | None = None  # s - 1 per output row: adds (s-1) ⊙ W x
     dora_in: torch.Tensor | None = None  # s - 1 per input column: adds W ((s-1) ⊙ x)
+    sparse_indices: torch.Tensor | None = None  # SHiRA: 2 x nnz (rows, columns), coalesced
+    sparse_values: torch.Tensor | None = None  # nnz values, scale folded in
 
     def weight(self, base_weight: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """The exact dense change of the layer weight at gain 1, in float32 on ``device`` (default: CPU)."""
@@ -64,6 +67,9 @@ class PreparedDelta:
             w += (up @ down.reshape(down.shape[0], -1)).reshape(shape)
         if self.dense is not None:
             w += self.dense.to(device).reshape(shape)
+        if self.sparse_values is not None:
+            rows, cols = self.sparse_indices.to(device)
+            w.view(shape[0], -1).index_put_((rows, cols), self.sparse_values.to(device), accumulate=True)
         if self.dora_out is not None or self.dora_in is not None:
             base = base_weight.detach().float().to(device)
             if self.dora_out is not None:
@@ -107,6 +113,13 @@ def prepare_delta(delta: LayerDelta, base: nn.Module) -> PreparedDelta:
         out.dense = dense.contiguous()
     if delta.bias is not None:
         out.bias = delta.bias.float().reshape(-1) * delta.scale
+    if getattr(delta, "sparse_values", None) is not None:  # SHiRA (pipelines.adapters.kinds.shira)
+        if len(shape) != 2 or tuple(delta.sparse_shape) != shape:
+            raise ValueError(f"a sparse (SHiRA) delta for a {tuple(delta.sparse_shape)} weight does not fit a layer "
+                             f"of {shape} (SHiRA applies to linear layers only)")
+        coo = torch.sparse_coo_tensor(delta.sparse_indices.long(), delta.sparse_values.float() * delta.scale, shape,
+                                      check_invariants=True).coalesce()  # repeated pairs summed
+        out.sparse_indices, out.sparse_values = coo.indices().contiguous(), coo.values().contiguous()
     if s is not None:
         if delta.magnitude_axis == "out":
             out.dora_out = s - 1
@@ -132,6 +145,7 @@ class AdapterBranch(nn.Module):
         self._pack_key = None
         self._gain_key = None
         self._empty = True
+        self._sparse: list[tuple[int, torch.Tensor]] = []
         self.fixed_rank = 0
         self._columns: list[int] = []
         # optional learned gate: gate(x, y, outputs[K, *y.shape], columns[K]) -> the layer's total change
@@ -176,6 +190,8 @@ class AdapterBranch(nn.Module):
         din = [(c, e) for c, e in cols if e.dora_in is not None]
         self.dora_in_cat = cat([e.dora_in[None] for _, e in din])
         self.dora_in_owner = owners([c for c, _ in din])
+        # SHiRA: one sparse CSR ΔW per adapter (y += g · ΔW x as a sparse product, no dense copy of the layer)
+        self._sparse = [(c, sparse_matrix(e, layer, device, dtype)) for c, e in cols if e.sparse_values is not None]
         self._empty = not cols and fixed is None
         self._columns = [c for c, _ in cols]
         self._pack_key = key
@@ -229,6 +245,8 @@ class AdapterBranch(nn.Module):
             else:
                 z = F.linear(x, self.dense_cat).unflatten(-1, (n, -1))
                 out = out + (z * gains[:, self.dense_owner].view(rows, *[1] * (y.dim() - 2), n, 1)).sum(-2)
+        for c, matrix in self._sparse:
+            out = out + sparse_product(matrix, x, y) * per_sample(gains[:, c : c + 1])
         if self.bias_cat is not None:
             out = out + per_sample(gains[:, self.bias_owner] @ self.bias_cat)
         if self.dora_out_cat is not None:
@@ -277,6 +295,8 @@ class AdapterBranch(nn.Module):
             z = F.linear(x, self.dense_cat).unflatten(-1, (self.dense_owner.numel(), -1))
             for i, c in enumerate(self.dense_owner.tolist()):
                 parts[c].append(z[..., i, :] * gain(c))
+        for c, matrix in self._sparse:
+            parts[c].append(sparse_product(matrix, x, y) * gain(c))
         if self.bias_cat is not None:
             for i, c in enumerate(self.bias_owner.tolist()):
                 parts[c].append(gain(c) * self.bias_cat[i])
@@ -289,6 +309,24 @@ class AdapterBranch(nn.Module):
                 parts[c].append(layer._base_op(x * self.dora_in_cat[i], with_bias=False) * gain(c))
         return torch.stack([sum(parts[c][1:], parts[c][0]).expand_as(y) if parts[c] else torch.zeros_like(y)
                             for c in self._columns])
+
+
+def sparse_matrix(entry: PreparedDelta, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An adapter's sparse ΔW (out x in) as a CSR matrix on ``device`` (float32 on the CPU, whose sparse kernels
+    lack half precision)."""
+    shape = (layer.out_features, layer.in_features)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+    coo = torch.sparse_coo_tensor(entry.sparse_indices, entry.sparse_values, shape, is_coalesced=True,
+                                  check_invariants=False)  # coalesced and range-checked by prepare_delta
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to(device=device, dtype=dtype).to_sparse_csr()
+
+
+def sparse_product(matrix: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x ΔWᵀ`` for a sparse ΔW (CSR), shaped like ``y``: one sparse-dense product ``ΔW · x_flatᵀ``."""
+    flat = x.reshape(-1, x.shape[-1]).to(matrix.dtype)
+    return (matrix @ flat.T).T.reshape(y.shape).to(y.dtype)
 
 
 class ComposedLinear(nn.Linear):

@@ -135,6 +135,10 @@ def format_strategy_info(info: Mapping[str, Any]) -> list[str]:
         scores = cmlora["scores"]
         order = ", ".join(n if scores is None else f"{n} ({scores[n]:.3f})" for n in cmlora["order"])
         lines.append(f"CMLoRA dominant order ({'stack order' if scores is None else 'frequency score'}): {order}")
+    for row in info.get("sparse_overlap", []):
+        a, b = row["pair"]
+        lines.append(f"sparse (SHiRA) supports {a} / {b} over {row['layers']} layers: {row['shared']} shared entries "
+                     f"({100 * row['share_of_smaller']:.1f}% of the smaller support)")
     gated = info.get("gated")
     if gated:
         lines.append(f"gated: {gated['used']}")

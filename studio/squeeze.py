@@ -106,19 +106,28 @@ def svd_factors(up, down, dense, rank: int | None, energy: float | None):
     return (u[:, :k] * s[:k]).float(), vh[:k].float(), kept
 
 
+def dense_part(delta, rows: int):
+    """A delta's parts that are not low-rank, as one 2-D float32 matrix with the scale applied: its dense part
+    plus its sparse (SHiRA) part; ``None`` if it has neither."""
+    dense = None if delta.dense is None else delta.dense.float().reshape(rows, -1) * delta.scale
+    if getattr(delta, "sparse_values", None) is not None:
+        sparse = delta.sparse_weight() * delta.scale
+        dense = sparse if dense is None else dense + sparse
+    return dense
+
+
 def squeeze_delta(key: str, delta, base_shape: Sequence[int], rank: int | None, energy: float | None):
     """``(LayerDelta | None, LayerSqueeze)``: one layer's exact delta re-factored at ``rank`` / ``energy``."""
     from pipelines.adapters.delta import LayerDelta
 
     if delta.magnitude is not None:
         raise StudioError(f"layer {key}: resolve the DoRA magnitude against the base weight first (merge_stack does)")
-    low_rank_only = delta.down is not None and delta.dense is None
-    up = down = dense = None
+    up = down = None
     if delta.down is not None:
         up = delta.up.float().reshape(delta.up.shape[0], -1) * delta.scale
         down = delta.down.float().flatten(1)
-    if delta.dense is not None:
-        dense = delta.dense.float().reshape(base_shape[0], -1) * delta.scale
+    dense = dense_part(delta, base_shape[0])
+    low_rank_only = up is not None and dense is None
     if up is None and dense is None:
         new_up = new_down = None
         kept = 1.0
@@ -143,12 +152,12 @@ def factor_dense_parts(deltas: Mapping[str, Any], rank: int | None = None,
 
     out, reports = {}, []
     for key, delta in deltas.items():
-        if delta.dense is None and delta.magnitude is None:
+        dense = dense_part(delta, delta.out_features)
+        if dense is None and delta.magnitude is None:
             out[key] = delta
             continue
         if delta.magnitude is not None:
             raise StudioError(f"layer {key}: a DoRA magnitude cannot be factored without the base weight")
-        dense = delta.dense.float().flatten(1) * delta.scale
         up, down, kept = svd_factors(None, None, dense, rank, energy)
         if up is not None:  # an all-zero dense part is dropped exactly
             reports.append(LayerSqueeze(key, None, up.shape[1], kept))

@@ -105,7 +105,9 @@ def parse_lora(
             "this is a QR-LoRA bases file (the frozen Q and R that QR-LoRA adapters of one base share), not an "
             f"adapter: load the adapters that name it in {kinds.qr.BASES_KEY}",
         )
-    if info.format == "qr-lora":
+    if kinds.shira.is_shira_file(tensors):
+        deltas, skipped = _shira_route(tensors, metadata, pipe, family, label)
+    elif info.format == "qr-lora":
         folder = None if label.startswith("<") else Path(label).parent
         deltas, skipped = _qr_route(tensors, metadata, pipe, family, label, folder)
     elif info.format in ("peft", "diffusers-old", "xlabs"):
@@ -269,6 +271,35 @@ def _qr_route(tensors, metadata, pipe, family, label, folder: Path | None):
             if problem:
                 raise IncompatibleLoraError(label, f"QR-LoRA layer '{component}.{path}': {problem}")
         deltas[f"{component}.{path}"] = delta
+    if rest:
+        more, more_skipped = _diffusers_route(rest, metadata, pipe, family, label)
+        deltas.update(more)
+        skipped += more_skipped
+    return deltas, skipped
+
+
+def _shira_route(tensors, metadata, pipe, family, label):
+    """SHiRA / plain sparse-delta layers (:mod:`.kinds.shira`), each checked against its linear layer; the file's
+    other keys (e.g. a LoRA for the text encoders) take the diffusers route."""
+    groups, rest = kinds.shira.split_keys(tensors)
+    deltas: dict[str, LayerDelta] = {}
+    skipped = []
+    for key, group in groups.items():
+        component, _, path = key.partition(".")
+        if component not in family.components():
+            component, path = family.denoiser, key
+        try:
+            module = getattr(pipe, component).get_submodule(path)
+        except AttributeError:
+            skipped.append(key)
+            continue
+        if not isinstance(module, nn.Linear) and not hasattr(module, "in_features"):
+            raise IncompatibleLoraError(label, f"SHiRA layer '{component}.{path}' is a {type(module).__name__}; "
+                                               "SHiRA applies to linear layers only")
+        try:
+            deltas[f"{component}.{path}"] = kinds.shira.build(group, (module.out_features, module.in_features))
+        except ValueError as e:
+            raise IncompatibleLoraError(label, f"SHiRA layer '{component}.{path}': {e}") from None
     if rest:
         more, more_skipped = _diffusers_route(rest, metadata, pipe, family, label)
         deltas.update(more)

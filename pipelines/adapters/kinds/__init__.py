@@ -3,10 +3,10 @@
 A kind declares the key suffixes it owns (``SUFFIXES``) and a ``build(tensors, alpha)`` function; the parser
 routes each layer's tensors to the kind whose suffixes they use. Adding a kind is a new file plus a line here.
 QR-LoRA files (:mod:`.qr`) have their own route in the parser, because their layers must be checked against the
-base weights they were made for.
+base weights they were made for; so do SHiRA files (:mod:`.shira`, sparse deltas checked against their layers).
 """
 
-from . import dora, full, loha, lokr, lora, qr
+from . import dora, full, loha, lokr, lora, qr, shira
 
 KINDS = (lora, loha, lokr, full)
 
@@ -30,4 +30,4 @@ def kind_for(suffixes: set[str]):
     return None
 
 
-__all__ = ["KINDS", "UNSUPPORTED_SUFFIXES", "kind_for", "dora", "full", "loha", "lokr", "lora", "qr"]
+__all__ = ["KINDS", "UNSUPPORTED_SUFFIXES", "kind_for", "dora", "full", "loha", "lokr", "lora", "qr", "shira"]
