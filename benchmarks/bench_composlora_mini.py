@@ -3,6 +3,7 @@
     python benchmarks/bench_composlora_mini.py                      # tiny-sdxl, every strategy, seeds 0 and 1
     python benchmarks/bench_composlora_mini.py --family flux --seeds 0 1 2
     python benchmarks/bench_composlora_mini.py --strategy merge --strategy composite --limit 4
+    python benchmarks/bench_composlora_mini.py --strategy lego --strategy merge --add  # add rows to the results
 
 16 compositions (one subject LoRA + a style and/or a background LoRA; see :mod:`studio.world.composlora`) x
 every registered strategy x seeds, rendered through the batch runner into ``--work`` (resumable: run it again
@@ -10,7 +11,9 @@ to finish an interrupted benchmark; ``report.html`` there shows every image), th
 composition success (the concept judge sees *every* requested concept), detection rate per category, CLIPScore
 of the full prompt and of each LoRA's concept text (tiny world CLIP), and render time per image (wall clock,
 also as a ratio to ``merge`` in the same run). Results go to ``benchmarks/results/composlora-mini-<family>.json``
-and ``.md``.
+and ``.md``; with ``--add`` the strategies run now replace their rows in those files (same seeds and
+compositions) and the other rows are kept, each row's time ratio taken against ``merge`` *of its own run*
+(include ``merge`` in the run for that; its row is then kept from the earlier run).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "composlora-mini")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--add", action="store_true", help="add/replace these strategies' rows in the existing results")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,18 +55,55 @@ def main(argv=None) -> None:
     scores = run_benchmark(work, family=args.family, strategies=args.strategy, seeds=args.seeds, steps=args.steps,
                            comps=comps, reporter=RichReporter())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "CPU")
-    table = markdown_table(scores)
+    merge_seconds = next((s.seconds for s in scores if s.label == "merge"), None)
+    rows = [{**s.row(), "time_vs_merge": s.seconds / merge_seconds if merge_seconds else None} for s in scores]
+    stem = args.results / f"composlora-mini-{args.family}"
+    if args.add:
+        rows = added_rows(stem.with_suffix(".json"), rows, args.seeds, len(comps or compositions()))
+    table = rows_table(rows) if args.add else markdown_table(scores)
     header = (f"tiny-{args.family}, {len(comps or compositions())} compositions x seeds {args.seeds}, "
               f"{device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     print(header)
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"composlora-mini-{args.family}"
     payload = {"family": args.family, "seeds": args.seeds, "steps": args.steps, "device": device,
                "threads": torch.get_num_threads(), "compositions": len(comps or compositions()),
-               "strategies": [s.row() for s in scores]}
+               "strategies": rows}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
+
+
+def added_rows(path: Path, new: list[dict], seeds: list[int], count: int) -> list[dict]:
+    """The rows of the earlier results at ``path`` with ``new`` added (replacing rows of the same strategy, except
+    ``merge``, which stays from the earlier run), ordered as the benchmark orders them."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())
+    if old.get("seeds") != seeds or old.get("compositions") != count:
+        raise SystemExit(f"{path} was measured with seeds {old.get('seeds')} on {old.get('compositions')} "
+                         f"compositions; --add needs the same")
+    kept = {r["strategy"]: r for r in old["strategies"]}
+    merge_seconds = kept.get("merge", {}).get("seconds_per_image")
+    for row in kept.values():
+        if row.get("time_vs_merge") is None and merge_seconds:
+            row["time_vs_merge"] = row["seconds_per_image"] / merge_seconds
+    for row in new:
+        if row["strategy"] != "merge" or "merge" not in kept:
+            kept[row["strategy"]] = row
+    return sorted(kept.values(), key=lambda r: (-r["success"], -r["clip_mean"]))
+
+
+def rows_table(rows: list[dict]) -> str:
+    """The results table from JSON rows, each with the time ratio of its own run."""
+    lines = ["| strategy | images | success | subject | style | background | CLIPScore | concept CLIPScore "
+             "| s/image | time vs merge |", "|" + "---|" * 10]
+    for r in rows:
+        ratio = "n/a" if r.get("time_vs_merge") is None else f"{r['time_vs_merge']:.2f}x"
+        lines.append(f"| {r['strategy']} | {r['images']} | {r['success']:.0%} | {r.get('subject_detected', 0):.0%} | "
+                     f"{r.get('style_detected', 0):.0%} | {r.get('background_detected', 0):.0%} | "
+                     f"{r['clip_mean']:.1f} ± {r['clip_std']:.1f} | {r['concept_clip']:.1f} | "
+                     f"{r['seconds_per_image']:.2f} | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
