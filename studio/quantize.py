@@ -3,6 +3,10 @@
     studio quantize black-forest-labs/FLUX.1-dev --out flux-int4/ --rank 32 --format int4
     studio render "a corgi" --model flux-int4/ --lora corgi.safetensors:0.8     # any command, any strategy
 
+``--runtime`` (recorded in the folder; ``studio render --runtime`` overrides it) picks how renders compute the 4-bit
+products: ``auto`` (the Triton W4A4 kernel on a CUDA GPU with compute capability 8.0+, else ``dequant``, W4A16),
+``dequant``, ``triton`` or ``reference``; see :mod:`pipelines.quant.runtime`.
+
 Calibration renders the prompts of ``--calib-prompts`` (one per line; default: the studio's eight) for
 ``--calib-steps`` steps and records each target layer's input; then every target layer is quantized
 (smoothing with a per-layer α search, rank-r SVD branch, 4-bit residual) and the folder is written.
@@ -39,6 +43,9 @@ def quantize(
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ... (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, help="Precision of the calibration runs (default bf16 on CUDA, fp32 on CPU)."),
     config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    runtime: str = typer.Option("auto", help="Runtime renders use by default: auto (triton on a CUDA GPU with compute "
+                                "capability 8.0+, else dequant), dequant (W4A16, any device), triton (W4A4 kernel) "
+                                "or reference (exact, slow); `studio render --runtime` overrides it."),
 ) -> None:
     """Quantize a model's denoiser to 4 bits (SVDQuant) into a folder that --model loads anywhere."""
     from pipelines.quant.calibrate import read_prompts
@@ -67,7 +74,8 @@ def quantize(
 
         with progress:
             result, folder = convert(model, out, qconfig, calibration, device=device, dtype=dtype,
-                                     model_config=config, on_step=lambda *a: progress.advance(calib_task),
+                                     model_config=config, runtime=runtime,
+                                     on_step=lambda *a: progress.advance(calib_task),
                                      on_layer=on_layer)
     except StudioError as e:
         console.print(f"[bold red]error:[/] {e}")
@@ -94,4 +102,5 @@ def _print_summary(result, folder: Path) -> None:
         console.print(f"[yellow]kept 16-bit:[/] and {len(result.skipped) - 10} more (see studio_quant.json)")
     size = (folder / WEIGHTS_FILE).stat().st_size
     console.print(f"wrote {folder} (denoiser {size / 2 ** 20:.1f} MiB)")
+    console.print(result.runtime)
     typer.echo(str(folder))

@@ -1,7 +1,9 @@
 """4-bit SVDQuant-style denoisers whose 16-bit low-rank branch hosts the studio's LoRAs (issue 6).
 
 * :mod:`.formats` — INT4 / NVFP4 quantizers, 4-bit packing, integer-exact group products;
-* :mod:`.linear` — :class:`QuantLinear`, the reference W4A4 / W4A16 layer that hosts adapters;
+* :mod:`.linear` — :class:`QuantLinear`, the W4A4 / W4A16 layer that hosts adapters;
+* :mod:`.runtime` — which runtime computes a layer's 4-bit product: ``reference`` (exact), ``dequant`` (W4A16,
+  :mod:`.dequant`), ``triton`` (W4A4 on INT8 tensor cores, :mod:`.triton_kernels`), ``auto``;
 * :mod:`.targets` — which layers of FLUX.1 / SDXL are quantized (as Nunchaku does);
 * :mod:`.calibrate` — activation statistics from real pipeline runs;
 * :mod:`.quantizer` — smoothing with a per-layer α search, the SVD branch, 4-bit residuals, RTN baseline;

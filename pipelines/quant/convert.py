@@ -13,6 +13,7 @@ from ..composer import Composer
 from ..errors import ModelLoadError, StudioError
 from .calibrate import calibrate
 from .quantizer import QuantConfig, QuantResult, quantize_denoiser
+from .runtime import DEFAULT_RUNTIME, check_runtime, describe, plan
 from .storage import is_quantized_folder, save_quantized
 from .targets import plan_targets
 
@@ -55,12 +56,18 @@ def quantize_pipeline(pipe, family, config: QuantConfig, calibration: Calibratio
 
 def convert(model: str, out_dir: str | Path, config: QuantConfig, calibration: Calibration | None, *,
             device: str | None = None, dtype: str | None = None, model_config: str | None = None,
+            runtime: str = DEFAULT_RUNTIME,
             on_step: Callable[[int, int, dict], None] | None = None,
             on_layer: Callable[[int, int, str], None] | None = None) -> tuple[QuantResult, Path]:
-    """``studio quantize``: quantize ``model``'s denoiser and write the folder ``out_dir``."""
+    """``studio quantize``: quantize ``model``'s denoiser and write the folder ``out_dir`` (``runtime``: the
+    runtime loading the folder selects by default, see :mod:`.runtime`)."""
     from ..loading import load_pipeline
     from ..tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
+    try:
+        check_runtime(runtime)
+    except ValueError as e:
+        raise StudioError(str(e)) from None
     out = Path(out_dir).expanduser()
     if is_quantized_folder(Path(model).expanduser()):
         raise ModelLoadError(f"{model}: already quantized; quantize the 16-bit base model instead")
@@ -80,9 +87,14 @@ def convert(model: str, out_dir: str | Path, config: QuantConfig, calibration: C
     t0 = time.perf_counter()
     result = quantize_pipeline(pipe, family, config, calibration, default_size=default_size, on_step=on_step,
                                on_layer=on_layer)
+    denoiser = getattr(pipe, family.denoiser)
+    try:
+        result.runtime = describe(plan(denoiser, runtime), runtime) + " on this machine"
+    except RuntimeError as e:  # recorded anyway: the folder may be rendered on another machine
+        result.runtime = f"runtime {runtime} recorded, but not on this machine: {e}"
     calib = calibration.to_json() if calibration is not None else {}
     calib["seconds"] = round(time.perf_counter() - t0, 2)
-    save_quantized(out, getattr(pipe, family.denoiser), family=family.name, denoiser_name=family.denoiser, base=base,
+    save_quantized(out, denoiser, family=family.name, denoiser_name=family.denoiser, base=base,
                    quant=config.to_json(), layers={k: v.to_json() for k, v in result.layers.items()},
-                   skipped=result.skipped, calibration=calib, storage_dtype=config.storage_dtype)
+                   skipped=result.skipped, calibration=calib, storage_dtype=config.storage_dtype, runtime=runtime)
     return result, out

@@ -11,8 +11,10 @@ eq. 5-6) writes a linear layer ``y = x Wᵀ + b`` (torch layout, W is out × in)
 * ``R = W·diag(λ) − L_up (L_down·diag(λ))`` is stored in 4 bits (INT4 per 64 input channels with a float16
   scale, or NVFP4), and the activations ``x / λ`` are quantized at run time per token and group.
 
-This is the *reference* path: it runs on any device, and the 4-bit product is computed group by group on
-integer-valued operands, exactly (see :func:`pipelines.quant.formats.group_matmul`). ``mode="w4a16"`` keeps
+The 4-bit product has runtimes (:mod:`.runtime`, ``layer.runtime``): ``reference``, the exact path, runs on any
+device and computes the product group by group on integer-valued operands (see
+:func:`pipelines.quant.formats.group_matmul`); ``dequant`` (W4A16: dequantized weight, one GEMM, :mod:`.dequant`)
+and ``triton`` (W4A4 on INT8 tensor cores, :mod:`.triton_kernels`) are the fast ones; ``auto`` picks. ``mode="w4a16"`` keeps
 the activations 16-bit (weight-only, no smoothing, no branch: FLUX's adaLN linears, as Nunchaku does);
 ``rank=0`` and no smoothing give plain round-to-nearest (RTN), the baseline.
 
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
+from .runtime import check_runtime, kernel_failed, resolve
 
 MODES = ("w4a4", "w4a16")
 
@@ -40,7 +43,8 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, fmt: str = "int4",
                  group_size: int | None = None, rank: int = 32, smooth: bool = True, mode: str = "w4a4",
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 runtime: str = "reference"):
         nn.Module.__init__(self)
         if fmt not in formats.FORMATS:
             raise ValueError(f"unknown 4-bit format '{fmt}'; use one of {formats.FORMATS}")
@@ -66,6 +70,7 @@ class QuantLinear(nn.Linear):
         self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=dtype, **kw) if rank else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
         self.studio_branch = None
+        self.runtime = check_runtime(runtime)  # how the 4-bit product runs (pipelines.quant.runtime); not stored
 
     # ------------------------------------------------------------------------------------------- config
     def spec(self) -> dict:
@@ -74,13 +79,16 @@ class QuantLinear(nn.Linear):
                 "group": self.group_size, "rank": self.rank, "smooth": self.smooth is not None, "mode": self.mode}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype = torch.bfloat16, device=None) -> "QuantLinear":
+    def from_spec(cls, spec: dict, dtype: torch.dtype = torch.bfloat16, device=None,
+                  runtime: str = "reference") -> "QuantLinear":
         return cls(spec["in"], spec["out"], bias=spec["bias"], fmt=spec["fmt"], group_size=spec["group"],
-                   rank=spec["rank"], smooth=spec["smooth"], mode=spec["mode"], dtype=dtype, device=device)
+                   rank=spec["rank"], smooth=spec["smooth"], mode=spec["mode"], dtype=dtype, device=device,
+                   runtime=runtime)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.mode} {self.fmt}/{self.group_size}, rank={self.rank}, smooth={self.smooth is not None}")
+                f"{self.mode} {self.fmt}/{self.group_size}, rank={self.rank}, smooth={self.smooth is not None}, "
+                f"runtime={self.runtime}")
 
     # ------------------------------------------------------------------------------------------- weights
     def weight_operand(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,31 +137,67 @@ class QuantLinear(nn.Linear):
         return formats.nvfp4_operand(codes), block * token_scale[:, None] / 2
 
     def quantized_product(self, x: torch.Tensor) -> torch.Tensor:
-        """``dequant(Q(x/λ)·Q(R)ᵀ)`` (w4a4) or ``x·dequant(Q(W))ᵀ`` (w4a16), without bias or branch."""
-        x2d = x.reshape(-1, self.in_features)
+        """``dequant(Q(x/λ)·Q(R)ᵀ)`` (w4a4) or ``x·dequant(Q(W))ᵀ`` (w4a16), without bias or branch, computed by
+        the layer's runtime (``dequant``: ``(x/λ)·dequant(R)ᵀ``, activations not quantized)."""
+        return self._product(x)
+
+    def reference_product(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The exact path: float32 ``[tokens, out]`` (integer-exact group products, see the module doc)."""
         if self.mode == "w4a16":
-            y = F.linear(x2d, self.residual_weight().to(x.dtype))
+            return F.linear(x2d, self.residual_weight().to(x2d.dtype))
+        a, a_scale = self.quantize_input(x2d)
+        w, w_scale = self.weight_operand()
+        return formats.group_matmul(a, a_scale, w, w_scale, self.group_size)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                 addend: torch.Tensor | None = None) -> torch.Tensor:
+        """The 4-bit product plus ``bias`` and ``addend`` (same shape as the output), by the layer's runtime.
+
+        ``reference`` and ``dequant`` round the product to ``x``'s dtype and then add, in that order; the Triton
+        kernel adds both in float32 in its epilogue and rounds once."""
+        x2d = x.reshape(-1, self.in_features)
+        runtime = resolve(self.runtime, self, x.device)
+        if runtime == "triton":
+            try:
+                from .triton_kernels import w4a4_linear
+
+                y = w4a4_linear(x2d, self.qweight, self.wscales, self.smooth, self.group_size,
+                                bias=None if bias is None else bias.to(x.dtype), addend=addend)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a Triton that cannot compile the kernel here: auto falls back, cleanly
+                if self.runtime != "auto":
+                    raise
+                kernel_failed(e)
+                return self._product(x, bias, addend)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if runtime == "dequant":
+            from .dequant import dequant_product
+
+            y = dequant_product(self, x2d)
         else:
-            a, a_scale = self.quantize_input(x2d)
-            w, w_scale = self.weight_operand()
-            y = formats.group_matmul(a, a_scale, w, w_scale, self.group_size)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = self.reference_product(x2d)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        if addend is not None:
+            y = y + addend
+        return y
+
+    def _own_branch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x·L_downᵀ·L_upᵀ``, the layer's SVD branch (None without one)."""
+        if not self.rank:
+            return None
+        return F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
 
     def _base_op(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """The layer as loaded (4-bit product + own branch [+ bias]); adapters use it for DoRA's rescaling."""
-        y = self.quantized_product(x)
-        if with_bias and self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        if self.rank:
-            y = y + F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
-        return y
+        return self._product(x, self.bias if with_bias else None, self._own_branch(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.studio_branch is None:
             return self._base_op(x)
-        y = self.quantized_product(x)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+        y = self._product(x, self.bias)
         return self.studio_branch(x, y, self)  # adds the fixed segment and every LoRA in one GEMM pair
 
     # ------------------------------------------------------------------------------------------- adapters

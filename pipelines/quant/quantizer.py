@@ -95,6 +95,7 @@ class QuantResult:
     config: QuantConfig
     layers: dict[str, LayerReport] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    runtime: str = ""  # which runtime renders with the result will run here (convert fills it in)
 
 
 # ------------------------------------------------------------------------------------------------ one layer

@@ -4,7 +4,7 @@ Layout (``studio quantize MODEL --out DIR``)::
 
     DIR/studio_quant.json                     what this is: base model, family, quantization settings, one entry
                                               per quantized layer (shape, mode, rank, α, errors), skipped layers,
-                                              the files with their sizes and SHA-256
+                                              the files with their sizes and SHA-256, the default runtime
     DIR/denoiser/config.json                  the denoiser's diffusers config
     DIR/denoiser/model.safetensors            the whole denoiser: packed INT4/NVFP4 residuals (``qweight``),
                                               scale bits (``wscales``, ``wscale_global``), ``smooth`` (λ), the
@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import LoraFileError, ModelLoadError
 from ..safetensors_io import check_safetensors_file
 from .linear import QuantLinear
+from .runtime import DEFAULT_RUNTIME, check_runtime
 
 QUANT_FILE = "studio_quant.json"
 DENOISER_DIR = "denoiser"
@@ -58,8 +59,10 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------- writing
 def save_quantized(out_dir: str | Path, denoiser: nn.Module, *, family: str, denoiser_name: str, base: str,
                    quant: dict, layers: dict[str, dict], skipped: dict[str, str],
-                   calibration: dict | None = None, storage_dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the folder for ``denoiser`` (whose target layers are already :class:`QuantLinear`)."""
+                   calibration: dict | None = None, storage_dtype: torch.dtype = torch.bfloat16,
+                   runtime: str = DEFAULT_RUNTIME) -> Path:
+    """Write the folder for ``denoiser`` (whose target layers are already :class:`QuantLinear`); ``runtime`` is
+    the runtime loading selects unless told otherwise."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -79,7 +82,7 @@ def save_quantized(out_dir: str | Path, denoiser: nn.Module, *, family: str, den
     info = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "family": family, "denoiser": denoiser_name,
         "denoiser_class": type(denoiser).__name__, "base": base, "quantization": quant,
-        "calibration": calibration or {}, "files": files,
+        "calibration": calibration or {}, "files": files, "runtime": check_runtime(runtime),
         "layers": {name: {**specs[name], **layers.get(name, {})} for name in specs},
         "skipped": skipped,
     }
@@ -196,14 +199,28 @@ def _load_state(folder: Path, model: nn.Module) -> None:
         raise ModelLoadError(f"{path}: no values for {', '.join(leftovers[:3])}")
 
 
+def folder_runtime(folder: Path, info: dict) -> str:
+    """The runtime ``studio quantize --runtime`` recorded (``auto`` for folders written before there was one)."""
+    runtime = info.get("runtime", DEFAULT_RUNTIME)
+    try:
+        return check_runtime(runtime, str(folder / QUANT_FILE))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+
+
 def load_quantized_denoiser(folder: str | Path, dtype: torch.dtype, *, verify_hash: bool = False
                             ) -> tuple[nn.Module, dict]:
-    """The quantized denoiser of ``folder`` (16-bit parts cast to ``dtype``) and its ``studio_quant.json``."""
+    """The quantized denoiser of ``folder`` (16-bit parts cast to ``dtype``) and its ``studio_quant.json``; its
+    layers run the folder's recorded runtime (default ``auto``, see :mod:`.runtime`)."""
     folder = Path(folder)
     info = read_info(folder)
+    runtime = folder_runtime(folder, info)
     _check_files(folder, info, verify_hash)
     model = _build_denoiser(folder, info)
     _load_state(folder, model)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.runtime = runtime
     return nn.Module.to(model, dtype=dtype).eval(), info  # (ModelMixin.to warns about fp32 modules)
 
 
