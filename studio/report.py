@@ -25,6 +25,7 @@ from .grid import slug
 from .recipe import atomic_write_bytes
 from .sheets import Cell, contact_sheet
 
+MAX_CHART_WIDTH = 1360  # px: the summary chart fits a 1400 px window (the page's max width)
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
 
 
@@ -64,7 +65,7 @@ def scores_table(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[lis
     records = sorted(records, key=_position)
     concepts = list(dict.fromkeys(name for r in records for name in (r.get("scores") or {}).get("concepts", {})))
     header = ["id", "status", "file", "prompt", "strategy", "row", "column", "stack", "seed", "steps", "guidance",
-              "weights", "clip_score", *[f"concept:{c}" for c in concepts], "scorer", "seconds", "error"]
+              "weights", "clip_score", *[f"concept:{c}" for c in concepts], "judge", "scorer", "seconds", "error"]
     rows = []
     for r in records:
         item, recipe, scores = r.get("item", {}), r.get("recipe") or {}, r.get("scores") or {}
@@ -75,7 +76,7 @@ def scores_table(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[lis
             "/".join(f"{w:g}" for w in item.get("weights", [])),
             "" if scores.get("clip") is None else f"{scores['clip']:.4f}",
             *["" if scores.get("concepts", {}).get(c) is None else f"{scores['concepts'][c]:.4f}" for c in concepts],
-            r.get("scorer", ""), (r.get("timings") or {}).get("item_s", ""), r.get("error", ""),
+            " ".join(f"{k}:{int(v)}" for k, v in (r.get("judge") or {}).items()), r.get("scorer", ""), (r.get("timings") or {}).get("item_s", ""), r.get("error", ""),
         ])
     return header, rows
 
@@ -99,6 +100,7 @@ class GridCell:
     clip: float | None = None
     concepts: dict[str, float] = field(default_factory=dict)
     failed: str = ""
+    judge: dict[str, bool] = field(default_factory=dict)  # tiny world: LoRA concept -> shown (concept judge)
 
     @property
     def caption(self) -> str:
@@ -108,7 +110,8 @@ class GridCell:
             return "failed"
         first = "CLIP —" if self.clip is None else f"CLIP {self.clip:.1f}"
         second = " · ".join(f"{k} {v:.1f}" for k, v in self.concepts.items())
-        return first + ("\n" + second if second else "")
+        third = "judge: " + " ".join(f"{k} {'✓' if v else '✗'}" for k, v in self.judge.items()) if self.judge else ""
+        return "\n".join(line for line in (first, second, third) if line)
 
     @property
     def caption_line(self) -> str:
@@ -154,7 +157,7 @@ def build_groups(folder: Path, records: list[dict[str, Any]], inline: bool) -> l
                 else:
                     scores = r.get("scores") or {}
                     line.append(GridCell(record=r, src=_image_src(folder, r["file"], inline), clip=scores.get("clip"),
-                                         concepts=scores.get("concepts", {})))
+                                         concepts=scores.get("concepts", {}), judge=r.get("judge") or {}))
             cells.append(line)
             values = [c.clip for c in line if c.clip is not None]
             mean, std, n = mean_std(values)
@@ -177,8 +180,12 @@ def summary_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
         clip = [float(r["scores"]["clip"]) for r in ok if (r.get("scores") or {}).get("clip") is not None]
         per_concept = {c: mean_std([float(r["scores"]["concepts"][c]) for r in ok
                                     if c in (r.get("scores") or {}).get("concepts", {})]) for c in concepts}
+        judged = [r["judge"] for r in ok if r.get("judge")]
+        judge = {"all": (sum(all(j.values()) for j in judged), len(judged)),
+                 "concepts": {c: (sum(bool(j.get(c)) for j in judged if c in j), sum(c in j for j in judged))
+                              for c in concepts}} if judged else None
         rows.append({"strategy": name, "images": len(ok), "failed": len(mine) - len(ok), "clip": mean_std(clip),
-                     "concepts": per_concept})
+                     "concepts": per_concept, "judge": judge})
     return concepts, rows
 
 
@@ -190,26 +197,37 @@ def bar_chart(concepts: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]
     if not finite:
         return None
     top = max(finite) * 1.1 or 1.0
-    plot_h, bar_w, gap, left, bottom = 220, 22, 26, 48, 40
+    plot_h, gap, left = 220, 14, 48
+    # bars narrow so that the chart fits MAX_CHART_WIDTH (a 1400 px window) whatever the number of strategies
+    bar_w = max(3.0, min(22.0, ((MAX_CHART_WIDTH - left - 20) / max(len(rows), 1) - gap) / len(series)))
     group_w = len(series) * bar_w + gap
-    width = max(left + len(rows) * group_w + 20, left + 110 * len(series) + 20)
+    tilt = group_w < 7 * max(len(row["strategy"]) for row in rows) + 8  # labels wider than their group: slant
+    bottom = 16 + (6 * max(len(row["strategy"]) for row in rows) if tilt else 12)
+    width = min(MAX_CHART_WIDTH, max(left + len(rows) * group_w + 20, 320))
     bars, labels = [], []
     for g, (row, line) in enumerate(zip(rows, values)):
         x0 = left + g * group_w + gap / 2
-        labels.append({"x": round(x0 + len(series) * bar_w / 2, 1), "text": row["strategy"]})
+        labels.append({"x": round(x0 + len(series) * bar_w / 2, 1), "text": row["strategy"], "tilt": tilt})
         for k, (m, s, n) in enumerate(line):
             if not n:
                 continue
             h = plot_h * m / top
             x = x0 + k * bar_w
-            bars.append({"x": round(x, 1), "y": round(10 + plot_h - h, 1), "w": bar_w - 3, "h": round(h, 1),
-                         "color": PALETTE[k % len(PALETTE)], "cx": round(x + (bar_w - 3) / 2, 1),
+            bars.append({"x": round(x, 1), "y": round(10 + plot_h - h, 1), "w": round(max(bar_w - 2, 1), 1),
+                         "h": round(h, 1), "color": PALETTE[k % len(PALETTE)],
+                         "cx": round(x + max(bar_w - 2, 1) / 2, 1),
                          "e1": round(10 + plot_h - plot_h * (m + s) / top, 1),
                          "e2": round(10 + plot_h - plot_h * max(m - s, 0) / top, 1),
                          "title": f"{row['strategy']} · {series[k]}: {m:.2f} ± {s:.2f} (n={n})"})
     ticks = [{"y": round(10 + plot_h - plot_h * t / top, 1), "text": f"{t:g}"} for t in _ticks(top)]
-    legend = [{"name": name, "color": PALETTE[k % len(PALETTE)]} for k, name in enumerate(series)]
-    return {"width": width, "height": 10 + plot_h + bottom, "base": 10 + plot_h, "left": left, "bars": bars,
+    legend, x, y = [], left, 10 + plot_h + bottom + 4
+    for k, name in enumerate(series):  # each label as wide as its text (about 7 px a character), wrapping
+        span = 14 + 7 * len(name) + 18
+        if x + span > width and x > left:
+            x, y = left, y + 18
+        legend.append({"name": name, "color": PALETTE[k % len(PALETTE)], "x": round(x, 1), "y": y})
+        x += span
+    return {"width": width, "height": y + 22, "base": 10 + plot_h, "left": left, "bars": bars,
             "labels": labels, "ticks": ticks, "legend": legend}
 
 
@@ -230,7 +248,8 @@ def write_sheets(folder: Path, groups: list[GridGroup]) -> None:
         atomic_write_bytes(folder / group.sheet, buffer.getvalue())
 
 
-def render_report(folder: Path, records: list[dict[str, Any]], *, inline_images: bool = False) -> tuple[str, list[GridGroup]]:
+def render_report(folder: Path, records: list[dict[str, Any]], *, inline_images: bool = False,
+                  notes: Iterable[str] = ()) -> tuple[str, list[GridGroup]]:
     ok_or_failed = [r for r in records if "item" in r]
     groups = build_groups(folder, ok_or_failed, inline_images)
     concepts, rows = summary_rows(ok_or_failed)
@@ -240,15 +259,18 @@ def render_report(folder: Path, records: list[dict[str, Any]], *, inline_images:
         total=len(_ok(ok_or_failed)), failed=failed, groups=groups, concepts=concepts, summary=rows,
         chart=bar_chart(concepts, rows), scorers=sorted({r["scorer"] for r in ok_or_failed if r.get("scorer")}),
         models=sorted({(r.get("recipe") or {}).get("model", "") for r in ok_or_failed} - {""}),
+        judged=any(row["judge"] for row in rows), notes=list(notes),
     )
     return html, groups
 
 
-def write_outputs(folder: str | Path, records: list[dict[str, Any]], *, inline_images: bool = False) -> Path:
-    """Write ``scores.csv``, the grid sheets and ``report.html``; returns the report's path."""
+def write_outputs(folder: str | Path, records: list[dict[str, Any]], *, inline_images: bool = False,
+                  notes: Iterable[str] = ()) -> Path:
+    """Write ``scores.csv``, the grid sheets and ``report.html`` (``notes``: paragraphs shown under the summary,
+    e.g. the demo's advice); returns the report's path."""
     folder = Path(folder)
     write_scores_csv(folder, records)
-    html, groups = render_report(folder, records, inline_images=inline_images)
+    html, groups = render_report(folder, records, inline_images=inline_images, notes=notes)
     write_sheets(folder, groups)
     path = folder / "report.html"
     atomic_write_bytes(path, html.encode("utf-8"))

@@ -98,3 +98,63 @@ def test_the_recipe_endpoint_renders_a_whole_recipe_for_gradio_client(server):
     outside = {**recipe, "loras": [{"source": "/etc/passwd", "weight": 1.0}]}
     with pytest.raises(Exception, match="not in the app's library"):  # a client's path is never opened
         client.predict(json.dumps(outside), 1, api_name="/render_recipe")
+
+
+def test_stop_compare_captions_and_restore_leave_no_stale_state(server, tmp_path):
+    """Item 8: Stop says so and shows no image of an earlier job; the four Compare thumbnails are whole with a
+    one-line caption; a restore clears the stack's "Added ..." message."""
+    from playwright.sync_api import sync_playwright
+
+    from test_ui_e2e import choose, set_number
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server["url"])
+        page.wait_for_selector(".lora-card")
+        for name in ("subject-zorb", "style-striped"):
+            card = page.locator(".lora-card", has_text=name)
+            card.get_by_role("button", name="Add to stack").click()
+        page.wait_for_function("document.querySelectorAll('.stack-row').length == 2")
+        assert "Added" in page.locator("#stack-status").inner_text()
+        page.locator("#prompt textarea").fill("a large blue zorb, striped, on a light background, center")
+        set_number(page, "steps", 2)
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Done')")
+        assert page.locator("#gallery img").count() == 1
+
+        set_number(page, "steps", 150)  # a long job, stopped while it runs
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#progress').innerText.includes('step ')")
+        assert page.locator("#gallery img").count() == 0  # the earlier job's image is gone
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Stopped')")
+        assert page.locator("#gallery img").count() == 0
+
+        set_number(page, "steps", 2)
+        page.get_by_role("tab", name="Compare").click()
+        strategies = page.locator("#compare-strategies")
+        for name in ("merge", "switch", "composite"):
+            box = strategies.get_by_label(name, exact=True)
+            if not box.is_checked():
+                box.click()
+        page.click("#compare")
+        page.wait_for_function("document.querySelector('#compare-progress').innerText.startsWith('Compared 4')",
+                               timeout=TIMEOUT_MS * 2)
+        gallery = page.locator("#compare-gallery").bounding_box()
+        thumbs = page.locator("#compare-gallery .thumbnail-item")
+        assert thumbs.count() == 4
+        for i in range(4):
+            box = thumbs.nth(i).bounding_box()
+            assert box["y"] + box["height"] <= gallery["y"] + gallery["height"] + 1, (i, box, gallery)
+            caption = thumbs.nth(i).locator(".caption-label")
+            if caption.count():
+                assert caption.bounding_box()["height"] <= 0.3 * box["height"]
+
+        png = next(Path(server["callbacks"].out_dir).glob("*.png"))
+        page.get_by_role("tab", name="Restore").click()
+        page.set_input_files("#restore-file input[type=file]", str(png))
+        page.wait_for_function("document.querySelector('#restore-status').innerText.includes('Restored')")
+        page.wait_for_function("!document.querySelector('#stack-status').innerText.includes('Added')")
+        browser.close()

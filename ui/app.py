@@ -39,10 +39,13 @@ CSS = """
 .stack-row { padding: 6px !important; margin-bottom: 6px; }
 .stack-row .stack-buttons button { min-width: 2.2em; }
 #live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
-#compare-gallery .caption-label, #gallery .caption-label { white-space: normal; }
+/* one short caption line under each thumbnail (wrapped captions covered half of the image) */
+#compare-gallery .caption-label, #gallery .caption-label { white-space: nowrap; overflow: hidden;
+    text-overflow: ellipsis; max-width: 100%; font-size: 11px; padding: 1px 4px; }
 """
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+STOPPED = "Stopped: the image in progress was not finished (finished ones are saved in the output folder)."
 LIGHT = dict(concurrency_limit=None, show_progress="hidden")
 
 
@@ -215,7 +218,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             include_base = gr.Checkbox(True, label="also without LoRAs", elem_id="compare-base")
                         compare = gr.Button("Compare", variant="primary", elem_id="compare")
                         compare_text = gr.Markdown(elem_id="compare-progress")
-                        compare_gallery = gr.Gallery(label="Side by side", columns=3, height=300, format="png",
+                        compare_gallery = gr.Gallery(label="Side by side", columns=4, height="auto", format="png",
                                                      elem_id="compare-gallery", buttons=["download", "fullscreen"])
                         scores = gr.Dataframe(headers=["run", "CLIPScore", "render s"], interactive=False,
                                               elem_id="compare-table", type="array")
@@ -251,10 +254,14 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
             api_name="compare", show_progress="minimal", **GPU)
         compare_gallery.select(h.select, [compare_items], [compare_recipe, compare_png, compare_toml], **LIGHT)
         stop.click(None, None, None, cancels=[job, comparison])
+        # Stop leaves no stale step count or preview; a new Generate starts from an empty gallery, so the images
+        # shown are always this job's
+        stop.click(lambda: (STOPPED, STOPPED, None), None, [progress_text, compare_text, live], **LIGHT)
+        generate.click(lambda: ([], [], None), None, [gallery, gallery_items, live], **LIGHT)
         restore_file.upload(
             h.restore, [restore_file, params, strategy, stack_rev, params_rev],
             [prompt, negative, seed, steps, guidance, width, height, strategy, params, params_rev, stack, stack_rev,
-             restore_status], api_name="restore", **LIGHT)
+             restore_status], api_name="restore", **LIGHT).then(lambda: "", None, [stack_status], **LIGHT)
 
         # ---------------------------------------------------------------------------------- API only
         # one endpoint that takes a whole recipe (TOML or JSON) and returns images and recipes (ui.recipe_api)

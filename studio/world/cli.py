@@ -84,10 +84,14 @@ def demo(
     except StudioError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}")
         raise typer.Exit(code=2) from None
-    table = Table(title=f"tiny-{family}: CLIPScore (tiny world CLIP) per strategy")
-    for column in ("strategy", "mean", "std", "images"):
+    table = Table(title=f"tiny-{family}: every LoRA concept shown (concept judge), CLIPScore (tiny CLIP)")
+    for column in ("strategy", "all concepts shown", "CLIPScore mean", "std", "images"):
         table.add_column(column)
-    for name, (mean, std, n) in sorted(summary.means.items(), key=lambda kv: -kv[1][0]):
-        table.add_row(name, f"{mean:.2f}", f"{std:.2f}", str(n))
+    judged = getattr(summary, "judged", {}) or {}
+    for name in sorted(summary.means, key=lambda k: (-(judged.get(k, (0, 1))[0] / max(judged.get(k, (0, 1))[1], 1)),
+                                                     -summary.means[k][0])):
+        mean, std, n = summary.means[name]
+        hits, total = judged.get(name, (0, 0))
+        table.add_row(name, f"{hits}/{total}" if total else "-", f"{mean:.2f}", f"{std:.2f}", str(n))
     Console().print(table)
     typer.echo(f"report: {summary.report}")

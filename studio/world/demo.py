@@ -92,4 +92,22 @@ def run_demo(out: Path, *, family: str = "sdxl", seeds=(0, 1), strategies=None, 
         assets = assets_root()
     items = composition_items(DEMO_COMPOSITIONS, family, strategies or all_strategies(), seeds, assets=assets)
     options = BatchOptions(score=score, clip_model=str(assets / "models" / TINY_CLIP_NAME))
-    return run_batch(items, out, options, reporter)
+    summary = run_batch(items, out, options, reporter)
+    summary.judged = judge_demo(Path(out), {item.id for item in items})
+    return summary
+
+
+def judge_demo(out: Path, planned: set[str]) -> dict[str, tuple[int, int]]:
+    """Add the concept judge's verdicts to the demo's manifest and rebuild its report with the advice of
+    :func:`studio.world.verdicts.strategy_guide`; returns, per strategy, (images showing every concept, images)."""
+    from studio import manifest as mf
+    from studio.report import write_outputs
+
+    from .verdicts import judge_folder, strategy_guide, success_by_size
+
+    records = judge_folder(out, list(mf.load_records(out).values()))
+    mf.rewrite(out / mf.MANIFEST, records)
+    mine = [r for r in records if r["id"] in planned]
+    write_outputs(out, records, notes=strategy_guide(mine))
+    return {label: (sum(h for h, _ in per.values()), sum(t for _, t in per.values()))
+            for label, per in success_by_size(mine).items()}
