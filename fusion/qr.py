@@ -96,9 +96,11 @@ def orthogonalize(coeffs: list[torch.Tensor], segments: list[slice]) -> list[tor
 
 def cosines(coeffs: list[torch.Tensor]) -> torch.Tensor:
     """Pairwise cosines of the flattened coefficient matrices (= of the updates Q C_i)."""
-    flat = torch.stack([c.flatten() for c in coeffs])
-    norms = flat.norm(dim=1).clamp_min(1e-30)
-    return (flat @ flat.T) / (norms[:, None] * norms[None, :])
+    flat = torch.stack([c.flatten() for c in coeffs]).double()
+    norms = flat.norm(dim=1)
+    denominator = norms[:, None] * norms[None, :]
+    # an update that is zero on this layer (an untrained LoRA module) has cosine 0 with everything, not 0/0
+    return torch.where(denominator > 0, (flat @ flat.T) / denominator.clamp_min(1e-300), 0.0).float()
 
 
 class QRMerge(WeightMerge):

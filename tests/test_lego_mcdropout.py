@@ -150,3 +150,14 @@ def test_saved_lego_and_mcdropout_render_in_diffusers_as_in_the_studio(sdxl_stud
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
         assert np.abs(got - base).max() > 10 * ATOL  # the merged LoRAs act
         studio.unload()
+
+
+def test_qr_cosines_of_an_all_zero_update_are_zero_not_nan():
+    """A LoRA module left untrained (B = 0) made `studio merge --strategy qr` report `mean |cos| nan`."""
+    from fusion.qr import cosines
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    got = cosines([torch.zeros(3, 4), a, b])
+    assert torch.isfinite(got).all() and (got[0] == 0).all()
+    assert float(got[1, 2]) == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), rel=1e-6)
