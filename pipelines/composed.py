@@ -197,11 +197,16 @@ class AdapterBranch(nn.Module):
         self._pack_key = key
         self._gain_key = None
 
+    def pack(self, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        """Pack for the active set now (outside a compiled graph; the forward does it itself when eager)."""
+        self._pack(device, dtype, layer)
+
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """``y`` is the base layer's output for ``x`` (without the layer's fixed segment, which is computed here);
         returns ``y`` plus the fixed segment and every active adapter's share."""
-        self._pack(y.device, y.dtype, layer)
+        if not torch.compiler.is_compiling():  # a compiled denoiser is packed before the call (pipelines.compiled)
+            self._pack(y.device, y.dtype, layer)
         if self._empty:
             return y
         gains = self.state.gains_for(self.block_id, y.device, y.dtype, self.layer_id)  # [G, N]

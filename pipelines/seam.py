@@ -216,10 +216,11 @@ class DenoiserSeam:
         substitute = self.conditioning is not None and plan.text_lanes is not None
         self._plan_feature_cache(plan, batch)
         if plan.lanes == 1 and not substitute:
-            self.state.set_gains(denoiser=plan.gains)
+            # one gain row per sample, as in lane calls: the gains' shape follows the batch, not the strategy
+            self.state.set_gains(denoiser=plan.gains.expand(batch, -1).contiguous())
             self._publish_timestep(bound, batch)
             self.chunk_calls += 1
-            return self._original(*args, **kwargs)
+            return self._original(**bound)  # keywords, as in lane calls: a compiled forward sees one convention
         size = self.budget.lanes_per_call(plan.lanes, batch)
         try:
             return self._run_lanes(bound, plan, batch, size, substitute)
