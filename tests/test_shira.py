@@ -214,3 +214,35 @@ def test_plain_sparse_delta_layout_and_conv_refusal(sdxl_studio, tmp_path):
                "unet.conv_in.sparse_delta.values": torch.ones(1)}, str(conv))
     with pytest.raises(IncompatibleLoraError, match="linear layers only"):
         sdxl_studio.load([conv])
+
+
+def test_shira_on_a_4bit_layer_adds_its_exact_sparse_delta(shira_files, tmp_path):
+    """On a 4-bit (SVDQuant, round-to-nearest) tiny SDXL the QuantLinear hosts the SHiRA like a LoRA: its output
+    moves by exactly x ΔWᵀ."""
+    from pipelines.quant import QuantLinear
+    from pipelines.quant.convert import convert
+    from pipelines.quant.quantizer import QuantConfig
+
+    _, folder = convert("tiny-sdxl-random", tmp_path / "int4", QuantConfig(fmt="int4", method="rtn"), None)
+    studio = Studio(str(folder))
+    hosts = {n: m for n, m in studio.pipe.unet.named_modules() if isinstance(m, QuantLinear)}
+    x = torch.randn(2, 7, next(iter(hosts.values())).in_features, generator=torch.Generator().manual_seed(0))
+    names = studio.load([shira_files[0][0]])
+    delta_keys = [k.removeprefix("unet.") for k in studio.composer.adapters[names[0]].parsed.deltas]
+    checked = 0
+    for key in delta_keys:
+        layer = hosts.get(key)
+        if layer is None or layer.in_features != x.shape[-1]:
+            continue
+        state = studio.composer.state
+        state.set_active(names)
+        state.set_gains(denoiser=torch.tensor([[0.6]]))
+        with torch.no_grad():
+            got = layer(x)
+            state.set_gains(denoiser=torch.tensor([[0.0]]))
+            base = layer(x)
+        dense = studio.composer.delta_weight(names[0], f"unet.{key}")
+        torch.testing.assert_close(got - base, 0.6 * x @ dense.T, atol=1e-5, rtol=1e-4)
+        checked += 1
+    assert checked > 0
+    studio.unload()
