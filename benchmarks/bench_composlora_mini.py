@@ -4,6 +4,7 @@
     python benchmarks/bench_composlora_mini.py --family flux --seeds 0 1 2
     python benchmarks/bench_composlora_mini.py --strategy merge --strategy composite --limit 4
     python benchmarks/bench_composlora_mini.py --strategy lego --strategy merge --add  # add rows to the results
+    python benchmarks/bench_composlora_mini.py --strategy merge --squeeze-rank 4 --add  # on squeezed LoRAs
 
 16 compositions (one subject LoRA + a style and/or a background LoRA; see :mod:`studio.world.composlora`) x
 every registered strategy x seeds, rendered through the batch runner into ``--work`` (resumable: run it again
@@ -13,7 +14,9 @@ of the full prompt and of each LoRA's concept text (tiny world CLIP), and render
 also as a ratio to ``merge`` in the same run). Results go to ``benchmarks/results/composlora-mini-<family>.json``
 and ``.md``; with ``--add`` the strategies run now replace their rows in those files (same seeds and
 compositions) and the other rows are kept, each row's time ratio taken against ``merge`` *of its own run*
-(include ``merge`` in the run for that; its row is then kept from the earlier run).
+(include ``merge`` in the run for that; its row is then kept from the earlier run). With ``--squeeze-rank R``
+and/or ``--squeeze-energy E`` the world's LoRAs are first squeezed (LoRA-Squeeze, :mod:`studio.squeeze`) into the
+work folder and the strategies run on those, reported as ``<strategy>[squeeze r=R]`` / ``[squeeze e=E]``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--add", action="store_true", help="add/replace these strategies' rows in the existing results")
+    ap.add_argument("--squeeze-rank", type=int, default=None, help="run on the world's LoRAs squeezed to this rank")
+    ap.add_argument("--squeeze-energy", type=float, default=None, help="... squeezed to keep this share of σ²")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,8 +57,16 @@ def main(argv=None) -> None:
 
     comps = compositions()[: args.limit] if args.limit else None
     work = args.work / args.family
+    assets, tag = None, None
+    if args.squeeze_rank is not None or args.squeeze_energy is not None:
+        tag = " ".join(f"{k}={v}" for k, v in (("r", args.squeeze_rank), ("e", args.squeeze_energy)) if v is not None)
+        work = args.work / f"{args.family}-squeeze-{tag.replace(' ', '-').replace('=', '')}"
+        assets = squeezed_world(work / "assets", args.family, args.squeeze_rank, args.squeeze_energy)
     scores = run_benchmark(work, family=args.family, strategies=args.strategy, seeds=args.seeds, steps=args.steps,
-                           comps=comps, reporter=RichReporter())
+                           comps=comps, reporter=RichReporter(), assets=assets)
+    if tag:
+        for score in scores:
+            score.label = f"{score.label}[squeeze {tag}]"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "CPU")
     merge_seconds = next((s.seconds for s in scores if s.label == "merge"), None)
     rows = [{**s.row(), "time_vs_merge": s.seconds / merge_seconds if merge_seconds else None} for s in scores]
@@ -73,6 +86,31 @@ def main(argv=None) -> None:
     stem.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
 
 
+def squeezed_world(root: Path, family: str, rank: int | None, energy: float | None) -> Path:
+    """An assets folder whose ``loras/tiny-<family>`` holds the world's LoRAs squeezed at ``rank`` / ``energy``
+    (everything else links to the shipped world); squeezed once, reused by a resumed run."""
+    from pipelines.assets import assets_root
+    from studio import Studio
+    from studio.squeeze import squeeze
+
+    shipped = assets_root()
+    folder = root / "loras" / f"tiny-{family}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in shipped.iterdir():
+        if entry.name != "loras" and not (root / entry.name).exists():
+            (root / entry.name).symlink_to(entry.resolve())
+    studio = None
+    for source in sorted((shipped / "loras" / f"tiny-{family}").glob("*.safetensors")):
+        out = folder / source.name
+        if out.exists():
+            continue
+        studio = studio or Studio(f"tiny-{family}")
+        report = squeeze(studio, [str(source)], out, rank=rank, energy=energy)
+        studio.unload()
+        print(f"squeezed {source.name}: {report.summary()}")
+    return root
+
+
 def added_rows(path: Path, new: list[dict], seeds: list[int], count: int) -> list[dict]:
     """The rows of the earlier results at ``path`` with ``new`` added (replacing rows of the same strategy, except
     ``merge``, which stays from the earlier run), ordered as the benchmark orders them."""
@@ -85,7 +123,7 @@ def added_rows(path: Path, new: list[dict], seeds: list[int], count: int) -> lis
     kept = {r["strategy"]: r for r in old["strategies"]}
     merge_seconds = kept.get("merge", {}).get("seconds_per_image")
     for row in kept.values():
-        if row.get("time_vs_merge") is None and merge_seconds:
+        if "time_vs_merge" not in row and merge_seconds:  # rows written before the ratio was stored
             row["time_vs_merge"] = row["seconds_per_image"] / merge_seconds
     for row in new:
         if row["strategy"] != "merge" or "merge" not in kept:

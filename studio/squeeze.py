@@ -176,10 +176,12 @@ def factor_dense_parts(deltas: Mapping[str, Any], rank: int | None = None,
     return out, reports
 
 
-def check_squeeze_request(loras: Sequence, rank: int | None, energy: float | None):
+def check_squeeze_request(loras: Sequence, rank: int | None, energy: float | None, save_dtype: str = "fp32"):
     """The parsed LoRA specs, or a :class:`StudioError` before any model is loaded."""
     from .lora import Lora
 
+    if save_dtype not in SAVE_DTYPES:
+        raise StudioError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     if rank is None and energy is None:
         raise StudioError("give --rank R and/or --energy E (e.g. --rank 8, or --energy 0.95)")
     if rank is not None and rank < 1:
@@ -196,14 +198,19 @@ def check_squeeze_request(loras: Sequence, rank: int | None, energy: float | Non
     return specs
 
 
+SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def squeeze(studio, loras: Sequence, out: str | Path | None, *, rank: int | None = None,
-            energy: float | None = None) -> SqueezeReport:
+            energy: float | None = None, save_dtype: str = "fp32") -> SqueezeReport:
     """Squeeze ``loras`` (one LoRA, or a stack summed at its weights) on ``studio``'s model; write ``out``
-    (a diffusers/PEFT LoRA file) unless it is ``None``. Returns the per-layer report."""
+    (a diffusers/PEFT LoRA file, tensors in ``save_dtype``) unless it is ``None``. Returns the per-layer report."""
     from fusion import make_strategy, merge_stack
     from pipelines.adapters.export import save_lora
 
-    specs = check_squeeze_request(loras, rank, energy)
+    import torch
+
+    specs = check_squeeze_request(loras, rank, energy, save_dtype)
     names = studio.load(specs)
     studio._set_block_weights(names, specs)
     exact = merge_stack(make_strategy("cat"), studio.composer, names, [s.weight for s in specs])
@@ -221,7 +228,7 @@ def squeeze(studio, loras: Sequence, out: str | Path | None, *, rank: int | None
                       "loras": [{"source": loaded[n].source, "weight": s.weight, "sha256": loaded[n].sha256}
                                 for n, s in zip(names, specs)],
                       "kept_energy": {r.key: round(r.kept_energy, 6) for r in layers}}
-        path = save_lora(out, deltas, studio.pipe, studio.family,
+        path = save_lora(out, deltas, studio.pipe, studio.family, dtype=getattr(torch, SAVE_DTYPES[save_dtype]),
                          metadata={"studio.squeeze": json.dumps(provenance), "modelspec.title": Path(out).stem})
         report.path, report.size_bytes = Path(path), Path(path).stat().st_size
     return report
@@ -234,6 +241,7 @@ def squeeze_command(
                                            help="Keep the fewest ranks holding this share of σ² per layer (0-1]."),
     out: Path = typer.Option(..., "--out", "-o", help="The squeezed LoRA (.safetensors)."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Print every layer's rank and kept energy."),
+    save_dtype: str = typer.Option("fp32", "--save-dtype", help="fp32 (exact), fp16 or bf16 (half the file)."),
     model: str = typer.Option("tiny-sdxl", "--model", "-m", help="The base model the LoRAs are for."),
     config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a checkpoint lacks."),
     lora_dir: Optional[Path] = typer.Option(None, help="LoRA library; relative LoRA names resolve inside it."),
@@ -245,9 +253,9 @@ def squeeze_command(
     from studio.cli import _fail, console
 
     try:
-        check_squeeze_request(lora, rank, energy)  # fail fast, before the model loads
+        check_squeeze_request(lora, rank, energy, save_dtype)  # fail fast, before the model loads
         studio = Studio(model, device=device, dtype=dtype, config=config, lora_dir=lora_dir)
-        report = squeeze(studio, lora, out, rank=rank, energy=energy)
+        report = squeeze(studio, lora, out, rank=rank, energy=energy, save_dtype=save_dtype)
     except StudioError as e:
         _fail(e)
     if per_layer:

@@ -109,6 +109,12 @@ def test_squeeze_cli_and_the_advice_of_its_errors(sdxl_loras, tmp_path):
     assert str(out) in ok.output and "kept energy" in ok.output and "squeezed 2 LoRA(s)" in ok.output
     bad = runner.invoke(app, [*base, "--energy", "1.5"])
     assert bad.exit_code == 2 and "--energy must be in (0, 1]" in bad.output
+    half = runner.invoke(app, [*base, "--rank", "2", "--save-dtype", "fp16"])
+    assert half.exit_code == 0, half.output
+    with safe_open(str(out), framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    wrong = runner.invoke(app, [*base, "--rank", "2", "--save-dtype", "int8"])
+    assert wrong.exit_code == 2 and "--save-dtype must be one of fp32, fp16, bf16" in wrong.output
 
 
 def test_merge_of_the_readme_pair_factors_the_loha_within_the_reported_error(tmp_path):

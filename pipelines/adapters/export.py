@@ -72,8 +72,10 @@ def save_lora(
     family: Family,
     *,
     metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write ``deltas`` (``{"component.module": LayerDelta}``, low-rank) to ``path`` as a diffusers LoRA file.
+    """Write ``deltas`` (``{"component.module": LayerDelta}``, low-rank) to ``path`` as a diffusers LoRA file, its
+    tensors in ``dtype`` (float32 by default: exact; float16/bfloat16 halve the file).
 
     The file is replaced atomically (written next to ``path`` first).
     """
@@ -83,6 +85,7 @@ def save_lora(
     if not deltas:
         raise StudioError("the merge has no layers to write")
     layers = _component_layers(deltas, pipe)
+    layers = {c: {k: v.to(dtype) for k, v in sd.items()} for c, sd in layers.items()}
     kwargs = {}
     for component, state_dict in layers.items():
         if component == family.denoiser:
