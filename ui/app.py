@@ -243,7 +243,10 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         dice.click(cb.random_seed, None, [seed], **LIGHT)
 
         settings_inputs = [prompt, negative, seed, steps, guidance, width, height]
-        job = generate.click(
+        # a new job starts from an empty gallery and preview, so the images shown are always this job's (chained, so
+        # the clearing cannot land after the job's images)
+        job = generate.click(lambda: ([], [], None), None, [gallery, gallery_items, live], api_visibility="private",
+                             **LIGHT).then(
             h.generate, [*settings_inputs, count, strategy, params, stack],
             [live, progress_text, gallery, gallery_items, recipe, png_download, toml_download, seed],
             api_name="generate", show_progress="minimal", **GPU)
@@ -254,14 +257,14 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
             api_name="compare", show_progress="minimal", **GPU)
         compare_gallery.select(h.select, [compare_items], [compare_recipe, compare_png, compare_toml], **LIGHT)
         stop.click(None, None, None, cancels=[job, comparison])
-        # Stop leaves no stale step count or preview; a new Generate starts from an empty gallery, so the images
-        # shown are always this job's
-        stop.click(lambda: (STOPPED, STOPPED, None), None, [progress_text, compare_text, live], **LIGHT)
-        generate.click(lambda: ([], [], None), None, [gallery, gallery_items, live], **LIGHT)
+        # Stop leaves no stale step count or preview
+        stop.click(lambda: (STOPPED, STOPPED, None), None, [progress_text, compare_text, live],
+                   api_visibility="private", **LIGHT)
         restore_file.upload(
             h.restore, [restore_file, params, strategy, stack_rev, params_rev],
             [prompt, negative, seed, steps, guidance, width, height, strategy, params, params_rev, stack, stack_rev,
-             restore_status], api_name="restore", **LIGHT).then(lambda: "", None, [stack_status], **LIGHT)
+             restore_status], api_name="restore", **LIGHT).then(lambda: "", None, [stack_status],
+                                                                 api_visibility="private", **LIGHT)
 
         # ---------------------------------------------------------------------------------- API only
         # one endpoint that takes a whole recipe (TOML or JSON) and returns images and recipes (ui.recipe_api)
