@@ -53,6 +53,7 @@ class BatchOptions:
     resume: bool | None = None      # None: resume when the folder has a manifest
     report: bool = True
     inline_images: bool = False
+    limits: Any = None              # studio.settings.Limits (None: the defaults)
 
 
 @dataclass
@@ -169,7 +170,8 @@ def _render_model(model: str, items: list[BatchItem], out: Path, target: Path, o
 
     from .api import Studio
 
-    studio = given or Studio(model, device=device, dtype=options.dtype, offload=options.offload, config=options.config)
+    studio = given or Studio(model, device=device, dtype=options.dtype, offload=options.offload, config=options.config,
+                             limits=options.limits)
     try:
         unique = {}
         for item in items:

@@ -48,6 +48,11 @@ from typing import Any, Mapping, Sequence
 from pipelines.errors import LoraFileError, StudioError
 
 from .lora import Lora, resolve_source
+from .path_policy import PathPolicy
+from .settings import DEFAULT_LIMITS, Limits, check_settings
+
+MAX_GRID_CHARS = 1_000_000  # a grid file is read and parsed only below this size
+MAX_ITEMS = 100_000         # images one batch may plan
 
 COLUMN_AXES = ("seed", "weights", "steps", "guidance")
 TOP_KEYS = {"model", "negative", "width", "height", "scheduler", "steps", "guidance", "seed", "lora_dir",
@@ -215,10 +220,33 @@ def weights_label(weights: float | list[float] | None) -> str:
     return f"w={weights:g}"
 
 
+def check_axes(prompts: Sequence[PromptSpec], axes: Axes, *, origin: str, negative: str, width: int | None,
+               height: int | None, scheduler: str | None, limits: Limits) -> None:
+    """Every setting a batch will use, checked once before anything loads (:mod:`studio.settings`)."""
+    try:
+        check_settings(negative_prompt=negative, width=width, height=height, scheduler=scheduler, limits=limits)
+        for value in axes.steps:
+            check_settings(steps=value, limits=limits)
+        for value in axes.guidance:
+            check_settings(guidance=value, limits=limits)
+        for value in axes.seeds:
+            check_settings(seed=value, limits=limits)
+        for prompt in prompts:
+            check_settings(prompt=prompt.text, negative_prompt=prompt.negative, limits=limits)
+    except StudioError as e:
+        raise GridError(origin, str(e)) from None
+
+
 def expand(model: str, prompts: Sequence[PromptSpec], stacks: Sequence[Stack], axes: Axes, *, origin: str,
            negative: str = "", width: int | None = None, height: int | None = None,
-           scheduler: str | None = None) -> list[BatchItem]:
+           scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS) -> list[BatchItem]:
     """The product prompts × stacks × weights × steps × guidance × strategies × seeds, in that order."""
+    check_axes(prompts, axes, origin=origin, negative=negative, width=width, height=height, scheduler=scheduler,
+               limits=limits)
+    planned = (len(prompts) * len(stacks) * len(axes.weights) * len(axes.steps) * len(axes.guidance)
+               * len(axes.strategies) * len(axes.seeds))
+    if planned > MAX_ITEMS:
+        raise GridError(origin, f"the grid plans {planned} images; at most {MAX_ITEMS} fit one batch (split it)")
     column = axes.column_axis()
     varying = {"stack": len(stacks) > 1, "weights": len(axes.weights) > 1, "steps": len(axes.steps) > 1,
                "guidance": len(axes.guidance) > 1, "seed": len(axes.seeds) > 1}
@@ -267,8 +295,11 @@ def _weighted(stack: Stack, weights: float | list[float] | None, origin: str) ->
 
 
 def build_stack(name: str, entries: Sequence[str | Mapping[str, Any]], *, base_dir: Path | None,
-                lora_dir: Path | None, origin: str, locate=lambda text: None) -> Stack:
-    """Parse and resolve one LoRA stack; every file must exist (checked before anything renders)."""
+                lora_dir: Path | None, origin: str, locate=lambda text: None, policy: PathPolicy | None = None) -> Stack:
+    """Parse and resolve one LoRA stack; every file must exist (checked before anything renders).
+
+    With ``policy`` (a grid file) sources resolve only inside the folders it allows (:mod:`studio.path_policy`);
+    without (LoRAs the user typed as options) any path the user gave is used."""
     loras, sources, concepts = [], [], {}
     for entry in entries:
         concept = None
@@ -286,7 +317,7 @@ def build_stack(name: str, entries: Sequence[str | Mapping[str, Any]], *, base_d
         except StudioError as e:
             raise GridError(origin, str(e), locate(str(entry.get("source") if isinstance(entry, dict) else entry))) from None
         source_text = str(lora.source)
-        lora.source = _resolve(source_text, base_dir, lora_dir, origin, locate)
+        lora.source = _resolve(source_text, base_dir, lora_dir, origin, locate, policy)
         if any(lora.label == other.label for other in loras):
             raise GridError(origin, f"two LoRAs are called '{lora.label}' in stack '{name}'; give one a name",
                             locate(source_text))
@@ -297,7 +328,13 @@ def build_stack(name: str, entries: Sequence[str | Mapping[str, Any]], *, base_d
     return Stack(name=name, loras=loras, sources=sources, concepts=concepts)
 
 
-def _resolve(source: str, base_dir: Path | None, lora_dir: Path | None, origin: str, locate) -> str:
+def _resolve(source: str, base_dir: Path | None, lora_dir: Path | None, origin: str, locate,
+             policy: PathPolicy | None = None) -> str:
+    if policy is not None:
+        try:
+            return str(policy.resolve(source, f"the grid {Path(origin).name}"))
+        except LoraFileError as e:
+            raise GridError(origin, f"LoRA {e}", locate(source)) from None
     if base_dir is not None and lora_dir is None and not Path(source).is_absolute():
         candidate = base_dir / source
         if candidate.exists():
@@ -361,16 +398,29 @@ def _as_list(value: Any, key: str, origin: str, line: int | None) -> list:
     return [value]
 
 
-def load_grid(path: str | Path) -> tuple[list[BatchItem], str]:
-    """Read a TOML grid; returns its items and its model. Every error names the file and line."""
+def load_grid(path: str | Path, *, allow: Sequence[str | Path] = (), limits: Limits = DEFAULT_LIMITS,
+              lora_dirs: Sequence[str | Path] = ()) -> tuple[list[BatchItem], str]:
+    """Read a TOML grid; returns its items and its model. Every error names the file and line.
+
+    LoRA paths resolve inside the grid's folder, the LoRA library folders (``lora_dirs``, the grid's own
+    ``lora_dir`` when that lies in an allowed folder, the shipped LoRAs) and the ``allow`` folders only
+    (:class:`studio.path_policy.PathPolicy`); every setting is checked against ``limits`` before anything loads.
+    """
     path = Path(path)
     origin = str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_GRID_CHARS:
+            raise GridError(origin, f"{size} bytes is more than a grid may have ({MAX_GRID_CHARS})")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise GridError(origin, f"cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise GridError(origin, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise GridError(origin, "invalid TOML (nested too deeply)") from None
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         line = int(m.group(1)) if m else (len(text.splitlines()) if "end of document" in str(e) else None)
@@ -436,9 +486,17 @@ def load_grid(path: str | Path) -> tuple[list[BatchItem], str]:
                 steps=axis("steps", int, [None]), guidance=axis("guidance", float, [None]), columns=columns)
 
     base_dir = path.resolve().parent
+    policy = PathPolicy(folder=base_dir, libraries=[Path(d) for d in lora_dirs], allowed=[Path(a) for a in allow])
     lora_dir = data.get("lora_dir")
+    if lora_dir is not None and not isinstance(lora_dir, str):
+        raise GridError(origin, "lora_dir must be a folder name", where.key("lora_dir"))
     lora_dir = (base_dir / lora_dir).resolve() if lora_dir else None
-    stacks = _grid_stacks(data, where, origin, base_dir, lora_dir)
+    if lora_dir is not None:
+        if not policy.permits(lora_dir):
+            raise GridError(origin, "lora_dir is outside the folders the grid may read (its own folder, the LoRA "
+                                    "library, --allow-path DIR)", where.key("lora_dir"))
+        policy = policy.with_library(lora_dir)
+    stacks = _grid_stacks(data, where, origin, base_dir, lora_dir, policy)
     prompts = _grid_prompts(data, where, origin)
     negative = data.get("negative", "")
     try:
@@ -446,19 +504,22 @@ def load_grid(path: str | Path) -> tuple[list[BatchItem], str]:
         height = int(data["height"]) if "height" in data else None
     except (TypeError, ValueError):
         raise GridError(origin, "width and height must be integers", where.key("width") or where.key("height")) from None
-    items = expand(data["model"], prompts, stacks, axes, origin=origin, negative=str(negative), width=width,
-                   height=height, scheduler=data.get("scheduler"))
+    if not isinstance(negative, str):
+        raise GridError(origin, "negative must be text", where.key("negative"))
+    items = expand(data["model"], prompts, stacks, axes, origin=origin, negative=negative, width=width,
+                   height=height, scheduler=data.get("scheduler"), limits=limits)
     return items, data["model"]
 
 
-def _grid_stacks(data, where: TomlLines, origin: str, base_dir: Path, lora_dir: Path | None) -> list[Stack]:
+def _grid_stacks(data, where: TomlLines, origin: str, base_dir: Path, lora_dir: Path | None,
+                 policy: PathPolicy | None = None) -> list[Stack]:
     if "stacks" in data and "loras" in data:
         raise GridError(origin, "give either top-level 'loras' (one stack) or [[stacks]], not both", where.key("loras"))
     if "loras" in data:
         if not isinstance(data["loras"], list):
             raise GridError(origin, "'loras' must be a list", where.key("loras"))
         return [build_stack("stack", data["loras"], base_dir=base_dir, lora_dir=lora_dir, origin=origin,
-                            locate=lambda t: where.text(t) or where.key("loras"))]
+                            locate=lambda t: where.text(t) or where.key("loras"), policy=policy)]
     raw = data.get("stacks", [])
     if not isinstance(raw, list):
         raise GridError(origin, "[[stacks]] must be an array of tables", where.key("stacks"))
@@ -474,7 +535,8 @@ def _grid_stacks(data, where: TomlLines, origin: str, base_dir: Path, lora_dir: 
             raise GridError(origin, f"stack #{i + 1}: 'loras' must be a list", where.key("loras", "stacks", i))
         name = str(entry.get("name", f"stack {i + 1}"))
         stacks.append(build_stack(name, loras, base_dir=base_dir, lora_dir=lora_dir, origin=origin,
-                                  locate=lambda t, i=i: where.text(t, "stacks", i) or where.key("loras", "stacks", i)))
+                                  locate=lambda t, i=i: where.text(t, "stacks", i) or where.key("loras", "stacks", i),
+                                  policy=policy))
     names = [s.name for s in stacks]
     if len(set(names)) != len(names):
         raise GridError(origin, f"stack names repeat: {names}", where.key("name", "stacks"))

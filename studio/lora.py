@@ -46,6 +46,11 @@ class Lora:
             setattr(self, attr, value)
         if not (0.0 <= self.start < self.end <= 1.0):
             raise StudioError(f"LoRA {self.label}: step window must satisfy 0 <= start < end <= 1")
+        if not isinstance(self.source, (str, Path, dict)):
+            raise StudioError(f"LoRA source must be a path, a name or a state dict, got {type(self.source).__name__}")
+        from .settings import check_blocks
+
+        check_blocks(self.blocks, f"LoRA {self.label}")
 
     @property
     def label(self) -> str:
@@ -61,6 +66,12 @@ class Lora:
         if isinstance(spec, Lora):
             return spec
         if isinstance(spec, Mapping):
+            unknown = sorted(str(k) for k in set(spec) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise StudioError(f"a LoRA table has unknown keys {unknown[:4]} (valid: source, weight, name, blocks, "
+                                  "start, end; a state dict goes in Lora(source=...))")
+            if "source" not in spec:
+                raise StudioError("a LoRA table needs a 'source'")
             return cls(**dict(spec))
         if not isinstance(spec, (str, Path)):
             raise StudioError(f"cannot read a LoRA from {type(spec).__name__}")

@@ -20,8 +20,10 @@ from typing import Sequence
 from pipelines.errors import StudioError
 
 from .grid import Axes, BatchItem, GridError, PromptSpec, StrategyChoice, build_stack, expand
+from .settings import DEFAULT_LIMITS, Limits
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
+MAX_LIST_BYTES = 16 * 1024 * 1024  # read only below this size; every reader is one linear pass
 
 
 def read_prompts(path: str | Path) -> list[PromptSpec]:
@@ -31,6 +33,9 @@ def read_prompts(path: str | Path) -> list[PromptSpec]:
     if suffix not in SUFFIXES:
         raise GridError(origin, f"a batch input is a .toml grid or a prompt list ({', '.join(SUFFIXES)})")
     try:
+        size = path.stat().st_size
+        if size > MAX_LIST_BYTES:
+            raise GridError(origin, f"{size} bytes is more than a prompt list may have ({MAX_LIST_BYTES})")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise GridError(origin, f"cannot read ({e.strerror or e})") from None
@@ -101,6 +106,8 @@ def _jsonl(text: str, origin: str) -> list[PromptSpec]:
             data = json.loads(line)
         except json.JSONDecodeError as e:
             raise GridError(origin, f"invalid JSON ({e.msg} at column {e.colno})", number) from None
+        except RecursionError:
+            raise GridError(origin, "invalid JSON (nested too deeply)", number) from None
         if isinstance(data, str):
             data = {"prompt": data}
         if not isinstance(data, dict):
@@ -136,6 +143,7 @@ def load_prompt_list(
     height: int | None = None,
     scheduler: str | None = None,
     lora_dir: str | Path | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> list[BatchItem]:
     """Items for a prompt list with the LoRA stack and axes given as options (``--lora``, ``--strategy``...)."""
     prompts = read_prompts(path)
@@ -156,4 +164,4 @@ def load_prompt_list(
     axes = Axes(strategies=choices, seeds=list(seeds) or [0], steps=list(steps) or [None],
                 guidance=list(guidance) or [None])
     return expand(model, prompts, [stack], axes, origin=str(path), negative=negative, width=width, height=height,
-                  scheduler=scheduler)
+                  scheduler=scheduler, limits=limits)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_support import ROOT, cli_env, studio_cli, write_grid, write_tiny_clip
+from batch_support import EXAMPLE_LORAS, ROOT, cli_env, studio_cli, write_grid, write_tiny_clip
 from pipelines.errors import OutOfMemoryError, StrategyError
 from studio import Recipe, Studio
 from studio.batch import BatchError, BatchOptions, run_batch
@@ -43,7 +43,7 @@ def rendered(tmp_path_factory, tiny_clip):
 
     folder = tmp_path_factory.mktemp("batch")
     grid = write_grid(folder / "grid.toml")
-    items, _ = load_grid(grid)
+    items, _ = load_grid(grid, allow=[EXAMPLE_LORAS])  # the grid names them by absolute path (--allow-path)
     counts = {"studios": 0, "parses": 0}
     real_init, real_parse = api.Studio.__init__, api.parse_lora
 
@@ -150,7 +150,7 @@ def test_studio_score_rescores_from_manifest_and_from_pngs(rendered, tiny_clip, 
 def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, monkeypatch, tiny_studio, error):
     import studio.api as api
 
-    items, _ = load_grid(write_grid(tmp_path / "g.toml", prompts=1))
+    items, _ = load_grid(write_grid(tmp_path / "g.toml", prompts=1), allow=[EXAMPLE_LORAS])
     real = api.Studio.compose
 
     def flaky(self, prompt, loras=(), strategy="merge", **kwargs):
@@ -201,9 +201,9 @@ def test_sigkill_mid_run_then_resume_gives_exactly_the_full_set(tmp_path, tiny_c
     from studio.cli import app
 
     grid = write_grid(tmp_path / "g.toml", seeds=(0, 1, 2))                      # 12 images
-    items, _ = load_grid(grid)
+    items, _ = load_grid(grid, allow=[EXAMPLE_LORAS])
     out = tmp_path / "out"
-    args = ["batch", str(grid), "--out", str(out), "--clip-model", str(tiny_clip)]
+    args = ["batch", str(grid), "--out", str(out), "--clip-model", str(tiny_clip), "--allow-path", str(EXAMPLE_LORAS)]
     process = subprocess.Popen(studio_cli(*args), cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     _wait_for_lines(out / MANIFEST, 3, process)
@@ -237,6 +237,7 @@ def test_two_cpu_processes_under_accelerate_match_one_process(rendered, tiny_cli
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         "-m", "studio.cli", "batch", str(grid), "--out", str(out), "--device", "cpu", "--clip-model", str(tiny_clip),
+        "--allow-path", str(EXAMPLE_LORAS),
     ]
     result = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-4000:]

@@ -13,11 +13,12 @@ from studio.prompt_list import load_prompt_list
 runner = CliRunner()
 SUBJECT = str(EXAMPLE_LORAS / "random-subject.safetensors")
 STYLE = str(EXAMPLE_LORAS / "random-style.safetensors")
+ALLOW = [EXAMPLE_LORAS]  # the test grids name the example LoRAs by absolute path: allowed explicitly (--allow-path)
 
 
 def test_grid_expands_with_stable_ids(tmp_path):
     grid = write_grid(tmp_path / "g.toml", prompts=2, strategies=("merge", "switch:tau=2"), seeds=(0, 1, 2))
-    items, model = load_grid(grid)
+    items, model = load_grid(grid, allow=ALLOW)
     assert model == "tiny-sdxl-random" and len(items) == 2 * 2 * 3
     assert len({i.id for i in items}) == 12 and len({i.file for i in items}) == 12
     assert [i.row for i in items[:6]] == ["merge"] * 3 + ["switch(tau=2)"] * 3
@@ -25,13 +26,13 @@ def test_grid_expands_with_stable_ids(tmp_path):
     assert items[0].concepts == {"subject": "a zorb", "style": "inkwash"}
     assert dict(items[3].strategy.params)["tau"] == 2
     # the same grid read again (another process, another run) gives the same ids; any change gives new ones
-    assert [i.id for i in load_grid(grid)[0]] == [i.id for i in items]
+    assert [i.id for i in load_grid(grid, allow=ALLOW)[0]] == [i.id for i in items]
     moved = tmp_path / "other" / "g.toml"
     moved.parent.mkdir()
     moved.write_text(grid.read_text())
-    assert [i.id for i in load_grid(moved)[0]] == [i.id for i in items]
+    assert [i.id for i in load_grid(moved, allow=ALLOW)[0]] == [i.id for i in items]
     write_grid(grid, prompts=2, strategies=("merge", "switch:tau=2"), seeds=(0, 1, 2), steps=3)
-    assert not {i.id for i in load_grid(grid)[0]} & {i.id for i in items}
+    assert not {i.id for i in load_grid(grid, allow=ALLOW)[0]} & {i.id for i in items}
 
 
 def test_example_grids_load():
@@ -43,7 +44,7 @@ def test_example_grids_load():
 def test_weights_axis_and_columns(tmp_path):
     grid = write_grid(tmp_path / "g.toml", prompts=1, strategies=("merge",), seeds=(3,),
                       extra="weights = [0.5, [1.0, 0.25]]\n[report]\ncolumns = \"weights\"")
-    items, _ = load_grid(grid)
+    items, _ = load_grid(grid, allow=ALLOW)
     assert [i.weights for i in items] == [[0.5, 0.5], [1.0, 0.25]]
     assert [i.column for i in items] == ["w=0.5", "w=1/0.25"]
 
@@ -56,7 +57,7 @@ def test_weights_axis_and_columns(tmp_path):
      "unknown strategy 'mystery'", 6),
     ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[axes]\nstrategy = ["switch:tao=2"]\n', "has no parameter 'tao'", 5),
     ('model = "tiny-sdxl-random"\n[[stacks]]\nname = "s"\nloras = [\n  "missing/nowhere.safetensors:0.5",\n]\n'
-     '[[prompts]]\ntext = "x"\n', "LoRA missing/nowhere.safetensors: file not found", 5),
+     '[[prompts]]\ntext = "x"\n', "LoRA missing/nowhere.safetensors: not found", 5),
     ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\nconcept = "y"\n', "unknown key 'concept' in prompt #1", 4),
     ('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n[axes]\nseed = [0, 0]\n', "names the same image twice", None),
     ('model = "tiny-sdxl-random"\nsteps = [\n', "invalid TOML", 2),
@@ -73,15 +74,15 @@ def test_bad_grids_name_file_and_line(tmp_path, text, message, line):
 def test_bad_lora_entries(tmp_path):
     grid = write_grid(tmp_path / "g.toml", extra="weights = [[1.0, 0.5, 0.2]]")
     with pytest.raises(GridError, match=r"weights \[1.0, 0.5, 0.2\] has 3 values but stack 'zorb\+inkwash' has 2"):
-        load_grid(grid)
+        load_grid(grid, allow=ALLOW)
     text = write_grid(tmp_path / "h.toml").read_text().replace('concept = "inkwash"', 'concept = "inkwash", colour = 1')
     (tmp_path / "h.toml").write_text(text)
     with pytest.raises(GridError, match=r"h\.toml:9: LoRA entry has unknown keys \['colour'\]"):
-        load_grid(tmp_path / "h.toml")
+        load_grid(tmp_path / "h.toml", allow=ALLOW)
     text = write_grid(tmp_path / "k.toml").read_text() + '\n[[prompts]]\ntext = "y"\nconcepts = { nobody = "z" }\n'
     (tmp_path / "k.toml").write_text(text)
     with pytest.raises(GridError, match=r"concept\(s\) for \['nobody'\]"):
-        load_grid(tmp_path / "k.toml")
+        load_grid(tmp_path / "k.toml", allow=ALLOW)
 
 
 def test_prompt_lists(tmp_path):

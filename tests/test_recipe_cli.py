@@ -78,7 +78,8 @@ def test_cli_render_and_reproduce(sdxl_loras, tmp_path):
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["composite-seed11.png", "composite-seed12.png"]
     again = tmp_path / "again"
-    result = runner.invoke(app, ["render", "--recipe", str(files[1]), "--out", str(again)])
+    result = runner.invoke(app, ["render", "--recipe", str(files[1]), "--out", str(again),
+                                 "--allow-path", str(sdxl_loras[0].parent.parent)])  # the LoRAs' folder
     assert result.exit_code == 0, result.output
     assert np.array_equal(pixels(again / "composite-seed12.png"), pixels(files[1]))
 

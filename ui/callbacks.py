@@ -12,7 +12,6 @@ e.g. a CLIPScore; without one, Compare shows timings and "n/a" for scores.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import threading
@@ -54,30 +53,24 @@ class Settings:
     height: int = 1024
     count: int = 1
 
-    def checked(self) -> "Settings":
-        if not self.prompt.strip():
+    def checked(self, limits=None) -> "Settings":
+        """The settings checked by the one validation the API, CLI and batch share (:mod:`studio.settings`);
+        a negative seed means "pick one at random"."""
+        from studio.settings import DEFAULT_LIMITS, check_settings
+
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise StudioError("write a prompt first")
-        for name in ("seed", "steps", "width", "height", "count"):
-            value = getattr(self, name)
-            try:
-                whole = float(value).is_integer()
-            except (TypeError, ValueError):
-                whole = False
-            if not whole:
-                raise StudioError(f"{name} must be a whole number, got {value!r}")
-            setattr(self, name, int(value))
-        if self.steps < 1 or self.count < 1:
-            raise StudioError("steps and batch count must be at least 1")
-        if self.width < 16 or self.height < 16:
-            raise StudioError("width and height must be at least 16 pixels")
-        try:
-            self.guidance = float(self.guidance)
-        except (TypeError, ValueError):
-            raise StudioError(f"guidance must be a number, got {self.guidance!r}") from None
-        if not math.isfinite(self.guidance):
-            raise StudioError(f"guidance must be a finite number, got {self.guidance!r}")
-        if self.seed < 0:
+        for name in ("seed", "steps", "width", "height", "count", "guidance"):
+            if getattr(self, name) is None:  # the form always sends a value; None is not "the default" here
+                kind = "number" if name == "guidance" else "whole number"
+                raise StudioError(f"{name} must be a {kind}, got None")
+        if isinstance(self.seed, (int, float)) and not isinstance(self.seed, bool) and self.seed < 0:
             self.seed = random.randint(0, SEED_MAX)
+        checked = check_settings(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                                 guidance=self.guidance, width=self.width, height=self.height, seed=self.seed,
+                                 count=self.count, limits=limits or DEFAULT_LIMITS)
+        for name, value in checked.items():
+            setattr(self, name, value)
         return self
 
 
@@ -141,10 +134,10 @@ class Callbacks:
         return self.studio.block_names()
 
     def default_settings(self) -> Settings:
-        family = self.studio.family
-        size = self.studio.default_size
-        return Settings(prompt="", steps=family.default_steps, guidance=family.default_guidance, width=size,
-                        height=size)
+        """The model's defaults, from the one source the CLI and API use (``Studio.render_defaults``)."""
+        defaults = self.studio.render_defaults()
+        return Settings(prompt="", steps=defaults.steps, guidance=defaults.guidance, width=defaults.width,
+                        height=defaults.height)
 
     def model_summary(self) -> str:
         return (f"Model **{self.studio.model}** ({self.studio.family.name.upper()}) on {self.studio.device}; "
@@ -302,7 +295,7 @@ class Callbacks:
         Yields :class:`Progress` every step, :class:`Preview` every few steps, :class:`Finished` per image and
         finally the list of saved :class:`Item`.
         """
-        settings = settings.checked()
+        settings = settings.checked(self.studio.limits)
         loras = stk.to_loras(stack, self.library)
         params = strategy_form.values_for(strategy, params_store)
         strategy_form.strategy_class(strategy)(**params)  # validate before the job queues
@@ -326,7 +319,7 @@ class Callbacks:
 
         Yields like :meth:`generate_events`; the final items carry ``scores`` (``clipscore``, ``render_s``).
         """
-        settings = settings.checked()
+        settings = settings.checked(self.studio.limits)
         settings.count = 1
         runs = [s for s in strategies if s]
         if not runs and not include_base:
@@ -370,7 +363,16 @@ class Callbacks:
         """
         if not file:
             raise StudioError("drop a PNG made by the studio (or by A1111) to restore its recipe")
-        recipe = Recipe.from_png(file)
+        name = Path(str(file)).name  # the name the user knows, not the server's temporary path
+        try:
+            from studio.recipe import MAX_PNG_BYTES
+
+            size = Path(str(file)).stat().st_size if Path(str(file)).is_file() else 0
+            if size > MAX_PNG_BYTES:
+                raise StudioError(f"{file}: {size} bytes is more than the {MAX_PNG_BYTES} a recipe PNG may have")
+            recipe = Recipe.from_png(file)
+        except StudioError as e:
+            raise StudioError(f"{name}: {str(e).removeprefix(str(file) + ': ')}") from None
         notes = []
         if recipe.model and recipe.model != self.studio.model:
             notes.append(f"made with model '{recipe.model}'; this app runs '{self.studio.model}'")
@@ -403,8 +405,12 @@ class Callbacks:
                 continue
             stack.append(stk.new_entry(entry.id, entry.info.name, weight=float(lora.weight), start=float(lora.start),
                                        end=float(lora.end), **stk.blocks_fields(lora.blocks, presets)))
+        defaults = self.studio.render_defaults()  # a setting the recipe leaves out means the model's default
         settings = Settings(prompt=recipe.prompt, negative_prompt=recipe.negative_prompt, seed=recipe.seed,
-                            steps=recipe.steps, guidance=recipe.guidance, width=recipe.width, height=recipe.height)
+                            steps=defaults.steps if recipe.steps is None else recipe.steps,
+                            guidance=defaults.guidance if recipe.guidance is None else recipe.guidance,
+                            width=defaults.width if recipe.width is None else recipe.width,
+                            height=defaults.height if recipe.height is None else recipe.height)
         return settings, restored_strategy, new_store, stack, notes
 
     # ------------------------------------------------------------------------------------------ misc

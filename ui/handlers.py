@@ -12,6 +12,7 @@ import functools
 import html
 import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -26,8 +27,35 @@ from .callbacks import Callbacks, Finished, Item, Preview, Progress, Settings
 def _user_errors():
     try:
         yield
-    except StudioError as e:
-        raise gr.Error(str(e), print_exception=False) from None
+    except StudioError as e:  # the toast renders HTML: file names and recipe text are shown as text
+        raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+
+
+RESTORE_TIMEOUT_S = 15.0
+
+
+def within_time(fn, seconds: float, what: str):
+    """Run ``fn()`` in a worker thread and wait at most ``seconds`` for it, so a hostile upload cannot hold the
+    request (the parsers are also linear and size-capped, :mod:`studio.recipe`); errors pass through."""
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def work():
+        try:
+            box.put((True, fn()))
+        except BaseException as e:  # handed to the caller's thread
+            box.put((False, e))
+
+    threading.Thread(target=work, daemon=True, name="studio-parse").start()
+    try:
+        ok, value = box.get(timeout=seconds)
+    except queue.Empty:
+        raise StudioError(f"{what}: reading it took longer than {seconds:g} s; refused") from None
+    if not ok:
+        raise value
+    return value
 
 
 def user_errors(fn):
@@ -185,7 +213,9 @@ class Handlers:
     def restore(self, file, store, strategy, stack_rev, params_rev):
         """Outputs: prompt, negative, seed, steps, guidance, width, height, strategy, params, params rev, stack,
         stack rev, status."""
-        settings, strategy, store, stack, notes = self.cb.restore(file, store, strategy)
+        name = Path(str(file)).name if file else "recipe"
+        settings, strategy, store, stack, notes = within_time(lambda: self.cb.restore(file, store, strategy),
+                                                              RESTORE_TIMEOUT_S, name)
         names = ", ".join(md_escape(s.lora_id) for s in stack) or "none"
         status = f"Restored the recipe: strategy **{md_escape(strategy)}**, LoRAs: {names}."
         if notes:

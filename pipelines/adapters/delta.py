@@ -37,6 +37,27 @@ class LayerDelta:
             raise ValueError("a low-rank delta needs both down and up")
         if self.down is None and self.dense is None and self.bias is None:
             raise ValueError("empty delta")
+        problem = self._shape_problem()
+        if problem:
+            raise ValueError(problem)
+
+    def _shape_problem(self) -> str | None:
+        """Why the parts cannot form one delta (ranks or row counts disagree), from shapes alone."""
+        if self.down is not None:
+            if self.down.dim() not in (2, 4) or self.up.dim() != 2 or 0 in self.down.shape or 0 in self.up.shape:
+                return f"low-rank factors of shapes {tuple(self.up.shape)} @ {tuple(self.down.shape)} are malformed"
+            if self.up.shape[1] != self.down.shape[0]:
+                return (f"the up factor has rank {self.up.shape[1]} but the down factor has rank "
+                        f"{self.down.shape[0]} (shapes {tuple(self.up.shape)} and {tuple(self.down.shape)})")
+        if self.dense is not None and (self.dense.dim() not in (2, 4) or 0 in self.dense.shape):
+            return f"a dense delta must be a non-empty 2-D or 4-D tensor, got shape {tuple(self.dense.shape)}"
+        if self.bias is not None:
+            if self.bias.dim() != 1:
+                return f"a bias delta must be 1-D, got shape {tuple(self.bias.shape)}"
+            rows = self.up.shape[0] if self.up is not None else (self.dense.shape[0] if self.dense is not None else None)
+            if rows is not None and self.bias.shape[0] != rows:
+                return f"the bias delta has {self.bias.shape[0]} values for {rows} output rows"
+        return None
 
     @property
     def is_low_rank(self) -> bool:

@@ -18,12 +18,27 @@ Three routes, chosen by the file's layout:
 Before anything is attached, every delta is checked against its target layer; a LoRA for another base model,
 a file that matches no layer, or mismatched shapes raise :class:`IncompatibleLoraError` naming the file and,
 when it can tell, the base model the file was made for.
+
+**Hostile and damaged files.** The whole file is validated before anything is attached, and the work a file may
+cause is bounded before it is done: the container (:mod:`..safetensors_io`: header size and nesting, offsets,
+floating dtypes only, finite values); every value within ``MAX_ABS_VALUE`` (no trained LoRA holds 10⁴; values
+at float16's maximum or ×10³⁰ only render black) and every layer's change below ``MAX_RELATIVE_DELTA`` times
+the layer's own weight (Frobenius norms); each module's factors complete and consistent for its kind
+(``validate`` of :mod:`.kinds`: a ``lora_A`` without ``lora_B``, a missing LoKr factor, ranks that disagree,
+scalar or 1-D tensors where matrices belong, an ``alpha`` that is not one number); the size of the delta the
+factors would produce no larger than the model's largest layer, checked from shapes *before* any Kronecker or
+Khatri-Rao product is computed. **Nothing is dropped silently**: keys the studio does not know (an unknown
+suffix, a factor without its partner, an orphan tensor diffusers' converter leaves over) refuse the file,
+naming the keys; modules that name no layer of the loaded model are kept in ``ParsedLora.skipped`` and reported
+as a warning by every front end (a LoRA trained with extra layers stays usable).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +51,15 @@ from ..families import Family
 from ..safetensors_io import read_safetensors
 from . import kinds
 from .delta import LayerDelta
+from .factors import PlannedDelta, alpha_value
 from .metadata import BASE_NAMES, LoraInfo, describe_header
 from .naming import Target, resolve_by_probe, resolve_by_table
+
+
+MAX_ABS_VALUE = 1e4  # no trained LoRA factor, alpha or DoRA magnitude comes near this
+MAX_RELATIVE_DELTA = 100.0  # ‖ΔW‖ / ‖W‖ per layer; trained LoRAs stay below ~1
+LORA_HEADER_BYTES = 16 * 1024 * 1024  # a LoRA header (keys + metadata such as ss_tag_frequency) stays far below
+KNOWN_EXTRAS = {"alpha", "dora_scale", "scale"}  # per-module keys besides a kind's factors
 
 
 @dataclass
@@ -74,12 +96,19 @@ def parse_lora(
     if isinstance(source, dict):
         tensors, metadata, label, sha = dict(source), dict(metadata or {}), "<state dict>", None
         for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise LoraFileError(label, f"'{key}' is a {type(value).__name__}, not a tensor")
+            if not value.is_floating_point() and not (key.endswith(".alpha") and value.numel() == 1
+                                                      and value.dtype != torch.bool) \
+                    and not (kinds.shira.is_index_key(key) and value.dtype != torch.bool):
+                raise LoraFileError(label, f"tensor '{key}' is {value.dtype}; LoRA weights must be floating point")
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise LoraFileError(label, f"tensor '{key}' holds NaN or infinite values")
     else:
         path = Path(source)
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(path, floating_only=True, max_header_bytes=LORA_HEADER_BYTES)
         label, sha = str(path), file_sha256(path)
+    _check_magnitudes(tensors, label)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     info = describe_header(None if label.startswith("<") else label, shapes, metadata)
     if name:
@@ -111,6 +140,8 @@ def parse_lora(
         folder = None if label.startswith("<") else Path(label).parent
         deltas, skipped = _qr_route(tensors, metadata, pipe, family, label, folder)
     elif info.format in ("peft", "diffusers-old", "xlabs"):
+        if info.format == "peft":
+            _check_peft_file_keys(tensors, label)
         deltas, skipped = _diffusers_route(tensors, metadata, pipe, family, label)
     elif info.format == "unknown":
         suffixes = {k.partition(".")[2] for k in tensors}
@@ -127,13 +158,14 @@ def parse_lora(
 
 # --------------------------------------------------------------------------------------------------- routes
 def _kohya_route(tensors, pipe, family, label):
+    limits = LayerLimits.of(pipe, family)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
         module, _, suffix = key.partition(".")
         groups[module][suffix] = value
     built: dict[str, LayerDelta] = {}
     for module, group in groups.items():
-        suffixes = set(group) - {"alpha", "dora_scale", "scale"}
+        suffixes = set(group) - KNOWN_EXTRAS
         unsupported = {kinds.UNSUPPORTED_SUFFIXES[s] for s in suffixes if s in kinds.UNSUPPORTED_SUFFIXES}
         if unsupported:
             raise IncompatibleLoraError(
@@ -143,12 +175,20 @@ def _kohya_route(tensors, pipe, family, label):
         kind = kinds.kind_for(suffixes)
         if kind is None:
             raise IncompatibleLoraError(label, f"module '{module}' has unrecognised keys: {sorted(group)}")
-        alpha = float(group["alpha"]) if "alpha" in group else None
+        unknown = sorted(suffixes - set(kind.SUFFIXES))
+        if unknown:
+            raise IncompatibleLoraError(
+                label, f"module '{module}' has keys the studio does not know for {kind.__name__.rsplit('.', 1)[-1]}: "
+                       f"{unknown}; refusing rather than dropping them")
         try:
+            alpha = alpha_value(group["alpha"]) if "alpha" in group else None
+            validate = getattr(kind, "validate", None)
+            if validate is not None:
+                limits.check(validate(group))
             delta = kind.build(group, alpha)
             if "dora_scale" in group:
                 delta = kinds.dora.attach_magnitude(delta, group["dora_scale"])
-        except (KeyError, ValueError, RuntimeError, NotImplementedError) as e:
+        except (KeyError, ValueError, RuntimeError, NotImplementedError, IndexError) as e:
             raise IncompatibleLoraError(label, f"module '{module}': {e}") from None
         built[module] = delta
     targets: dict[str, list[Target]] = {}
@@ -183,6 +223,7 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
     from peft.utils.other import get_pattern_key
 
     cls = family.pipeline_class
+    limits = LayerLimits.of(pipe, family)
     sd = dict(tensors)
     try:
         if family.name == "sdxl":
@@ -191,7 +232,10 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
             state_dict, alphas = cls.lora_state_dict(sd, return_alphas=True)
     except Exception as e:
         raise IncompatibleLoraError(label, f"diffusers cannot convert this file ({e.__class__.__name__}: {e})") from None
-    config_meta = _lora_config_metadata(metadata)
+    try:
+        config_meta = _lora_config_metadata(metadata)
+    except ValueError as e:
+        raise IncompatibleLoraError(label, str(e)) from None
     by_component: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state_dict.items():
         component, _, rest = key.partition(".")
@@ -201,40 +245,64 @@ def _diffusers_route(tensors, metadata, pipe, family, label):
     deltas: dict[str, LayerDelta] = {}
     for component, sd_c in by_component.items():
         if not any("lora_A" in k for k in sd_c):
-            if component == family.denoiser:
-                sd_c = convert_unet_state_dict_to_peft(sd_c)
-            else:
-                sd_c = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd_c))
+            try:
+                if component == family.denoiser:
+                    sd_c = convert_unet_state_dict_to_peft(sd_c)
+                else:
+                    sd_c = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd_c))
+            except Exception as e:  # diffusers' converters refuse unknown layouts with assorted exception types
+                raise IncompatibleLoraError(
+                    label, f"diffusers cannot convert its {component} keys ({e.__class__.__name__}: {str(e)[:200]})"
+                ) from None
         module_obj = getattr(pipe, component)
         if component != family.denoiser and not hasattr(module_obj, "text_model"):
             sd_c = {k.removeprefix("text_model."): v for k, v in sd_c.items()}
         ranks = {f"^{k}": v.shape[1] for k, v in sd_c.items() if "lora_B" in k and v.ndim > 1}
         if not ranks:
+            leftover = sorted(sd_c)[:4]
+            if leftover:
+                raise IncompatibleLoraError(label, f"keys without a lora_A/lora_B pair would be dropped: {leftover}")
             continue
         comp_alphas = None
         if alphas:
             comp_alphas = {k.removeprefix(f"{component}."): v for k, v in alphas.items() if k.startswith(f"{component}.")}
-            comp_alphas = {k: float(v) for k, v in comp_alphas.items()} or None
+            try:
+                comp_alphas = {k: alpha_value(torch.as_tensor(v)) for k, v in comp_alphas.items()} or None
+            except ValueError as e:
+                raise IncompatibleLoraError(label, f"{component}: {e}") from None
         comp_meta = config_meta.get(component)
-        config = _create_lora_config(
-            sd_c, comp_alphas, comp_meta, ranks, is_unet=component == family.denoiser
-        )
-        modules = sorted({k.split(".lora_")[0] for k in sd_c if ".lora_A" in k})
+        try:
+            config = _create_lora_config(
+                sd_c, comp_alphas, comp_meta, ranks, is_unet=component == family.denoiser
+            )
+        except Exception as e:  # PEFT's LoraConfig refuses bad metadata with assorted exception types
+            raise IncompatibleLoraError(
+                label, f"its {component} LoRA config (metadata) is invalid ({e.__class__.__name__}: {str(e)[:200]})"
+            ) from None
+        modules = sorted({k.split(".lora_")[0] for k in sd_c if ".lora_A" in k or ".lora_B" in k})
+        _check_peft_keys(sd_c, modules, component, label)
         for module in modules:
             down = sd_c[f"{module}.lora_A.weight"]
             up = sd_c[f"{module}.lora_B.weight"]
+            problem = _peft_pair_problem(down, up)
+            if problem:
+                raise IncompatibleLoraError(label, f"module '{component}.{module}': {problem}")
             rank = down.shape[0]
             alpha_key = get_pattern_key(config.alpha_pattern.keys(), module)
             alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
             scale = alpha / (math.sqrt(rank) if getattr(config, "use_rslora", False) else rank)
             # PEFT's lora_B bias (lora_bias=True) is scaled with the adapter like its weight
-            delta = LayerDelta(down=down, up=up.reshape(up.shape[0], -1), bias=sd_c.get(f"{module}.lora_B.bias"),
-                               scale=float(scale), kind="lora")
-            magnitude = sd_c.get(f"{module}.lora_magnitude_vector")
-            if magnitude is None:
-                magnitude = sd_c.get(f"{module}.lora_magnitude_vector.weight")
-            if magnitude is not None:
-                delta = kinds.dora.attach_magnitude(delta, magnitude)
+            try:
+                limits.check(PlannedDelta(out=up.shape[0], inputs=int(math.prod(down.shape[1:]))))
+                delta = LayerDelta(down=down, up=up.reshape(up.shape[0], -1), bias=sd_c.get(f"{module}.lora_B.bias"),
+                                   scale=float(scale), kind="lora")
+                magnitude = sd_c.get(f"{module}.lora_magnitude_vector")
+                if magnitude is None:
+                    magnitude = sd_c.get(f"{module}.lora_magnitude_vector.weight")
+                if magnitude is not None:
+                    delta = kinds.dora.attach_magnitude(delta, magnitude)
+            except ValueError as e:
+                raise IncompatibleLoraError(label, f"module '{component}.{module}': {e}") from None
             deltas[f"{component}.{module}"] = delta
     return deltas, []
 
@@ -330,15 +398,15 @@ def _fill_qr_bases(groups, metadata, label, folder: Path | None) -> None:
 
 def _lora_config_metadata(metadata: dict[str, str]) -> dict[str, dict]:
     """diffusers stores each component's PEFT LoraConfig as ``lora_adapter_metadata`` (JSON, keys prefixed)."""
-    import json
-
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+    except (json.JSONDecodeError, RecursionError):
+        flat = None
+    if not isinstance(flat, dict):
+        raise ValueError("metadata lora_adapter_metadata is not a JSON object")
     out: dict[str, dict] = defaultdict(dict)
     for key, value in flat.items():
         component, _, field_name = key.partition(".")
@@ -347,6 +415,104 @@ def _lora_config_metadata(metadata: dict[str, str]) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ validation
+class LayerLimits:
+    """The largest layer of a model (rows, flattened inputs, elements): no delta of a LoRA for this model can
+    exceed it, so a file's planned deltas are bounded by it before any product of factors is computed."""
+
+    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, out: int, inputs: int, numel: int):
+        self.out, self.inputs, self.numel = out, inputs, numel
+
+    @classmethod
+    def of(cls, pipe, family: Family) -> "LayerLimits":
+        try:
+            return cls._cache[pipe]
+        except (KeyError, TypeError):
+            pass
+        out = inputs = numel = 1
+        for component in family.components():
+            root = getattr(pipe, component, None)
+            if not isinstance(root, nn.Module):
+                continue
+            for module in root.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    rows, rest = module.weight.shape[0], int(math.prod(module.weight.shape[1:]))
+                    if isinstance(module, nn.Conv2d):
+                        rest = module.in_channels * int(math.prod(module.kernel_size))
+                    out, inputs, numel = max(out, rows), max(inputs, rest), max(numel, rows * rest)
+        limits = cls(out, inputs, numel)
+        try:
+            cls._cache[pipe] = limits
+        except TypeError:
+            pass
+        return limits
+
+    FUSED = 4  # a file's fused source layer (FLUX's qkv+mlp ``linear1``) spans up to this many model layers
+
+    def check(self, plan: PlannedDelta) -> None:
+        if plan.out > self.FUSED * self.out or plan.inputs > self.inputs or plan.numel > self.FUSED * self.numel:
+            raise ValueError(
+                f"its factors make a {plan.out} x {plan.inputs} delta, larger than any layer of this model (the "
+                f"largest has {self.out} rows, {self.inputs} inputs, {self.numel} weights); refused before "
+                "computing it")
+
+
+def _check_magnitudes(tensors: dict[str, torch.Tensor], label: str) -> None:
+    """Values no trained LoRA has (|x| > ``MAX_ABS_VALUE``): such a file renders black or noise, so refuse it."""
+    for key, value in tensors.items():
+        if kinds.shira.is_index_key(key):  # positions in the weight, not values (checked against the layer)
+            continue
+        if not value.numel():
+            continue
+        # integer alphas (e.g. U16) have no abs() in torch: compare in float64
+        largest = (value if value.is_floating_point() else value.to(torch.float64)).abs().max().item()
+        if largest > MAX_ABS_VALUE:
+            raise LoraFileError(
+                label, f"tensor '{key}' holds values up to {largest:.3g}; a trained LoRA stays far "
+                       f"below {MAX_ABS_VALUE:g} (a corrupted or tampered file?)")
+
+
+_PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
+                  "lora_magnitude_vector.weight")
+
+
+def _check_peft_keys(sd: dict[str, torch.Tensor], modules: list[str], component: str, label: str) -> None:
+    """Every key of a converted PEFT state dict is used: both factors of each module, nothing else left over."""
+    known = {f"{m}.{suffix}" for m in modules for suffix in _PEFT_SUFFIXES}
+    leftover = sorted(k for k in sd if k not in known)
+    if leftover:
+        shown = ", ".join(leftover[:4]) + (f" and {len(leftover) - 4} more" if len(leftover) > 4 else "")
+        raise IncompatibleLoraError(label, f"{component}: keys the studio does not know would be dropped ({shown}); "
+                                           "refusing the file rather than applying part of it")
+    for module in modules:
+        for side, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
+            if f"{module}.{side}.weight" in sd and f"{module}.{other}.weight" not in sd:
+                raise IncompatibleLoraError(label, f"module '{component}.{module}' has {side} but no {other}: an "
+                                                   "incomplete LoRA cannot be applied")
+
+
+def _check_peft_file_keys(tensors: dict[str, torch.Tensor], label: str) -> None:
+    """A diffusers/PEFT file holds only PEFT keys; anything else (a stray ``dora_scale``, a LyCORIS factor) would
+    be dropped by diffusers' converter without a word, so the file is refused naming those keys."""
+    foreign = sorted(k for k in tensors if not k.endswith((*_PEFT_SUFFIXES, ".alpha")))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise IncompatibleLoraError(label, f"a diffusers/PEFT LoRA with keys that are not PEFT LoRA keys ({shown}); "
+                                           "refusing the file rather than dropping them")
+
+
+def _peft_pair_problem(down: torch.Tensor, up: torch.Tensor) -> str | None:
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or down.numel() == 0 or up.numel() == 0:
+        return f"lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} must be non-empty matrices (or convolutions)"
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return f"lora_B must be a 1x1 convolution, got shape {tuple(up.shape)}"
+    if up.shape[1] != down.shape[0]:
+        return (f"lora_B has rank {up.shape[1]} but lora_A has rank {down.shape[0]} "
+                f"(shapes {tuple(up.shape)} and {tuple(down.shape)})")
+    return None
+
+
 def _check_fit(deltas, skipped, pipe, family, label, info: LoraInfo):
     problems = []
     for key, delta in deltas.items():
@@ -356,7 +522,7 @@ def _check_fit(deltas, skipped, pipe, family, label, info: LoraInfo):
         except AttributeError:
             problems.append(f"{key}: no such layer")
             continue
-        problem = _shape_problem(delta, module)
+        problem = _shape_problem(delta, module) or _strength_problem(delta, module)
         if problem:
             problems.append(f"{key}: {problem}")
     hint = ""
@@ -374,6 +540,32 @@ def _check_fit(deltas, skipped, pipe, family, label, info: LoraInfo):
             f"none of its {len(skipped)} modules match a layer of this {BASE_NAMES[family.name]} model{hint} "
             f"(e.g. {sample})",
         )
+
+
+def frobenius(delta: LayerDelta) -> float:
+    """‖ΔW‖_F at weight 1, without forming a low-rank ΔW: ‖s·U D‖² = s²·trace((UᵀU)(DDᵀ)) (r × r products)."""
+    if delta.down is not None:
+        up = delta.up.float().reshape(delta.up.shape[0], -1)
+        down = delta.down.float().reshape(delta.down.shape[0], -1)
+        return abs(delta.scale) * math.sqrt(max(torch.trace((up.T @ up) @ (down @ down.T)).item(), 0.0))
+    if delta.dense is not None:
+        return abs(delta.scale) * delta.dense.float().norm().item()
+    return 0.0
+
+
+def _strength_problem(delta: LayerDelta, module: nn.Module) -> str | None:
+    """A delta far larger than the layer it changes (``MAX_RELATIVE_DELTA`` × ‖W‖_F) is no trained LoRA: such a
+    file (factors scaled by a tool or an attacker) only renders black or noise. Trained LoRAs stay below ~1
+    (the tiny world's: at most 0.91)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+        return None
+    norm = frobenius(delta)
+    base = max(weight.detach().float().norm().item(), 1e-3 * math.sqrt(weight.numel()))
+    if not math.isfinite(norm) or norm > MAX_RELATIVE_DELTA * base:
+        return (f"its change has norm {norm:.3g}, {norm / base:.3g} times the layer's own weight (a trained LoRA "
+                f"stays below {MAX_RELATIVE_DELTA:g} times); a corrupted or tampered file?")
+    return None
 
 
 def _shape_problem(delta: LayerDelta, module: nn.Module) -> str | None:

@@ -26,13 +26,19 @@ from ..delta import LayerDelta
 def attach_magnitude(delta: LayerDelta, dora_scale: torch.Tensor) -> LayerDelta:
     """Record ``m`` on ``delta`` with its axis, read from the stored shape."""
     shape = tuple(dora_scale.shape)
-    out_f = delta.out_features
-    if dora_scale.dim() == 1 or (shape[0] == out_f and all(s == 1 for s in shape[1:])):
-        delta.magnitude, delta.magnitude_axis = dora_scale.reshape(-1).float(), "out"
+    out_f, in_f = delta.out_features, delta.in_features
+    if dora_scale.numel() == 0:
+        raise ValueError(f"dora_scale is empty (shape {shape})")
+    if dora_scale.dim() <= 1 or (shape[0] == out_f and all(s == 1 for s in shape[1:])):
+        axis, wanted = "out", out_f
     elif shape[0] == 1 and all(s == 1 for s in shape[2:]):
-        delta.magnitude, delta.magnitude_axis = dora_scale.reshape(-1).float(), "in"
+        axis, wanted = "in", in_f
     else:
         raise ValueError(f"dora_scale of shape {shape} fits neither output rows nor input columns")
+    if dora_scale.numel() != wanted:
+        side = "output rows" if axis == "out" else "input channels"
+        raise ValueError(f"dora_scale has {dora_scale.numel()} values but the layer delta has {wanted} {side}")
+    delta.magnitude, delta.magnitude_axis = dora_scale.reshape(-1).float(), axis
     delta.kind = f"do{delta.kind}" if not delta.kind.startswith("do") else delta.kind
     return delta
 

@@ -141,6 +141,9 @@ def build(group: dict[str, torch.Tensor], alpha: float | None) -> LayerDelta:
     if missing:
         raise ValueError(f"QR-LoRA layer lacks {', '.join(sorted(missing))}")
     q, r, delta_r = group["q"], group["r"], group["delta_r"]
+    for short, value in (("Q", q), ("R", r), ("ΔR", delta_r)):
+        if value.dim() != 2 or value.numel() == 0:
+            raise ValueError(f"QR-LoRA {short} must be a non-empty matrix, got shape {tuple(value.shape)}")
     rank = q.shape[1]
     if r.shape[0] != rank or delta_r.shape != r.shape:
         raise ValueError(f"QR-LoRA shapes disagree: Q {tuple(q.shape)}, R {tuple(r.shape)}, ΔR {tuple(delta_r.shape)}")
