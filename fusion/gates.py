@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.adapters.not_adapters import GATES_FORMAT
 from pipelines.composed import ComposedLinear
 from pipelines.quant.linear import QuantLinear
 from pipelines.errors import StudioError
 
 TIME_DIM = 8
 W_OUT_INIT = 0.512
-FORMAT = "lora-studio-autolora-gates"
+FORMAT = GATES_FORMAT  # the library recognises gates files by it and lists them as no LoRA
 _PARAMS = ("w_lora", "w_cross", "bias", "w_out", "w_time")
 
 

@@ -10,16 +10,14 @@ a base-model filter, recipe matching by SHA-256 and validated uploads into a man
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from pipelines.adapters.metadata import LoraInfo, describe
+from pipelines.adapters.not_adapters import NOT_ADAPTERS
+from pipelines.atomic_files import copy_atomically
 from pipelines.errors import IncompatibleLoraError, LoraFileError, StudioError
 from pipelines.safetensors_io import check_safetensors_file
 
@@ -29,8 +27,9 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".w
 
 
 def scan(root: str | Path) -> tuple[list[LoraInfo], list[LoraFileError]]:
-    """Describe every adapter ``.safetensors`` under ``root`` (recursively); unreadable files are returned as
-    errors, and QR-LoRA bases files (shared Q and R, not adapters) are left out."""
+    """Describe every adapter ``.safetensors`` under ``root`` (recursively); each unreadable file is returned as
+    its own error (one bad file never hides the good ones), and files that are no adapter (QR-LoRA bases files
+    with the shared Q and R, AutoLoRA gates files) are left out."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise StudioError(f"{root}: not a folder")
@@ -39,11 +38,16 @@ def scan(root: str | Path) -> tuple[list[LoraInfo], list[LoraFileError]]:
         if not within(root, path):
             continue  # a symlink leading out of the library
         try:
+            if not path.is_file():
+                raise LoraFileError(path, "is not a regular file (a folder or a broken link)")
             info = describe(path)
         except LoraFileError as e:
             errors.append(e)
             continue
-        if info.format != "qr-bases":
+        except Exception as e:  # noqa: BLE001 - any malformed header is this file's problem, not the listing's
+            errors.append(LoraFileError(path, f"unreadable metadata ({type(e).__name__}: {e})"))
+            continue
+        if info.format not in NOT_ADAPTERS:
             infos.append(info)
     return infos, errors
 
@@ -194,16 +198,20 @@ class Library:
             self._hashes[key] = file_sha256(entry.path)
         return self._hashes[key]
 
-    def find(self, source: str | None = None, name: str | None = None, sha256: str | None = None) -> LibraryEntry | None:
+    def find(self, source: str | None = None, name: str | None = None, sha256: str | None = None,
+             family: str | None = None) -> LibraryEntry | None:
         """The library entry a recipe's LoRA refers to, or ``None``.
 
         A recipe comes from outside (a PNG someone shared), so its ``source`` is only compared with the library,
         never opened: the file with the same SHA-256 wins; otherwise the same path, id, file stem or metadata
         name (A1111's ``<lora:name:w>``). A file with a different hash than the recipe records does not match.
+        With ``family``, only entries that fit that model count (two folders may hold a "style-striped" each).
         """
         candidates = []
         stems = {s for s in (name, Path(source).stem if source else None) if s}
         for entry in self._entries.values():
+            if family is not None and not entry.fits(family):
+                continue
             if source and (str(entry.path) == source or entry.id == source):
                 candidates.insert(0, entry)
             elif entry.path.stem in stems or entry.info.name in stems:
@@ -213,6 +221,8 @@ class Library:
                 if self.sha256(entry) == sha256:
                     return entry
             for entry in self._entries.values():
+                if family is not None and not entry.fits(family):
+                    continue
                 if entry not in candidates and self.sha256(entry) == sha256:
                     return entry
             return None
@@ -260,18 +270,3 @@ class Library:
             if entry.path == target.resolve():
                 return entry
         raise LoraFileError(base, "was stored but does not show in the library")  # pragma: no cover
-
-
-def copy_atomically(source: Path, target: Path) -> None:
-    """Copy ``source`` to a temporary file beside ``target``, fsync, then rename it over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
