@@ -1,4 +1,5 @@
-"""Benchmark of the weight-space merges (cat, svd, ties, dare, qr) and K-LoRA against merge, measured in one run.
+"""Benchmark of the weight-space merges (every registered one: cat, svd, ties, dare, qr, lego, mcdropout) and K-LoRA
+against merge, measured in one run.
 
     python benchmarks/bench_merges.py                         # tiny SDXL and tiny FLUX, 2 / 3 / 5 LoRAs, CPU
     python benchmarks/bench_merges.py --prep --width-divisor 8  # + one-off merge cost at SDXL's real layer count

@@ -18,7 +18,7 @@ from .dare import Dare
 from .gated import Gated
 from .klora import KLora
 from .lego import Lego
-from .mcdropout import MCDropout
+from .mcdropout import MCDropout, MCDropoutRuntime
 from .merge import Merge
 from .qr import QRMerge
 from .svd import SVD
@@ -27,7 +27,7 @@ from .ties import Ties
 from .weightspace import WeightMerge, merge_stack
 
 _BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated, QRMerge, Cat, SVD, Ties, Dare,
-                                        KLora, Lego, MCDropout)
+                                        KLora, Lego, MCDropout, MCDropoutRuntime)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 

@@ -161,3 +161,57 @@ def test_qr_cosines_of_an_all_zero_update_are_zero_not_nan():
     got = cosines([torch.zeros(3, 4), a, b])
     assert torch.isfinite(got).all() and (got[0] == 0).all()
     assert float(got[1, 2]) == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), rel=1e-6)
+
+
+def test_mcdropout_mc_gives_each_output_element_to_one_lora_times_n(sdxl_studio, sdxl_loras):
+    """The released code's form: per call, every output element is N × the output of exactly one LoRA (so the
+    masked outputs are orthogonal), fresh masks each call, seeded; the mean over calls tends to the sum."""
+    from fusion.mcdropout import OrthogonalDropoutGate
+
+    sdxl_studio.unload()
+    names = sdxl_studio.load(sdxl_loras)
+    composer = sdxl_studio.composer
+    state = composer.state
+    key = next(k for k, layer in composer.layers.items() if k.endswith("attn1.to_q"))
+    layer = composer.layers[key]
+    state.set_active(names)
+    state.set_gains(denoiser=torch.tensor([WEIGHTS]))
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    branch = layer.studio_branch
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        outputs = branch.adapter_outputs(x, base, layer)  # each LoRA's own change at its weight
+        summed = layer(x) - base
+        try:
+            branch.set_gate(OrthogonalDropoutGate(7))
+            draws = [layer(x) - base for _ in range(400)]
+            branch.set_gate(OrthogonalDropoutGate(7))
+            again = layer(x) - base
+        finally:
+            branch.set_gate(None)
+            sdxl_studio.unload()
+    first = draws[0]
+    owner = torch.randint(3, tuple(base.shape), generator=torch.Generator().manual_seed(7))  # the gate's first draw
+    masked = torch.stack([torch.where(owner == k, 3 * outputs[k], torch.zeros_like(base)) for k in range(3)])
+    torch.testing.assert_close(first, masked.sum(0), atol=1e-6, rtol=1e-5)  # N·o_k of the owning LoRA only
+    assert torch.equal(again, first) and not torch.equal(draws[1], first)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert ((masked[i] * masked[j]).sum(-1) == 0).all()  # orthogonal per token
+    mean = torch.stack(draws).mean(0)
+    assert (mean - summed).abs().mean() < 0.15 * summed.abs().mean()  # E[N·m_k·o_k] summed over k = Σ_k o_k
+
+
+def test_mcdropout_mc_renders_reproducibly_and_detaches(sdxl_studio, sdxl_loras):
+    kw = dict(steps=2, seed=3, width=32, height=32, output_type="np")
+    loras = [f"{sdxl_loras[0]}:0.8", f"{sdxl_loras[1]}:0.6"]
+    try:
+        merge = sdxl_studio.compose("a corgi", loras, "merge", **kw).latents[0]
+        one = sdxl_studio.compose("a corgi", loras, "mcdropout-mc", **kw).latents[0]
+        two = sdxl_studio.compose("a corgi", loras, "mcdropout-mc", **kw).latents[0]
+        other = sdxl_studio.compose("a corgi", loras, "mcdropout-mc", strategy_params={"seed": 1}, **kw).latents[0]
+        assert all(layer.studio_branch.gate is None for layer in sdxl_studio.composer.layers.values())
+    finally:
+        sdxl_studio.unload()
+    np.testing.assert_array_equal(one, two)
+    assert np.isfinite(one).all() and np.abs(one - merge).max() > 1e-4 and np.abs(one - other).max() > 1e-4
