@@ -158,3 +158,37 @@ def test_stop_compare_captions_and_restore_leave_no_stale_state(server, tmp_path
         page.wait_for_function("document.querySelector('#restore-status').innerText.includes('Restored')")
         page.wait_for_function("!document.querySelector('#stack-status').innerText.includes('Added')")
         browser.close()
+
+
+def test_the_model_menu_switches_to_tiny_flux_and_back(server):
+    """Item 8: a model switcher offering the launch model and the built-in world models, nothing else."""
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+
+    from test_ui_e2e import choose
+    from ui.model_switch import switch_model
+
+    callbacks = server["callbacks"]
+    with pytest.raises(Exception, match="not offered"):
+        switch_model(callbacks, "/etc/passwd", callbacks.model_choices, {})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server["url"])
+        page.wait_for_selector(".lora-card")
+        page.locator(".lora-card", has_text="subject-zorb").get_by_role("button", name="Add to stack").click()
+        page.wait_for_function("document.querySelectorAll('.stack-row').length == 1")
+        choose(page, "model-switch", "tiny-flux")
+        page.wait_for_function("document.querySelector('#model-summary').innerText.includes('tiny-flux')")
+        page.wait_for_function("document.querySelectorAll('.stack-row').length == 0")
+        page.wait_for_function("[...document.querySelectorAll('.lora-card')].every(c => c.innerText.includes('FLUX'))")
+        assert page.locator(".lora-card").count() == 6
+        assert callbacks.studio.model == "tiny-flux" and callbacks.family == "flux"
+        browser.close()
+    recipe = {"model": "tiny-flux", "prompt": "a large red zorb, solid, on a light background, center", "seed": 0,
+              "steps": 4, "loras": [{"source": "tiny-flux/subject-zorb.safetensors", "weight": 1.0}]}
+    gallery, recipes = Client(server["url"], verbose=False).predict(json.dumps(recipe), 1, api_name="/render_recipe")
+    assert len(gallery) == 1 and 'model = "tiny-flux"' in recipes
+    switch_model(callbacks, "tiny-sdxl", callbacks.model_choices, callbacks.studio_options)
+    assert callbacks.studio.family.name == "sdxl"

@@ -26,6 +26,7 @@ from studio.library import Library
 from . import strategy_form
 from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
 from .handlers import Handlers, card_markdown, md_escape, user_errors
+from .model_switch import model_choices, switch_model
 from .recipe_api import render_recipe_endpoint
 
 CSS = """
@@ -68,7 +69,11 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         compare_items = gr.State([])
 
         gr.Markdown("## LoRA Composition Studio")
-        gr.Markdown(cb.model_summary(), elem_id="model-summary")
+        with gr.Row(equal_height=True):
+            summary_md = gr.Markdown(cb.model_summary(), elem_id="model-summary")
+            offered = getattr(cb, "model_choices", [cb.studio.model])
+            model_pick = gr.Dropdown(offered, value=cb.studio.model, label="Model", scale=0, min_width=220,
+                                     interactive=len(offered) > 1, elem_id="model-switch")
         with gr.Row(equal_height=False):
             # ---------------------------------------------------------------------------------- library
             with gr.Column(scale=2, min_width=300, elem_id="library-panel"):
@@ -260,6 +265,15 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         # Stop leaves no stale step count or preview
         stop.click(lambda: (STOPPED, STOPPED, None), None, [progress_text, compare_text, live],
                    api_visibility="private", **LIGHT)
+        def switch(name, lib_rev, st_rev):
+            status = switch_model(cb, name, offered, getattr(cb, "studio_options", {}))
+            d = cb.default_settings()
+            return (cb.model_summary(), (lib_rev or 0) + 1, gr.update(choices=cb.base_filters(), value=FITS), [],
+                    (st_rev or 0) + 1, d.steps, d.guidance, d.width, d.height, md_escape(status))
+
+        model_pick.change(user_errors(switch), [model_pick, library_rev, stack_rev],
+                          [summary_md, library_rev, base_filter, stack, stack_rev, steps, guidance, width, height,
+                           stack_status], api_name="switch_model", **GPU)
         restore_file.upload(
             h.restore, [restore_file, params, strategy, stack_rev, params_rev],
             [prompt, negative, seed, steps, guidance, width, height, strategy, params, params_rev, stack, stack_rev,
@@ -288,6 +302,8 @@ def make_app(model: str, lora_dirs: list[str | Path], *, out_dir: str | Path = "
     studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config)
     callbacks = Callbacks(studio, library, out_dir=out_dir, scorer=scorer, max_upload_bytes=int(max_upload_mb * 1e6),
                           preview_every=preview_every)
+    callbacks.model_choices = model_choices(model)  # what the Model menu offers (ui.model_switch)
+    callbacks.studio_options = dict(device=device, dtype=dtype, offload=offload, config=config)
     return build_app(callbacks), callbacks
 
 
