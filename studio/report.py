@@ -22,6 +22,7 @@ from typing import Any, Iterable
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .grid import slug
+from .scoring import WORLD_MODELS
 from .recipe import atomic_write_bytes
 from .sheets import Cell, contact_sheet
 
@@ -264,11 +265,22 @@ def render_report(folder: Path, records: list[dict[str, Any]], *, inline_images:
     return html, groups
 
 
+def with_world_verdicts(folder: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tiny-world images with the concept judge's verdicts (:mod:`studio.world.verdicts`): the world's tiny CLIP
+    reads shapes at chance, so its CLIPScore alone misleads there. Other models' records pass unchanged."""
+    if not any((r.get("recipe") or {}).get("model") in WORLD_MODELS and "judge" not in r for r in records):
+        return records
+    from .world.verdicts import judge_folder
+
+    return judge_folder(folder, records)
+
+
 def write_outputs(folder: str | Path, records: list[dict[str, Any]], *, inline_images: bool = False,
                   notes: Iterable[str] = ()) -> Path:
     """Write ``scores.csv``, the grid sheets and ``report.html`` (``notes``: paragraphs shown under the summary,
     e.g. the demo's advice); returns the report's path."""
     folder = Path(folder)
+    records = with_world_verdicts(folder, records)
     write_scores_csv(folder, records)
     html, groups = render_report(folder, records, inline_images=inline_images, notes=notes)
     write_sheets(folder, groups)

@@ -114,3 +114,34 @@ def test_the_chart_of_every_registered_strategy_fits():
     template = _rows(1, concepts)[0]
     chart = bar_chart(concepts, [{**template, "strategy": name} for name in [*REGISTRY, "qr[qr-lora]"]])
     assert chart["width"] <= MAX_CHART_WIDTH and max(b["x"] + b["w"] for b in chart["bars"]) <= chart["width"]
+
+
+def test_a_batch_of_world_loras_reports_verdicts_by_their_labels(tmp_path):
+    """``studio batch`` on the tiny world: LoRAs named freely ("zorb", "striped") are judged by their files."""
+    from studio.batch import BatchOptions, run_batch
+    from studio.grid import load_grid
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'''model = "tiny-sdxl"
+steps = 8
+
+[[stacks]]
+name = "zorb + striped"
+loras = [
+  {{ source = "{LORAS / 'subject-zorb.safetensors'}", name = "zorb", concept = "a zorb" }},
+  {{ source = "{LORAS / 'style-striped.safetensors'}", name = "striped", concept = "striped" }},
+]
+
+[[prompts]]
+text = "a large blue zorb, striped, on a light background, center"
+
+[axes]
+strategy = ["merge"]
+seed = [7]
+''')
+    items, _ = load_grid(grid)
+    summary = run_batch(items, tmp_path / "out", BatchOptions(score=False))
+    report = summary.report.read_text()
+    assert "judge: every concept shown" in report and "judge: zorb ✓ striped ✓" in report
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert rows[0]["judge"] == "zorb:1 striped:1"

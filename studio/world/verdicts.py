@@ -23,12 +23,23 @@ WORLD_MODELS = ("tiny-sdxl", "tiny-flux")
 _BY_NAME = {c.name: c for c in HELD_OUT}
 
 
-def judgeable(record: dict[str, Any]) -> bool:
-    """A finished tiny-world image whose requested concepts are the world's held-out LoRA concepts."""
+def held_out_names(record: dict[str, Any]) -> dict[str, str]:
+    """``{concept label: held-out concept name}`` for the record's requested concepts: a label that is itself a
+    held-out name (the demo's), or the name of a recipe LoRA whose file is a world LoRA (``subject-zorb...``)."""
     concepts = (record.get("item") or {}).get("concepts") or {}
+    by_label = {}
+    for lora in (record.get("recipe") or {}).get("loras") or []:
+        stem = Path(str(lora.get("source", ""))).stem
+        if stem in _BY_NAME:
+            by_label[lora.get("name") or stem] = stem
+    return {label: label if label in _BY_NAME else by_label.get(label) for label in concepts}
+
+
+def judgeable(record: dict[str, Any]) -> bool:
+    """A finished tiny-world image whose requested concepts are all the world's held-out LoRA concepts."""
     model = (record.get("recipe") or {}).get("model", "")
-    return (record.get("status") == "ok" and model in WORLD_MODELS and bool(concepts)
-            and all(name in _BY_NAME for name in concepts))
+    names = held_out_names(record)
+    return record.get("status") == "ok" and model in WORLD_MODELS and bool(names) and all(names.values())
 
 
 def judge_folder(folder: str | Path, records: Sequence[dict[str, Any]], judge=None) -> list[dict[str, Any]]:
@@ -38,7 +49,7 @@ def judge_folder(folder: str | Path, records: Sequence[dict[str, Any]], judge=No
     from .judge import load_judge
 
     folder = Path(folder)
-    todo = [r for r in records if judgeable(r) and (folder / r["file"]).is_file()]
+    todo = [r for r in records if "judge" not in r and judgeable(r) and (folder / r["file"]).is_file()]
     if not todo:
         return list(records)
     judge = judge or load_judge(assets_root() / "judges" / "concept-judge")
@@ -47,8 +58,8 @@ def judge_folder(folder: str | Path, records: Sequence[dict[str, Any]], judge=No
         chunk = todo[start:start + 64]
         seen = judge.predict([Image.open(folder / r["file"]).convert("RGB") for r in chunk])
         for record, top in zip(chunk, seen):
-            verdicts[record["id"]] = {name: top[_BY_NAME[name].attribute] == _BY_NAME[name].value
-                                      for name in record["item"]["concepts"]}
+            verdicts[record["id"]] = {label: top[_BY_NAME[name].attribute] == _BY_NAME[name].value
+                                      for label, name in held_out_names(record).items()}
     return [{**r, "judge": verdicts[r["id"]]} if r["id"] in verdicts else r for r in records]
 
 
