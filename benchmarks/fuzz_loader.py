@@ -65,6 +65,40 @@ def infotext_timings() -> list[tuple[str, int, float, str]]:
     return rows
 
 
+def parser_timings(tmp: Path) -> list[tuple[str, int, float, str]]:
+    """Other parsers of outside text at their size caps: a grid, a recipe TOML, a prompt list, LoRA metadata."""
+    from pipelines.adapters.metadata import trigger_words
+    from pipelines.errors import StudioError
+    from studio.grid import load_grid
+    from studio.prompt_list import read_prompts
+    from studio.recipe import Recipe
+
+    grid = tmp / "grid.toml"
+    grid.write_text('model = "tiny-sdxl"\n' + "".join(f'[[prompts]]\ntext = "p{i}"\n' for i in range(36_000)))
+    jsonl = tmp / "prompts.jsonl"
+    jsonl.write_text("".join(f'{{"prompt": "a zorb number {i}", "concepts": {{}}}}\n' for i in range(300_000)))
+    tags = {"set": {f"tag{i}": i for i in range(700_000)}}
+    cases = [
+        ("grid, 36,000 [[prompts]] tables", grid.stat().st_size, lambda: load_grid(grid)),
+        ("recipe TOML, 1 MB of nested arrays", 1_000_000, lambda: Recipe.from_toml("a = " + "[" * 999_996)),
+        ("recipe TOML, 1 MB prompt", 1_000_000, lambda: Recipe.from_toml('model = "m"\nprompt = "' + "x" * 999_970 + '"')),
+        ("prompt list (JSONL), 300,000 lines", jsonl.stat().st_size, lambda: read_prompts(jsonl)),
+        ("ss_tag_frequency, 700,000 tags", len(json.dumps(tags)),
+         lambda: trigger_words({"ss_tag_frequency": json.dumps(tags)})),
+        ("ss_tag_frequency, 10^5 nested brackets", 100_000, lambda: trigger_words({"ss_tag_frequency": "[" * 100_000})),
+    ]
+    rows = []
+    for label, size, run in cases:
+        t0 = time.perf_counter()
+        try:
+            run()
+            outcome = "parsed"
+        except StudioError as e:
+            outcome = f"refused ({str(e)[:50]})"
+        rows.append((label, size, time.perf_counter() - t0, outcome))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=6, help="cases per (file, family); 6 gives 1,584")
@@ -132,11 +166,16 @@ def main() -> int:
     timings = infotext_timings()
     for label, size, seconds, outcome in timings:
         print(f"| {label} | {size} | {seconds:.4f} | {outcome} |")
+    print("\n| other parser of outside text | bytes | seconds | outcome |\n|---|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        others = parser_timings(Path(tmp))
+    for label, size, seconds, outcome in others:
+        print(f"| {label} | {size} | {seconds:.3f} | {outcome} |")
     bad_cases = [c for c in cases if c["outcome"] in mut.BAD]
     for c in bad_cases[:30]:
         print(f"BAD {c['outcome']}: {c['model']} {c['file']} {c['family']} ({c['mutation']}): {c['message'][:200]}")
     if args.json:
-        args.json.write_text(json.dumps({"cases": cases, "infotext": timings}, indent=1))
+        args.json.write_text(json.dumps({"cases": cases, "infotext": timings, "parsers": others}, indent=1))
     failed = bad_cases or worst["seconds"] > 5 or worst["growth_mb"] > 1024 or any(t[2] > 1 for t in timings)
     return 1 if failed else 0
 

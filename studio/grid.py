@@ -36,6 +36,7 @@ enter the id as written (not as resolved absolute paths) so nodes that mount the
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -347,33 +348,44 @@ def _resolve(source: str, base_dir: Path | None, lora_dir: Path | None, origin: 
 
 # ---------------------------------------------------------------------------------------------- TOML grids
 class TomlLines:
-    """Line numbers for keys and values of a TOML text (tomllib keeps none), for error messages."""
+    """Line numbers for keys and values of a TOML text (tomllib keeps none), for error messages.
+
+    Table positions are indexed once and key lookups are remembered, so a grid of many tables costs time linear
+    in its length (each table's lines are scanned once per distinct key asked for)."""
 
     def __init__(self, text: str):
         self.lines = text.splitlines()
         self.tables: list[tuple[int, str]] = []  # (line number, header name)
+        self.starts: list[int] = []              # every table's first line, ascending
+        self.by_name: dict[str, list[int]] = {}
+        header = re.compile(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
         for number, line in enumerate(self.lines, 1):
-            m = re.match(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
-            if m:
-                self.tables.append((number, m.group(1)))
+            if line.lstrip().startswith("["):
+                m = header.match(line)
+                if m:
+                    self.tables.append((number, m.group(1)))
+                    self.starts.append(number)
+                    self.by_name.setdefault(m.group(1), []).append(number)
+        self._memo: dict[tuple, int | None] = {}
 
     def table_range(self, table: str | None, index: int = 0) -> tuple[int, int]:
-        starts = [n for n, name in self.tables if name == table] if table else [1]
+        if table is None:  # the top level: up to the first table
+            return 1, (self.starts[0] - 1 if self.starts else len(self.lines))
+        starts = self.by_name.get(table)
         if not starts:
             return 1, len(self.lines)
         start = starts[min(index, len(starts) - 1)]
-        later = [n for n, _ in self.tables if n > start]
-        if table is None:
-            later = [n for n, _ in self.tables]
-        return start, (later[0] - 1 if later else len(self.lines))
+        following = bisect.bisect_right(self.starts, start)
+        return start, (self.starts[following] - 1 if following < len(self.starts) else len(self.lines))
 
     def key(self, key: str, table: str | None = None, index: int = 0) -> int | None:
-        start, end = self.table_range(table, index)
-        pattern = re.compile(rf"(^|[{{,\s]){re.escape(key)}\s*=")
-        for number in range(start, end + 1):
-            if pattern.search(self.lines[number - 1]):
-                return number
-        return start if table else None
+        memo = ("key", key, table, index)
+        if memo not in self._memo:
+            start, end = self.table_range(table, index)
+            pattern = re.compile(rf"(^|[{{,\s]){re.escape(key)}\s*=")
+            found = next((n for n in range(start, end + 1) if pattern.search(self.lines[n - 1])), None)
+            self._memo[memo] = found if found is not None else (start if table else None)
+        return self._memo[memo]
 
     def text(self, needle: str, table: str | None = None, index: int = 0) -> int | None:
         start, end = self.table_range(table, index) if table else (1, len(self.lines))

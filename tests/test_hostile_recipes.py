@@ -374,3 +374,55 @@ def test_a_slow_restore_is_cut_off_and_does_not_hold_other_requests(handlers, tm
     worker.join(20)
     release.set()
     assert "slow.png: reading it took longer than 2 s; refused" in outcome["error"]
+
+
+# ------------------------------------------------------------------------------------------ seeded fuzz of recipes
+def test_fuzzed_recipe_tables_never_raise_raw_exceptions():
+    import random
+
+    values = [None, 0, -1, 10**30, 1.5, math.nan, math.inf, "", "x", "1e5", "EulerDiscreteScheduler", [], [1], {},
+              {"tau": "abc"}, True, [{"source": "x"}], [{"source": 5}], [{"source": "x", "blocks": [1]}],
+              [{"source": "x", "weight": math.nan}], [{"src": "x"}], ["x"]]
+    fields = ["model", "prompt", "negative_prompt", "strategy", "strategy_params", "loras", "seed", "steps",
+              "guidance", "width", "height", "scheduler", "studio_version"]
+    rng = random.Random(0)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(3000):
+        data = {"model": "m", "prompt": "p"}
+        for name in rng.sample(fields, rng.randint(1, 5)):
+            data[name] = rng.choice(values)
+        try:
+            recipe = Recipe.from_dict(data)
+            assert recipe.steps is None or type(recipe.steps) is int
+            outcomes["ok"] += 1
+        except RecipeError:
+            outcomes["refused"] += 1
+    assert outcomes["ok"] and outcomes["refused"]
+
+
+def test_fuzzed_infotexts_never_raise_raw_exceptions():
+    import random
+
+    base = ('a fox <lora:armor:0.7> in <lora:oil> snow\nNegative prompt: blur\nSteps: 20, Sampler: Euler a, '
+            'CFG scale: 6.5, Seed: 7, Size: 512x768, Lora hashes: "armor: abc, oil: def", Model: sdxl')
+    alphabet = list('<>:,"\\\n xSteps0123456789.eE-+')
+    rng = random.Random(1)
+    parsed = 0
+    for _ in range(3000):
+        chars = list(base)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(len(chars))
+            choice = rng.random()
+            if choice < 0.4:
+                chars[at] = rng.choice(alphabet)
+            elif choice < 0.7:
+                chars.insert(at, rng.choice(alphabet))
+            else:
+                del chars[at]
+        try:
+            recipe = Recipe.from_a1111("".join(chars))
+            assert recipe.steps is None or type(recipe.steps) is int
+            parsed += 1
+        except RecipeError:
+            pass
+    assert parsed
