@@ -13,6 +13,7 @@ import torch
 
 from .composer import Composer
 from .conditioning import encode_lanes
+from .modes import fit_call, mode_of, mode_pipeline, schedule_offset
 from .seam import DenoiserSeam, StepPlan
 
 
@@ -44,9 +45,14 @@ def run_pipeline(
     """Render one prompt; ``plan_for_step`` and ``text_lanes`` are in the state's column space ([·, N]).
 
     ``max_lanes`` caps the lanes per denoiser call (see :mod:`pipelines.lane_memory`); it never changes the image.
+
+    Mode inputs in ``pipeline_kwargs`` (``image``, ``mask_image``, ``strength``) choose the stock pipeline that
+    runs the loop (:mod:`pipelines.modes`); step ``s`` of its loop is step ``s + begin_index`` of the
+    ``num_inference_steps`` schedule that ``plan_for_step`` addresses.
     """
-    pipe, family, state = composer.pipe, composer.family, composer.state
+    family, state = composer.family, composer.state
     extra = dict(pipeline_kwargs or {})
+    pipe = mode_pipeline(composer.pipe, family, mode_of(extra))
     true_cfg = float(extra.get("true_cfg_scale", 1.0))
     do_cfg = needs_cfg(pipe, family.name, guidance_scale, negative_prompt, true_cfg)
     state.set_active(stack)
@@ -64,7 +70,14 @@ def run_pipeline(
         call["prompt"] = prompt
         if negative_prompt and (family.name == "sdxl" or do_cfg):
             call["negative_prompt"] = negative_prompt
-    seam = seam_factory(pipe, family, state, plan_for_step, conditioning, max_lanes=max_lanes)
+    offset: list[int] = []  # read at the first denoiser call, once the pipeline has set its schedule
+
+    def plan_in_schedule(step: int) -> StepPlan:
+        if not offset:
+            offset.append(schedule_offset(pipe))
+        return plan_for_step(step + offset[0])
+
+    seam = seam_factory(pipe, family, state, plan_in_schedule, conditioning, max_lanes=max_lanes)
 
     def on_step_end(p, step, timestep, callback_kwargs):
         seam.on_step_end(p, step, timestep, callback_kwargs)
@@ -83,6 +96,7 @@ def run_pipeline(
         callback_on_step_end_tensor_inputs=["latents"],
     )
     call.update(extra)
+    call = fit_call(pipe, call)
     try:
         with seam, torch.no_grad():
             output = pipe(**call)

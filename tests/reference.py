@@ -6,6 +6,8 @@ embeddings computed with ``set_adapters`` per LoRA. Nothing here uses the studio
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -17,13 +19,15 @@ def load_adapters(pipe, files, names=None):
 
 
 def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, negative_prompt, steps, guidance, seed,
-              size=64, shared_text_encoding=False, lane_context=None):
+              size=64, shared_text_encoding=False, lane_context=None, pipeline_kwargs=None):
     """Run ``pipe`` where each step averages the denoiser predictions of ``lanes_for_step(step)``.
 
     ``lanes_for_step`` returns ``[(adapter index, reduce weight), ...]``; lane i runs with only adapter i at
     its weight, conditioned on the prompt encoded with only adapter i active (or, with
     ``shared_text_encoding``, with all adapters active: the released Composite code's behaviour).
     ``lane_context(step, index)``, if given, returns a context manager each lane's pass runs inside (e.g. hooks).
+    ``pipeline_kwargs`` are added to the pipeline call (img2img / inpainting inputs); a pipeline without
+    ``height``/``width`` (SDXL img2img) takes its size from the image.
     """
     embeds = []
     for name, w in zip(names, weights):
@@ -72,6 +76,9 @@ def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, nega
         call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                     callback_on_step_end=on_step_end)
+        call |= pipeline_kwargs or {}
+        if "height" not in inspect.signature(type(pipe).__call__).parameters:
+            call.pop("height"), call.pop("width")
         if family == "sdxl":
             npe, pe = first["encoder_hidden_states"].chunk(2)
             nppe, ppe = first["text_embeds"].chunk(2)

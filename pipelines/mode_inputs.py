@@ -1,0 +1,156 @@
+"""The input images of img2img and inpainting: read, checked, hashed and sized before anything renders.
+
+* An input image is a PIL image or an image file; it is converted to RGB and, when its size differs from the
+  render size, resized (Lanczos) with a note saying so.
+* A mask must be single-channel (PIL mode ``L`` or ``1``; white = repaint, black = keep) and, after diffusers'
+  binarisation at 0.5, must mark at least one pixel to repaint; anything else is an error naming the file.
+* Each input gets a SHA-256 for the recipe: of the file's bytes for a file (what ``sha256sum`` prints), of the
+  decoded pixels (mode, size, bytes) for an in-memory image, whose recipe source is ``<image>``.
+
+All checks run before any LoRA loads or the pipeline is called (:func:`prepare_mode_inputs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StudioError
+from .families import Family
+from .modes import IMG2IMG, INPAINT, TEXT2IMG, default_strength
+
+IN_MEMORY = "<image>"
+MASK_MODES = ("L", "1")
+
+
+class ModeInputError(StudioError):
+    """An input image, mask or strength that img2img / inpainting cannot use; the message names it."""
+
+
+@dataclass
+class InputImage:
+    """One input image as the pipeline will receive it, and where it came from."""
+
+    role: str  # "image" or "mask_image"
+    image: Any  # PIL.Image.Image, already at the render size
+    source: str  # the file it was read from (absolute), or "<image>"
+    sha256: str
+
+
+@dataclass
+class ModeInputs:
+    """The checked inputs of one render: the mode, its strength, its images and what was adjusted."""
+
+    mode: str = TEXT2IMG
+    strength: float | None = None
+    images: dict[str, InputImage] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """The studio-vocabulary pipeline arguments (see :mod:`pipelines.modes`)."""
+        out: dict[str, Any] = {role: item.image for role, item in self.images.items()}
+        if self.strength is not None:
+            out["strength"] = self.strength
+        return out
+
+    def merge_into(self, pipeline_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """``pipeline_kwargs`` plus these inputs; mode inputs passed there directly are refused (they would skip
+        the checks and the recipe)."""
+        from .modes import MODE_INPUTS
+
+        extra = dict(pipeline_kwargs or {})
+        passed = sorted(k for k in MODE_INPUTS if k in extra)
+        if passed:
+            raise ModeInputError(f"pass {', '.join(passed)} as compose() arguments, not in pipeline_kwargs")
+        return {**extra, **self.call_kwargs()}
+
+
+def _label(value: Any, role: str) -> str:
+    return str(value) if isinstance(value, (str, Path)) else f"the {role.replace('_', ' ')}"
+
+
+def read_image(value: Any, role: str):
+    """``(PIL image as given, source, sha256)`` of a PIL image or an image file."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        digest = hashlib.sha256(f"{value.mode}:{value.size}:".encode() + value.tobytes()).hexdigest()
+        return value, IN_MEMORY, digest
+    if not isinstance(value, (str, Path)):
+        raise ModeInputError(f"{role.replace('_', ' ')} must be a PIL image or an image file path, "
+                             f"got {type(value).__name__}")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModeInputError(f"{path}: {role.replace('_', ' ')} file not found")
+    data = path.read_bytes()
+    try:
+        import io
+
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ModeInputError(f"{path}: cannot read the {role.replace('_', ' ')} as an image ({str(e)[:160]})") \
+            from None
+    return image, str(path.resolve()), hashlib.sha256(data).hexdigest()
+
+
+def _sized(image, width: int, height: int, label: str, what: str, notes: list[str], resample):
+    if image.size == (width, height):
+        return image
+    notes.append(f"{label}: {what} is {image.width}x{image.height}; resized to {width}x{height}")
+    return image.resize((width, height), resample)
+
+
+def check_strength(value: Any) -> float:
+    """``strength`` of img2img / inpainting: a finite number in (0, 1]."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ModeInputError(f"strength must be a number in (0, 1], got {value!r:.60}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ModeInputError(f"strength must be in (0, 1] (the part of the noise schedule to run), got {value!r}")
+    return float(value)
+
+
+def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = None, strength: Any = None,
+                        width: int, height: int) -> ModeInputs:
+    """Check and size the inputs of one render (``width`` x ``height``); the mode follows from them."""
+    from PIL import Image
+
+    if mask_image is not None and image is None:
+        raise ModeInputError("a mask (mask_image / --mask) needs the image it masks (image / --image)")
+    if image is None:
+        if strength is not None:
+            raise ModeInputError("strength applies to img2img and inpainting; give an input image with it")
+        return ModeInputs()
+    mode = INPAINT if mask_image is not None else IMG2IMG
+    strength = default_strength(family, mode) if strength is None else check_strength(strength)
+    notes: list[str] = []
+    raw, source, digest = read_image(image, "image")
+    label = _label(image, "image")
+    rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
+    images = {"image": InputImage("image", _sized(rgb, width, height, label, "the image", notes,
+                                                  Image.Resampling.LANCZOS), source, digest)}
+    if mask_image is not None:
+        raw_mask, mask_source, mask_digest = read_image(mask_image, "mask_image")
+        mask_label = _label(mask_image, "mask")
+        if raw_mask.mode not in MASK_MODES:
+            raise ModeInputError(
+                f"{mask_label}: a mask must be single-channel (grayscale, white = repaint), got a {raw_mask.mode} "
+                "image; save it as grayscale (PIL: mask.convert('L'))")
+        mask = raw_mask.convert("L")
+        mask = _sized(mask, width, height, mask_label, "the mask", notes, Image.Resampling.NEAREST)
+        if mask.getextrema()[1] < 128:  # diffusers binarises the mask at 0.5
+            raise ModeInputError(f"{mask_label}: the mask is empty (no pixel at or above 50% white), so there is "
+                                 "nothing to inpaint; white marks the area to repaint")
+        images["mask_image"] = InputImage("mask_image", mask, mask_source, mask_digest)
+    return ModeInputs(mode=mode, strength=strength, images=images, notes=notes)
+
+
+def size_of_image(image: Any, multiple: int) -> tuple[int, int]:
+    """The render size an input image suggests: its own size, rounded down to ``multiple`` (at least one)."""
+    raw, _, _ = read_image(image, "image")
+    return max(multiple, raw.width // multiple * multiple), max(multiple, raw.height // multiple * multiple)

@@ -1,0 +1,164 @@
+"""Modes: text-to-image, img2img and inpainting on the denoiser the studio already composes LoRAs on.
+
+diffusers ships one pipeline class per mode (``StableDiffusionXLImg2ImgPipeline``, ``FluxInpaintPipeline``,
+...). They all drive the same denoiser (``unet`` / ``transformer``) and text encoders, so the studio's composed
+layers and its denoising-loop seam (:mod:`pipelines.seam`) serve every one of them: the mode only decides
+which stock pipeline object runs the loop. That object is built from the loaded pipeline's own components
+(the same module objects: nothing is reloaded, copied, cast or moved) and the mode is chosen by the inputs a
+call carries, in the studio's vocabulary:
+
+===============  =======================================  ==========================================
+inputs           SDXL                                     FLUX.1
+===============  =======================================  ==========================================
+(none)           ``StableDiffusionXLPipeline``            ``FluxPipeline``
+``image``        ``StableDiffusionXLImg2ImgPipeline``     ``FluxImg2ImgPipeline``
+``image`` +      ``StableDiffusionXLInpaintPipeline``     ``FluxInpaintPipeline``
+``mask_image``
+===============  =======================================  ==========================================
+
+``strength`` (in (0, 1]) says how much of the noise schedule img2img and inpainting run: diffusers starts the
+loop at step ``begin_index`` of the ``steps``-step schedule. Step-dependent strategies (switch, step windows,
+caches) address the *full* schedule, so :func:`schedule_offset` turns the pipeline's loop index back into
+the schedule's step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .errors import ModelLoadError, StudioError
+from .families import FLUX, SDXL, Family
+
+TEXT2IMG, IMG2IMG, INPAINT = "text2img", "img2img", "inpaint"
+MODES = (TEXT2IMG, IMG2IMG, INPAINT)
+
+# (family, mode) -> diffusers pipeline class name
+PIPELINE_CLASSES: dict[tuple[str, str], str] = {
+    ("sdxl", TEXT2IMG): "StableDiffusionXLPipeline",
+    ("sdxl", IMG2IMG): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", INPAINT): "StableDiffusionXLInpaintPipeline",
+    ("flux", TEXT2IMG): "FluxPipeline",
+    ("flux", IMG2IMG): "FluxImg2ImgPipeline",
+    ("flux", INPAINT): "FluxInpaintPipeline",
+}
+_FAMILIES = {"sdxl": SDXL, "flux": FLUX}
+
+# the studio's names for the inputs that choose a mode (they travel in ``pipeline_kwargs``)
+MODE_INPUTS = ("image", "mask_image", "strength")
+
+
+def supported_classes() -> list[str]:
+    return sorted(set(PIPELINE_CLASSES.values()))
+
+
+def classify_pipeline(pipe) -> tuple[Family, str]:
+    """The family and mode of a pipeline object; a :class:`ModelLoadError` for a class the studio cannot wrap.
+
+    Only the exact classes of :data:`PIPELINE_CLASSES` are accepted: a subclass (a community pipeline) may
+    run its own denoising loop around the denoiser or change the components, and the studio cannot check that.
+    """
+    name = type(pipe).__name__
+    for (family, mode), class_name in PIPELINE_CLASSES.items():
+        if name == class_name and type(pipe).__module__.startswith("diffusers."):
+            return _FAMILIES[family], mode
+    raise ModelLoadError(
+        f"{name} is not a pipeline the studio can wrap; it composes LoRAs on " + ", ".join(supported_classes())
+    )
+
+
+def check_wrappable(pipe, family: Family) -> None:
+    """Refuse a pipeline whose denoiser or text encoders already carry diffusers/PEFT LoRA layers: the
+    studio composes adapters itself and could neither see nor remove those (``unload_lora_weights()`` or
+    ``fuse_lora()`` + ``unload_lora_weights()`` first)."""
+    for name in family.components():
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        tuned = [n for n, m in module.named_modules() if type(m).__module__.startswith("peft.tuners")]
+        if tuned:
+            raise ModelLoadError(
+                f"{type(pipe).__name__}.{name} has diffusers/PEFT LoRA layers loaded ({tuned[0]}, ...); the studio "
+                "composes LoRAs itself: call pipe.unload_lora_weights() (or fuse_lora() first to keep them baked in) "
+                "and pass the LoRA files to compose()")
+
+
+def mode_of(kwargs: dict[str, Any]) -> str:
+    """The mode the inputs in ``kwargs`` choose (studio vocabulary, see the module docstring)."""
+    if kwargs.get("mask_image") is not None:
+        if kwargs.get("image") is None:
+            raise StudioError("a mask (mask_image) needs the image it masks (image)")
+        return INPAINT
+    if kwargs.get("image") is not None:
+        return IMG2IMG
+    if kwargs.get("strength") is not None:
+        raise StudioError("strength applies to img2img and inpainting; give an input image (image) with it")
+    return TEXT2IMG
+
+
+def mode_pipeline(pipe, family: Family, mode: str):
+    """The stock pipeline of ``mode`` for ``family``, sharing ``pipe``'s components (``pipe`` itself if it is
+    already of that class).
+
+    Like diffusers' ``from_pipe``, but without its final ``.to(dtype)``, which would cast the shared modules
+    of a half-precision pipeline to float32 (so it would change the caller's pipeline). The new object
+    carries the pipeline configuration options its class accepts (``force_zeros_for_empty_prompt``,
+    ``requires_aesthetics_score``, the watermarker setting) from ``pipe``.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
+    if type(pipe) is cls:
+        return pipe
+    modules, options = cls._get_signature_keys(cls)
+    components = pipe.components
+    missing = [m for m in modules if m not in components and m not in cls._optional_components]
+    if missing:
+        raise ModelLoadError(f"cannot build {cls.__name__} from {type(pipe).__name__}: it lacks {missing}")
+    kwargs = {m: components.get(m) for m in modules}
+    config = dict(pipe.config)
+    for option in options:
+        if option == "add_watermarker":
+            kwargs[option] = getattr(pipe, "watermark", None) is not None
+        elif option in config:
+            kwargs[option] = config[option]
+        elif f"_{option}" in config:  # kept by from_pipe for a class that did not take it
+            kwargs[option] = config[f"_{option}"]
+    built = cls(**kwargs)
+    built.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {"disable": True}))
+    return built
+
+
+def _accepts(pipe, name: str) -> bool:
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
+def fit_call(target, call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` (the pipeline's usual arguments plus the mode inputs) for the mode's pipeline ``target``.
+
+    Unset mode inputs are dropped, and the size where the mode's pipeline takes it from the input image (SDXL
+    img2img; the studio has already resized the image to the requested size).
+    """
+    out = {k: v for k, v in call.items() if not (k in MODE_INPUTS and v is None)}
+    for size in ("width", "height"):
+        if size in out and not _accepts(target, size):
+            out.pop(size)
+    return out
+
+
+def default_strength(family: Family, mode: str) -> float | None:
+    """The ``strength`` diffusers' pipeline of ``mode`` uses when none is given (``None`` for text-to-image)."""
+    if mode == TEXT2IMG:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
+    return float(inspect.signature(cls.__call__).parameters["strength"].default)
+
+
+def schedule_offset(pipe) -> int:
+    """The schedule step the pipeline's loop started at (img2img/inpainting skip the first ``(1-strength)``
+    part of the schedule; diffusers records it as the scheduler's ``begin_index``). 0 for text-to-image."""
+    scheduler = pipe.scheduler
+    begin = getattr(scheduler, "begin_index", None)
+    return int(begin or 0) // int(getattr(scheduler, "order", 1) or 1)

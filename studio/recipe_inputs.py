@@ -1,0 +1,104 @@
+"""The mode and input images of a recipe (img2img, inpainting): checked on reading, recorded on rendering,
+found and verified again on reproducing.
+
+A recipe names each input image by its file and SHA-256 (``inputs = {image = {source, sha256}, ...}``, see
+:mod:`pipelines.mode_inputs`). Reproducing reads the same files, or the files the caller passes instead, and
+refuses clearly when one is missing, is not allowed by the path policy, or has other content than the recipe
+recorded: an image rendered from different pixels is not a reproduction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import RecipeError
+from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_strength
+from pipelines.modes import IMG2IMG, INPAINT, MODES, TEXT2IMG
+
+ROLES = {"image": "--image", "mask_image": "--mask"}
+_NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image")}
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_mode_fields(recipe) -> None:
+    """Types and consistency of ``mode``, ``strength`` and ``inputs``; ``ValueError`` naming the field."""
+    if recipe.mode is None and recipe.strength is None and not recipe.inputs:
+        return
+    mode = recipe.mode or TEXT2IMG
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
+    inputs = recipe.inputs or {}
+    if not isinstance(inputs, dict):
+        raise ValueError("inputs must be a table of image roles (image, mask_image)")
+    unknown = sorted(set(inputs) - set(ROLES))
+    if unknown:
+        raise ValueError(f"inputs has unknown roles {unknown}; known: {', '.join(ROLES)}")
+    for role, entry in inputs.items():
+        if not isinstance(entry, dict) or set(entry) != {"source", "sha256"}:
+            raise ValueError(f"inputs.{role} must be a table with 'source' and 'sha256'")
+        if not isinstance(entry["source"], str) or not entry["source"] or len(entry["source"]) > 4096:
+            raise ValueError(f"inputs.{role}.source must be a file path or '{IN_MEMORY}'")
+        if not isinstance(entry["sha256"], str) or not _HEX.fullmatch(entry["sha256"]):
+            raise ValueError(f"inputs.{role}.sha256 must be 64 lowercase hex digits")
+    if sorted(inputs) != sorted(_NEEDS[mode]):
+        raise ValueError(f"mode {mode} needs the inputs {list(_NEEDS[mode]) or 'none'}, the recipe has "
+                         f"{sorted(inputs) or 'none'}")
+    if mode == TEXT2IMG:
+        if recipe.strength is not None:
+            raise ValueError("strength applies to img2img and inpainting, not text2img")
+    elif recipe.strength is not None:
+        recipe.strength = check_strength(recipe.strength)
+
+
+def record_mode(recipe, inputs: ModeInputs) -> None:
+    """Write the mode, strength and input images of one render into its recipe (text-to-image: nothing)."""
+    if inputs.mode == TEXT2IMG:
+        return
+    recipe.mode = inputs.mode
+    recipe.strength = inputs.strength
+    recipe.inputs = {role: {"source": item.source, "sha256": item.sha256} for role, item in inputs.images.items()}
+
+
+def _digests(value: Any) -> set[str]:
+    """The hashes under which ``value`` (a file or a PIL image) may have been recorded."""
+    from pipelines.mode_inputs import read_image
+
+    image, _, digest = read_image(value, "image")
+    pixels = hashlib.sha256(f"{image.mode}:{image.size}:".encode() + image.tobytes()).hexdigest()
+    return {digest, pixels}
+
+
+def recipe_inputs(recipe, given: dict[str, Any] | None = None, policy=None, origin: str = "recipe") -> dict[str, Any]:
+    """The input images to reproduce ``recipe``: ``given[role]`` (a file or PIL image) where passed, else the
+    recorded file; each must have the recorded SHA-256. ``policy`` (a :class:`studio.path_policy.PathPolicy`)
+    must permit a recorded file. Raises :class:`RecipeError` naming the role, the file and the fix."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    out: dict[str, Any] = {}
+    for role, entry in (recipe.inputs or {}).items():
+        flag = ROLES[role]
+        value = given.get(role)
+        if value is None:
+            source = entry["source"]
+            if source == IN_MEMORY:
+                raise RecipeError(f"{origin}: the {role.replace('_', ' ')} was an in-memory image "
+                                  f"(sha256 {entry['sha256'][:12]}...); pass it again ({role}= / {flag})")
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise RecipeError(f"{origin}: the {role.replace('_', ' ')} {source} is missing; pass the same "
+                                  f"file with {flag} (sha256 {entry['sha256'][:12]}...)")
+            if policy is not None and not policy.permits(path):
+                raise RecipeError(f"{origin}: the {role.replace('_', ' ')} {source} is outside the folders the "
+                                  f"recipe may read; pass it with {flag} or --allow-path its folder")
+            value = path
+        if entry["sha256"] not in _digests(value):
+            shown = value if isinstance(value, (str, Path)) else "the given image"
+            raise RecipeError(f"{origin}: {shown} is not the {role.replace('_', ' ')} the recipe was made from "
+                              f"(sha256 {entry['sha256'][:12]}... recorded); reproducing needs the same file")
+        out[role] = value
+    extra = sorted(set(given) - set(out))
+    if extra:
+        raise RecipeError(f"{origin}: the recipe is {recipe.mode or TEXT2IMG} and takes no {', '.join(extra)}")
+    return out
