@@ -202,3 +202,24 @@ def test_max_lanes_setting_and_auto_budget(studio_for, sdxl_loras):
     assert budget.lanes_per_call(7, 2) == 4
     assert budget.after_out_of_memory(4) == 2 and budget.lanes_per_call(7, 2) == 2
     assert budget.after_out_of_memory(1) is None
+
+
+def test_cli_max_lanes(sdxl_loras, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    runner = CliRunner()
+    base = ["render", "a corgi", "--lora", f"{sdxl_loras[0]}:0.9", "--lora", f"{sdxl_loras[1]}:0.6", "-s",
+            "composite", "--steps", "2", "--width", "32", "--height", "32", "--model", "tiny-sdxl-random"]
+    images = {}
+    for lanes in ("all", "1"):
+        out = tmp_path / lanes
+        result = runner.invoke(app, [*base, "--max-lanes", lanes, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        images[lanes] = np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+    assert np.abs(images["all"] - images["1"]).max() <= 1  # 8-bit pixels of the same image
+    result = runner.invoke(app, [*base, "--max-lanes", "zero", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "max_lanes must be" in result.output
