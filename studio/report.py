@@ -5,6 +5,10 @@ strategy (CLIPScore mean ± std over all its images, and per LoRA concept), a ba
 each prompt (and each setting that is neither the row nor the column axis) an X/Y grid, rows = strategies,
 columns = seeds or weights, with the CLIPScores under every image. Images are linked relative to the folder,
 or inlined as data URIs (``inline_images=True``) so the page travels alone. Templates: ``studio/templates``.
+
+Images of the tiny world models also get the concept judge's verdicts (:mod:`studio.world.verdicts`): whether
+each of their world LoRAs' concepts shows, per image, per strategy and in the CSV, because the world's tiny CLIP
+reads shapes at chance. The summary chart fits a 1400 px window (``MAX_CHART_WIDTH``) however many strategies.
 """
 
 from __future__ import annotations
