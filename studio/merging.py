@@ -33,6 +33,7 @@ class MergeReport:
     size_bytes: int
     strategy_info: dict[str, Any] = field(default_factory=dict)
     dense_layers: list = field(default_factory=list)  # studio.squeeze.LayerSqueeze of each factored dense part
+    sparse_entries: int = 0  # a SHiRA-only merge is written as a SHiRA file: its changed weights
 
     def dense_summary(self) -> str | None:
         """One line on the dense parts factored to fit a LoRA file (``None`` if there were none)."""
@@ -80,10 +81,12 @@ def save_merge(
 
     Parts of the merge that are not low-rank (LoHa/LoKr/full deltas too large to factor exactly, DoRA's
     rescaling) are factored by truncated SVD (:func:`studio.squeeze.factor_dense_parts`) at ``dense_rank``, or
-    at the fewest ranks keeping 99.9% of their σ² when it is ``None``; the report says how much was lost.
+    at the fewest ranks keeping 99.9% of their σ² when it is ``None``; the report says how much was lost. A merge
+    of SHiRA adapters only (a sparse sum) is written as a SHiRA file instead, exactly.
     """
     from fusion import merge_stack
     from pipelines.adapters.export import save_lora
+    from pipelines.adapters.kinds import shira
 
     from .squeeze import AUTO_DENSE_ENERGY, factor_dense_parts
 
@@ -98,13 +101,22 @@ def save_merge(
                    else (dict(s.blocks) if s.blocks else None), "sha256": loaded[n].sha256}
                   for n, s in zip(names, specs)],
     }
+    metadata = {"studio.merge": json.dumps(provenance), "modelspec.title": Path(out).stem}
+    if merged.deltas and all(shira.is_pure_sparse(d) for d in merged.deltas.values()):
+        if Path(out).suffix != ".safetensors":
+            raise StudioError(f"{out}: a LoRA file must be a .safetensors file")
+        path = shira.save_shira(out, merged.deltas, metadata)
+        return MergeReport(path=Path(path), strategy=strat.name, params=dict(strat.values),
+                           layers=len(merged.deltas), ranks=(0, 0), size_bytes=Path(path).stat().st_size,
+                           strategy_info=dict(strat.info),
+                           sparse_entries=sum(d.sparse_values.numel() for d in merged.deltas.values()))
     deltas, dense_layers = factor_dense_parts(merged.deltas, rank=dense_rank,
                                               energy=None if dense_rank else AUTO_DENSE_ENERGY)
     if dense_layers:
         provenance["dense_parts"] = {"rank": dense_rank or f"auto ({AUTO_DENSE_ENERGY:g} of energy)",
                                      "relative_error": {r.key: round(r.relative_error, 6) for r in dense_layers}}
-    path = save_lora(out, deltas, studio.pipe, studio.family,
-                     metadata={"studio.merge": json.dumps(provenance), "modelspec.title": Path(out).stem})
+        metadata["studio.merge"] = json.dumps(provenance)
+    path = save_lora(out, deltas, studio.pipe, studio.family, metadata=metadata)
     ranks = [d.rank for d in deltas.values()]
     return MergeReport(path=Path(path), strategy=strat.name, params=dict(strat.values), layers=len(deltas),
                        ranks=(min(ranks), max(ranks)), size_bytes=Path(path).stat().st_size,
@@ -175,5 +187,7 @@ def merge_command(
         console.print(report.dense_summary())
     typer.echo(str(report.path))
     rank = f"{report.ranks[0]}" if report.ranks[0] == report.ranks[1] else f"{report.ranks[0]}-{report.ranks[1]}"
-    console.print(f"{report.strategy} merge of {len(lora)} LoRA(s): {report.layers} layers, rank {rank}, "
+    shape = (f"sparse (SHiRA file), {report.sparse_entries} changed weights" if report.sparse_entries
+             else f"rank {rank}")
+    console.print(f"{report.strategy} merge of {len(lora)} LoRA(s): {report.layers} layers, {shape}, "
                   f"{report.size_bytes / 1e6:.1f} MB")

@@ -246,3 +246,23 @@ def test_shira_on_a_4bit_layer_adds_its_exact_sparse_delta(shira_files, tmp_path
         checked += 1
     assert checked > 0
     studio.unload()
+
+
+def test_studio_merge_of_shiras_writes_their_sparse_sum_as_a_shira_file(shira_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    files, _ = shira_files
+    out = tmp_path / "fused.safetensors"
+    result = CliRunner().invoke(app, ["merge", "--model", "tiny-sdxl-random", "--lora", f"{files[0]}:0.9",
+                                      "--lora", f"{files[1]}:-0.4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sparse (SHiRA file)" in result.output and "sparse (SHiRA) supports" in result.output
+    studio = Studio("tiny-sdxl-random")
+    fused, a, b = (studio.load([f])[0] for f in (out, *files))
+    composer = studio.composer
+    for key in composer.adapters[fused].parsed.deltas:
+        expected = 0.9 * composer.delta_weight(a, key) - 0.4 * composer.delta_weight(b, key)
+        torch.testing.assert_close(composer.delta_weight(fused, key), expected, atol=1e-6, rtol=1e-5)
+    assert set(composer.adapters[fused].parsed.deltas) == set(composer.adapters[a].parsed.deltas)

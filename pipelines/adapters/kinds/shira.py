@@ -164,6 +164,35 @@ def sparse_sum(parts: list[tuple[float, torch.Tensor, torch.Tensor]], shape) -> 
     return coalesce(indices, values, shape)
 
 
+def is_pure_sparse(delta: LayerDelta) -> bool:
+    """Only a sparse part (what a SHiRA file can hold: no low-rank, dense, bias or DoRA part)."""
+    return (getattr(delta, "sparse_values", None) is not None and delta.down is None and delta.dense is None
+            and delta.bias is None and delta.magnitude is None)
+
+
+def save_shira(path, deltas: dict[str, LayerDelta], metadata: dict[str, str] | None = None):
+    """Write pure sparse ``deltas`` (``{"component.module": SparseDelta}``) as a SHiRA file in PEFT's layout under
+    diffusers' component prefixes (``<component>.<module>.shira_weight`` / ``.shira_indices``, int32 2 × nnz as
+    PEFT stores them), scale folded into the values; written next to ``path`` and moved into place."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for key, delta in deltas.items():
+        if not is_pure_sparse(delta):
+            raise ValueError(f"layer {key} is not a pure sparse delta; it cannot be written as a SHiRA file")
+        tensors[f"{key}.shira_weight"] = (delta.sparse_values.float() * delta.scale).contiguous()
+        tensors[f"{key}.shira_indices"] = delta.sparse_indices.to(torch.int32).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)
+    return path
+
+
 def support_overlap(a: torch.Tensor, b: torch.Tensor, columns: int) -> tuple[int, float]:
     """``(shared entries, shared / the smaller support)`` of two coalesced supports (2 × nnz index tensors)."""
     flat_a = a[0].long() * columns + a[1].long()
