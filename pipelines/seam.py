@@ -225,16 +225,18 @@ class DenoiserSeam:
         try:
             return self._run_lanes(bound, plan, batch, size, substitute)
         except torch.OutOfMemoryError:
-            self._release_memory()
-            smaller = self.budget.after_out_of_memory(size)
-            if smaller is None:
-                raise self._out_of_memory(plan.lanes, batch, size) from None
+            pass  # leave the except block first: its traceback holds the failed call's tensors
+        self._release_memory()
+        smaller = self.budget.after_out_of_memory(size)
+        if smaller is None:
+            raise self._out_of_memory(plan.lanes, batch, size)
         self.oom_retries += 1
         try:
             return self._run_lanes(bound, plan, batch, smaller, substitute)
         except torch.OutOfMemoryError:
-            self._release_memory()
-            raise self._out_of_memory(plan.lanes, batch, smaller) from None
+            pass
+        self._release_memory()
+        raise self._out_of_memory(plan.lanes, batch, smaller)
 
     def _run_lanes(self, bound: dict, plan: StepPlan, batch: int, size: int, substitute: bool):
         """Every lane of ``plan`` through the original forward, ``size`` lanes per call; then the reduce."""
