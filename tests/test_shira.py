@@ -266,3 +266,14 @@ def test_studio_merge_of_shiras_writes_their_sparse_sum_as_a_shira_file(shira_fi
         expected = 0.9 * composer.delta_weight(a, key) - 0.4 * composer.delta_weight(b, key)
         torch.testing.assert_close(composer.delta_weight(fused, key), expected, atol=1e-6, rtol=1e-5)
     assert set(composer.adapters[fused].parsed.deltas) == set(composer.adapters[a].parsed.deltas)
+
+
+def test_library_names_the_shira_format(shira_files):
+    from pipelines.adapters.metadata import describe_header
+    from safetensors import safe_open
+
+    for path in shira_files[0]:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            info = describe_header(str(path), shapes, f.metadata())
+        assert info.format == "shira"

@@ -52,6 +52,8 @@ def detect_format(keys: list[str]) -> str:
         return "qr-bases"  # the shared Q and R of QR-LoRA adapters, not an adapter itself
     if "query_norm.scale" in joined and "lora_A" in joined:
         return "bfl-control"
+    if ".shira_indices" in joined or ".sparse_delta.indices" in joined:
+        return "shira"  # sparse high-rank adapters (kinds.shira), PEFT's SHiRA layout or plain sparse deltas
     if ".processor.proj_lora" in joined or ".processor.qkv_lora" in joined:
         return "xlabs"
     if ".lora_A." in joined or ".lora_B." in joined or joined.endswith(".lora_A.weight"):
