@@ -193,6 +193,7 @@ def check_settings(
     scheduler: Any = None,
     strategy: Any = None,
     strategy_params: Any = None,
+    strength: Any = None,
     limits: Limits | None = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Check the given settings (``None`` means "the default", which is always valid) and return them
@@ -228,9 +229,22 @@ def check_settings(
             raise SettingsError(f"seed {out['seed']} + {out['count']} images runs past the largest seed {SEED_MAX}")
     if scheduler is not None:
         out["scheduler"] = check_scheduler(scheduler)
+    if strength is not None:
+        out["strength"] = check_strength(strength)
     if strategy is not None or strategy_params is not None:
         check_strategy("merge" if strategy is None else strategy, strategy_params)
     return out
+
+
+def check_strength(value: Any) -> float:
+    """img2img / inpainting ``strength``: a finite number in (0, 1] (:func:`pipelines.mode_inputs.check_strength`)."""
+    from pipelines.mode_inputs import ModeInputError
+    from pipelines.mode_inputs import check_strength as check
+
+    try:
+        return check(value)
+    except ModeInputError as e:
+        raise SettingsError(str(e)) from None
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
