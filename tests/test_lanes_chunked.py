@@ -223,3 +223,26 @@ def test_cli_max_lanes(sdxl_loras, tmp_path):
     assert np.abs(images["all"] - images["1"]).max() <= 1  # 8-bit pixels of the same image
     result = runner.invoke(app, [*base, "--max-lanes", "zero", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "max_lanes must be" in result.output
+
+
+def test_auto_budget_on_cuda_measures_one_lane_then_fits_free_memory(monkeypatch):
+    """The CUDA side of ``auto`` with the allocator's counters simulated (no GPU here): the first lane call
+    runs one lane and measures its peak; later calls fit 80 % of free (+ cached but unused) memory."""
+    gib = 2**30
+    memory = {"allocated": 6 * gib, "peak": 6 * gib, "reserved": 7 * gib, "free": 9 * gib}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: memory.update(peak=memory["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], 80 * gib))
+    budget = LaneBudget("auto", "cuda")
+    assert budget.lanes_per_call(5, 2) == 1  # nothing measured yet: one lane
+    with budget.observe(1):
+        memory["peak"] += 2 * gib  # the lane call's activations
+    assert budget.per_lane_bytes == 2 * gib
+    assert budget.lanes_per_call(5, 2) == 4  # 0.8 * (9 + 1) GiB // 2 GiB
+    memory["free"] = 3 * gib
+    assert budget.lanes_per_call(5, 2) == 1  # 0.8 * 4 GiB // 2 GiB = 1
+    assert budget.after_out_of_memory(4) == 2
+    memory["free"] = 70 * gib
+    assert budget.lanes_per_call(5, 2) == 2  # the halved cap holds for the rest of the render
