@@ -131,18 +131,29 @@ def test_a_gates_file_is_not_listed_as_a_lora(tmp_path):
 
 
 # ------------------------------------------------------------------------- item 10: render never overwrites
-def test_render_never_overwrites_an_existing_png(tmp_path):
-    args = ("render", "a large red zorb, solid, on a light background, center", "--model", "tiny-sdxl-random",
-            "--steps", "2", "--out", str(tmp_path / "out"))
-    first = _studio(tmp_path, *args)
-    assert first.returncode == 0, first.stderr
-    path = Path(first.stdout.strip().splitlines()[-1])
+def test_render_never_overwrites_an_existing_png(tmp_path, monkeypatch):
+    """``studio render`` twice into one folder, the second time from the first image's recipe."""
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    args = ["render", "a large red zorb, solid, on a light background, center", "--model", "tiny-sdxl-random",
+            "--steps", "2", "--out", "out"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    path = tmp_path / "out" / "merge-seed0.png"
     before = path.read_bytes()
-    second = _studio(tmp_path, "render", "--recipe", str(path), "--out", str(tmp_path / "out"))
-    assert second.returncode == 0, second.stderr
-    new = Path(second.stdout.strip().splitlines()[-1])
-    assert new != path and new.name == "merge-seed0-1.png" and path.read_bytes() == before
+    second = runner.invoke(app, ["render", "--recipe", str(path), "--out", "out"])
+    assert second.exit_code == 0, second.output
+    new = tmp_path / "out" / "merge-seed0-1.png"
+    assert str(Path("out") / new.name) in second.output and path.read_bytes() == before
     assert Image.open(new).size == Image.open(path).size
+    third = runner.invoke(app, ["render", "--recipe", str(path)])  # no --out: outputs/, twice
+    fourth = runner.invoke(app, ["render", "--recipe", str(path)])
+    assert third.exit_code == fourth.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["merge-seed0-1.png", "merge-seed0.png"]
 
 
 def test_reserved_names_are_never_shared(tmp_path):
@@ -216,3 +227,4 @@ def test_no_writer_bypasses_the_atomic_helper():
                  for p in (ROOT / folder).rglob("*.py")
                  if "mkstemp(" in p.read_text() and p.name != "atomic_files.py"]
     assert offenders == []
+
