@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.quant import formats  # noqa: E402
+from pipelines.quant.dequant import dequantize_weight  # noqa: E402
 from pipelines.quant.linear import QuantLinear  # noqa: E402
 from pipelines.quant.runtime import resolve, triton_unavailable  # noqa: E402
 
@@ -103,9 +104,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def clock(device: torch.device):
+    """Wall time on a GPU; on a CPU with one torch thread, this thread's CPU time, which other processes on a
+    shared machine disturb far less than the wall clock (they still share caches and memory bandwidth)."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time, "CPU time of the computing thread"
+    return time.perf_counter, "wall time"
+
+
 def interleaved_times(calls: dict, device: torch.device, repeat: int, slow: set = frozenset()) -> dict:
     """Median seconds per call of each named function, timed in turn within every repeat (one warm-up first);
     the ``slow`` ones run only in the first repeat. Also the peak extra memory of each (first timed call)."""
+    now, _ = clock(device)
     times = {name: [] for name in calls}
     peaks = {}
     with torch.no_grad():
@@ -118,10 +128,10 @@ def interleaved_times(calls: dict, device: torch.device, repeat: int, slow: set 
                 if r and name in slow:
                     continue
                 with PeakMemory(device) as mem:
-                    t0 = time.perf_counter()
+                    t0 = now()
                     fn()
                     sync(device)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(now() - t0)
                 peaks.setdefault(name, mem.peak)
     return {name: statistics.median(v) for name, v in times.items()}, peaks
 
@@ -157,7 +167,7 @@ def bench_layers(args, device):
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
     tokens = args.tokens
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"\n## Per layer: {tokens} tokens, FLUX.1 shapes, INT4 rank 32, {name}\n")
+    print(f"\n## Per layer: {tokens} tokens, FLUX.1 shapes, INT4 rank 32, {name}, {clock(device)[1]}\n")
     rows, out = [], {}
     for dtype in dtypes:
         for n_in, n_out in FLUX_SHAPES:
@@ -176,7 +186,8 @@ def bench_layers(args, device):
                     return layer(x)
                 return call
 
-            calls = {"16-bit": lambda: F.linear(x, weight, bias), **{r: under(r) for r in runtimes}}
+            calls = {"16-bit": lambda: F.linear(x, weight, bias), **{r: under(r) for r in runtimes},
+                     "weight dequantization": lambda: dequantize_weight(layer, dtype)}
             times, peaks = interleaved_times(calls, device, args.repeat, slow={"reference"})
             base = times["16-bit"]
             key = f"{str(dtype).removeprefix('torch.')} {n_in}x{n_out}"
@@ -185,11 +196,13 @@ def bench_layers(args, device):
             rest_q = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
             rows.append([key, f"{base * 1e3:.1f}"]
                         + [f"{times[r] / base:.2f}x" if r in times else "-" for r in ("dequant", "triton", "reference")]
-                        + [f"{rest16 / MIB:.0f} / {rest_q / MIB:.1f}",
-                           " / ".join(f"{peaks[k] / MIB:.0f}" for k in calls)])
+                        + [f"{times['weight dequantization'] / base:.3f}x",
+                           f"{rest16 / MIB:.0f} / {rest_q / MIB:.1f}",
+                           " / ".join(f"{peaks[k] / MIB:.0f}" for k in calls if k in ("16-bit", *runtimes))])
             print(f"  {key}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), flush=True)
     print()
-    table(["dtype, K x N", "16-bit ms", "dequant", "triton", "reference", "at rest MiB (16-bit / 4-bit)",
+    table(["dtype, K x N", "16-bit ms", "dequant", "triton", "reference", "of which dequantizing the weight",
+           "at rest MiB (16-bit / 4-bit)",
            "peak extra MiB (" + ", ".join(["16-bit", *runtimes_here(device)]) + ")"], rows)
     return out
 
@@ -241,7 +254,8 @@ def bench_step(args, device):
     image_tokens, text_tokens = (4096, 512) if full else tuple(args.step_tokens)
     dtype = torch.bfloat16 if device.type == "cuda" else args.cpu_dtype
     what = "full FLUX.1" if full else f"FLUX.1 narrowed: {blocks[0]}+{blocks[1]} blocks, 1/{divisor} width"
-    print(f"\n## One transformer step: {what}, {image_tokens}+{text_tokens} tokens, {dtype}, random weights\n")
+    print(f"\n## One transformer step: {what}, {image_tokens}+{text_tokens} tokens, {dtype}, random weights, "
+          f"{clock(device)[1]}\n")
     gen = torch.Generator(device="cpu").manual_seed(0)
     inputs = dict(
         hidden_states=torch.randn(1, image_tokens, 64, generator=gen).to(device, dtype),
@@ -253,12 +267,8 @@ def bench_step(args, device):
         guidance=torch.tensor([3.5], device=device, dtype=dtype),
         return_dict=False,
     )
-    model16 = flux_transformer(blocks, divisor, device, dtype)
-    rest16 = model_bytes(model16)
-    times16, peaks16 = interleaved_times({"16-bit": lambda: model16(**inputs)}, device, args.repeat)
-    del model16
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    model16 = flux_transformer(blocks, divisor, device, dtype)  # both stay loaded (full size: 22 + 6.5 GB) so that
+    rest16 = model_bytes(model16)  # their runs interleave
     model_q = flux_transformer(blocks, divisor, device, dtype)
     n = quantize_randomly(model_q, device, dtype)
     rest_q = model_bytes(model_q)
@@ -271,11 +281,10 @@ def bench_step(args, device):
             return model_q(**inputs)
         return call
 
-    calls = {r: under(r) for r in runtimes_here(device)}
+    calls = {"16-bit": lambda: model16(**inputs), **{r: under(r) for r in runtimes_here(device)}}
     times, peaks = interleaved_times(calls, device, args.repeat, slow={"reference"})
-    times.update(times16)
-    peaks.update(peaks16)
     base = times["16-bit"]
+    calls.pop("16-bit")
     counts = {r: sum(resolve(r, m, device) == r for m in layers) for r in calls}
     rows = [[name, f"{times[name]:.3f}", f"{times[name] / base:.2f}x",
              f"{(rest16 if name == '16-bit' else rest_q) / MIB:.0f}", f"{peaks[name] / MIB:.0f}",

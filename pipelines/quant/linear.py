@@ -153,8 +153,8 @@ class QuantLinear(nn.Linear):
                  addend: torch.Tensor | None = None) -> torch.Tensor:
         """The 4-bit product plus ``bias`` and ``addend`` (same shape as the output), by the layer's runtime.
 
-        ``reference`` and ``dequant`` round the product to ``x``'s dtype and then add, in that order; the Triton
-        kernel adds both in float32 in its epilogue and rounds once."""
+        ``reference`` rounds the product to ``x``'s dtype and then adds, in that order; ``dequant``'s GEMM adds
+        the bias; the Triton kernel adds both in float32 in its epilogue and rounds once."""
         x2d = x.reshape(-1, self.in_features)
         runtime = resolve(self.runtime, self, x.device)
         if runtime == "triton":
@@ -174,14 +174,14 @@ class QuantLinear(nn.Linear):
         if runtime == "dequant":
             from .dequant import dequant_product
 
-            y = dequant_product(self, x2d)
+            y, bias = dequant_product(self, x2d, bias), None  # the GEMM adds the bias
         else:
             y = self.reference_product(x2d)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # a fresh tensor: add in place (less memory)
         if bias is not None:
-            y = y + bias.to(x.dtype)
+            y.add_(bias.to(x.dtype))
         if addend is not None:
-            y = y + addend
+            y.add_(addend)
         return y
 
     def _own_branch(self, x: torch.Tensor) -> torch.Tensor | None:
