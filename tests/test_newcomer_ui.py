@@ -192,3 +192,16 @@ def test_the_model_menu_switches_to_tiny_flux_and_back(server):
     assert len(gallery) == 1 and 'model = "tiny-flux"' in recipes
     switch_model(callbacks, "tiny-sdxl", callbacks.model_choices, callbacks.studio_options)
     assert callbacks.studio.family.name == "sdxl"
+
+
+def test_the_no_lora_run_of_compare_says_no_strategy_acted(server):
+    from ui.callbacks import Settings
+
+    callbacks = server["callbacks"]
+    events = list(callbacks.compare_events(Settings(prompt="a red circle", steps=2, width=64, height=64), [],
+                                           True, {}, []))
+    items = events[-1]
+    assert [item.label for item in items] == ["no LoRAs"]
+    assert items[0].recipe.startswith("# no LoRAs: the base model alone")
+    assert Recipe.from_toml(items[0].recipe).loras == []  # still a valid recipe
+    assert Path(items[0].toml).read_text() == items[0].recipe
