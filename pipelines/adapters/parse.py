@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,17 +418,12 @@ class LayerLimits:
     """The largest layer of a model (rows, flattened inputs, elements): no delta of a LoRA for this model can
     exceed it, so a file's planned deltas are bounded by it before any product of factors is computed."""
 
-    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
     def __init__(self, out: int, inputs: int, numel: int):
         self.out, self.inputs, self.numel = out, inputs, numel
 
     @classmethod
     def of(cls, pipe, family: Family) -> "LayerLimits":
-        try:
-            return cls._cache[pipe]
-        except (KeyError, TypeError):
-            pass
+        """Measured on every parse (milliseconds even for SDXL): a pipeline's components may be swapped."""
         out = inputs = numel = 1
         for component in family.components():
             root = getattr(pipe, component, None)
@@ -441,12 +435,7 @@ class LayerLimits:
                     if isinstance(module, nn.Conv2d):
                         rest = module.in_channels * int(math.prod(module.kernel_size))
                     out, inputs, numel = max(out, rows), max(inputs, rest), max(numel, rows * rest)
-        limits = cls(out, inputs, numel)
-        try:
-            cls._cache[pipe] = limits
-        except TypeError:
-            pass
-        return limits
+        return cls(out, inputs, numel)
 
     FUSED = 4  # a file's fused source layer (FLUX's qkv+mlp ``linear1``) spans up to this many model layers
 
@@ -454,8 +443,8 @@ class LayerLimits:
         if plan.out > self.FUSED * self.out or plan.inputs > self.inputs or plan.numel > self.FUSED * self.numel:
             raise ValueError(
                 f"its factors make a {plan.out} x {plan.inputs} delta, larger than any layer of this model (the "
-                f"largest has {self.out} rows, {self.inputs} inputs, {self.numel} weights); refused before "
-                "computing it")
+                f"largest has {self.out} rows, {self.inputs} inputs, {self.numel} weights): a LoRA for another "
+                "model, or a damaged file; refused before computing it")
 
 
 def _check_magnitudes(tensors: dict[str, torch.Tensor], label: str) -> None:
