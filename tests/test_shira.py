@@ -277,3 +277,19 @@ def test_library_names_the_shira_format(shira_files):
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             info = describe_header(str(path), shapes, f.metadata())
         assert info.format == "shira"
+
+
+def test_shira_on_a_text_encoder_equals_pefts_forward(tmp_path):
+    ref = build_tiny_sdxl()
+    path = tmp_path / "te-shira.safetensors"
+    write_shira(ref.text_encoder, path, 9, targets=["q_proj", "v_proj", "fc1"], prefix="text_encoder.")
+    studio = Studio("tiny-sdxl-random")
+    names = studio.load([path])
+    assert all(k.startswith("text_encoder.") for k in studio.composer.adapters[names[0]].parsed.deltas)
+    state = studio.composer.state
+    state.set_active(names)
+    state.set_gains(text=torch.ones(1, 1))
+    ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(studio.pipe.text_encoder(ids).last_hidden_state,
+                                   ref.text_encoder(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
