@@ -21,8 +21,9 @@ when ``AdapterBranch.gate`` is set on a linear layer, the branch computes every 
 ungated path is unchanged.
 
 Adapters that are not low-rank at a fair cost take exact side paths in the same layer: dense deltas (large
-LoHa/LoKr, full diffs), bias deltas, and DoRA's rescaling of the base output (see
-:mod:`pipelines.adapters.kinds.dora`). ``ComposedLinear``/``ComposedConv2d`` subclass ``nn.Linear``/``nn.Conv2d``
+LoHa/LoKr, full diffs), bias deltas, DoRA's rescaling of the base output (see
+:mod:`pipelines.adapters.kinds.dora`), and sparse SHiRA deltas, one float32 sparse-dense product per adapter
+(:mod:`pipelines.adapters.kinds.shira`; no dense copy of the layer). ``ComposedLinear``/``ComposedConv2d`` subclass ``nn.Linear``/``nn.Conv2d``
 and share the wrapped layer's ``weight`` and ``bias`` Parameters, so ``state_dict`` keys, ``isinstance`` checks
 and device moves are unchanged; the base weights are never written, and putting the original module back
 restores the model bit for bit.
