@@ -78,7 +78,9 @@ def quantize(
                                      on_step=lambda *a: progress.advance(calib_task),
                                      on_layer=on_layer)
     except StudioError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(code=2)
     _print_summary(result, folder)
 

@@ -82,7 +82,9 @@ def demo(
         summary = run_demo(out, family=family, seeds=tuple(seed) or (0, 1), strategies=strategy or None,
                            score=not no_score, reporter=RichReporter())
     except StudioError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape
+
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(code=2) from None
     table = Table(title=f"tiny-{family}: every LoRA concept shown (concept judge), CLIPScore (tiny CLIP)")
     for column in ("strategy", "all concepts shown", "CLIPScore mean", "std", "images"):
