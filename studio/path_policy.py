@@ -11,8 +11,8 @@ it are data, not a permission. A :class:`PathPolicy` allows exactly:
 Containment is decided on the resolved path (``..`` and symbolic links followed) **before** the file is looked at,
 so a path outside gets the same refusal whether or not it exists, and no size, type or content of an outside file
 ever reaches an error message. A recipe made on another machine names LoRAs by paths that do not exist here; they
-are looked up by file name in the library folders instead (the recipe's SHA-256, when recorded, is checked when
-the file is read).
+are looked up by file name in the library folders instead, and only a file with the recipe's recorded SHA-256
+(when it has one) is taken.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def shipped_lora_dir() -> Path | None:
     except Exception:  # an installation without shipped data
         return None
     return folder if folder.is_dir() else None
+
+
+def _sha256(path: Path) -> str:
+    from pipelines.adapters.parse import file_sha256
+
+    return file_sha256(path)
 
 
 def _inside(candidate: Path, root: Path) -> bool:
@@ -68,8 +74,9 @@ class PathPolicy:
         """This policy plus a library folder that a grid names (``lora_dir``), which must itself be allowed."""
         return PathPolicy(self.folder, [*self.libraries, folder], list(self.allowed), self.shipped)
 
-    def resolve(self, source: str, origin: str) -> Path:
-        """The allowed local file ``source`` names, relative to the recipe's folder or a library folder.
+    def resolve(self, source: str, origin: str, sha256: str | None = None) -> Path:
+        """The allowed local file ``source`` names, relative to the recipe's folder or a library folder; when it
+        is not there, a file of the same name in a library folder (with the recorded ``sha256``, if any).
 
         Raises :class:`LoraFileError` naming ``source`` as written (never what lies outside): "outside the
         folders ... may read" for any path outside, "not found" for an allowed path that does not exist.
@@ -93,8 +100,8 @@ class PathPolicy:
             for root in [*self.libraries, *([shipped_lora_dir()] if self.shipped else [])]:
                 if root is None:
                     continue
-                for match in sorted(Path(root).rglob(name))[:1]:
-                    if self.permits(match) and match.is_file():
+                for match in sorted(Path(root).rglob(name)):
+                    if self.permits(match) and match.is_file() and (sha256 is None or _sha256(match) == sha256):
                         return Path(os.path.realpath(match))
         if not permitted:
             raise LoraFileError(text, f"is outside the folders {origin} may read (its own folder, the LoRA "

@@ -257,8 +257,14 @@ def test_recipe_loras_resolve_in_its_folder_and_by_name_in_the_library(tmp_path)
     (tmp_path / "recipes" / "mine.safetensors").write_bytes(ZORB.read_bytes())
     policy = PathPolicy(folder=tmp_path / "recipes", libraries=[ZORB.parent])
     assert policy.resolve("mine", "r").name == "mine.safetensors"
-    # made on another machine: found by file name in the library
-    assert policy.resolve("/home/someone/loras/subject-zorb.safetensors", "r") == ZORB.resolve()
+    # made on another machine: found by file name in the library, and only with the recorded SHA-256
+    from pipelines.adapters.parse import file_sha256
+
+    elsewhere = "/home/someone/loras/subject-zorb.safetensors"
+    assert policy.resolve(elsewhere, "r") == ZORB.resolve()
+    assert policy.resolve(elsewhere, "r", sha256=file_sha256(ZORB)) == ZORB.resolve()
+    with pytest.raises(StudioError, match="outside the folders"):
+        policy.resolve(elsewhere, "r", sha256="0" * 64)
 
 
 def test_grids_only_read_allowed_folders(tmp_path):
