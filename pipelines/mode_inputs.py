@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import StudioError
 from .families import Family
-from .modes import IMG2IMG, INPAINT, TEXT2IMG, default_strength
+from .modes import CONTROLNET, IMG2IMG, INPAINT, TEXT2IMG, default_strength
 
 IN_MEMORY = "<image>"
 MASK_MODES = ("L", "1")
@@ -33,7 +33,7 @@ class ModeInputError(StudioError):
 class InputImage:
     """One input image as the pipeline will receive it, and where it came from."""
 
-    role: str  # "image" or "mask_image"
+    role: str  # "image", "mask_image" or "control_image"
     image: Any  # PIL.Image.Image, already at the render size
     source: str  # the file it was read from (absolute), or "<image>"
     sha256: str
@@ -47,12 +47,18 @@ class ModeInputs:
     strength: float | None = None
     images: dict[str, InputImage] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    controlnet: Any = None  # ControlNet mode: the model, where it came from, and its conditioning scale
+    controlnet_source: str | None = None
+    controlnet_scale: float | None = None
 
     def call_kwargs(self) -> dict[str, Any]:
         """The studio-vocabulary pipeline arguments (see :mod:`pipelines.modes`)."""
         out: dict[str, Any] = {role: item.image for role, item in self.images.items()}
         if self.strength is not None:
             out["strength"] = self.strength
+        if self.mode == CONTROLNET:
+            out["controlnet"] = self.controlnet
+            out["controlnet_conditioning_scale"] = self.controlnet_scale
         return out
 
     def merge_into(self, pipeline_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -115,11 +121,52 @@ def check_strength(value: Any) -> float:
     return float(value)
 
 
+def check_conditioning_scale(value: Any) -> float:
+    """``controlnet_conditioning_scale``: a finite number from 0 to 10 (1: the ControlNet as trained)."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
+            or not 0.0 <= float(value) <= 10.0:
+        raise ModeInputError(f"controlnet_conditioning_scale must be a number from 0 to 10, got {value!r:.60}")
+    return float(value)
+
+
+def prepare_control(family: Family, pipe, *, control_image: Any, controlnet: Any, scale: Any, width: int,
+                    height: int, cache: dict) -> ModeInputs:
+    """ControlNet mode: the control image (RGB, sized) and a ControlNet that fits the base model."""
+    from PIL import Image
+
+    from .controlnets import resolve_controlnet
+
+    notes: list[str] = []
+    scale = 1.0 if scale is None else check_conditioning_scale(scale)
+    raw, source, digest = read_image(control_image, "control_image")
+    rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
+    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", notes,
+                   Image.Resampling.LANCZOS)
+    model, model_source = resolve_controlnet(controlnet, pipe, family, cache)
+    return ModeInputs(mode=CONTROLNET, images={"control_image": InputImage("control_image", sized, source, digest)},
+                      notes=notes, controlnet=model, controlnet_source=model_source, controlnet_scale=scale)
+
+
 def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = None, strength: Any = None,
-                        width: int, height: int) -> ModeInputs:
+                        width: int, height: int, control_image: Any = None, controlnet: Any = None,
+                        controlnet_conditioning_scale: Any = None, pipe: Any = None,
+                        controlnet_cache: dict | None = None) -> ModeInputs:
     """Check and size the inputs of one render (``width`` x ``height``); the mode follows from them."""
     from PIL import Image
 
+    if control_image is not None:
+        if image is not None or mask_image is not None or strength is not None:
+            raise ModeInputError("ControlNet together with an input image, mask or strength (ControlNet img2img / "
+                                 "inpainting) is not supported; give the control image alone")
+        return prepare_control(family, pipe, control_image=control_image, controlnet=controlnet,
+                               scale=controlnet_conditioning_scale, width=width, height=height,
+                               cache={} if controlnet_cache is None else controlnet_cache)
+    if controlnet is not None or controlnet_conditioning_scale is not None:
+        raise ModeInputError("a ControlNet (controlnet / --controlnet, its conditioning scale) needs a control "
+                             "image (control_image / --control-image)")
     if mask_image is not None and image is None:
         raise ModeInputError("a mask (mask_image / --mask) needs the image it masks (image / --image)")
     if image is None:

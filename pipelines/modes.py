@@ -14,7 +14,15 @@ inputs           SDXL                                     FLUX.1
 ``image``        ``StableDiffusionXLImg2ImgPipeline``     ``FluxImg2ImgPipeline``
 ``image`` +      ``StableDiffusionXLInpaintPipeline``     ``FluxInpaintPipeline``
 ``mask_image``
+``control_image`` ``StableDiffusionXLControlNetPipeline`` ``FluxControlNetPipeline``
 ===============  =======================================  ==========================================
+
+ControlNet mode takes its model from the call (``controlnet``, see :mod:`pipelines.controlnets`) or from the
+wrapped pipeline's own ``controlnet`` component. The ControlNet runs outside the denoiser, once per step, with
+lane 0's text conditioning; its residuals are replicated for every lane (``Family.batched_args``), so lanes
+that share the text conditioning see exactly what separate pipeline calls would. Strategies that give lanes
+their own text conditioning (LoRAs with text-encoder parts under composite, switch, ...) are refused with
+ControlNet, and the deep-feature cache is not used (the residuals enter the blocks it would skip).
 
 ``strength`` (in (0, 1]) says how much of the noise schedule img2img and inpainting run: diffusers starts the
 loop at step ``begin_index`` of the ``steps``-step schedule. Step-dependent strategies (switch, step windows,
@@ -30,8 +38,8 @@ from typing import Any
 from .errors import ModelLoadError, StudioError
 from .families import FLUX, SDXL, Family
 
-TEXT2IMG, IMG2IMG, INPAINT = "text2img", "img2img", "inpaint"
-MODES = (TEXT2IMG, IMG2IMG, INPAINT)
+TEXT2IMG, IMG2IMG, INPAINT, CONTROLNET = "text2img", "img2img", "inpaint", "controlnet"
+MODES = (TEXT2IMG, IMG2IMG, INPAINT, CONTROLNET)
 
 # (family, mode) -> diffusers pipeline class name
 PIPELINE_CLASSES: dict[tuple[str, str], str] = {
@@ -41,11 +49,13 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
     ("flux", TEXT2IMG): "FluxPipeline",
     ("flux", IMG2IMG): "FluxImg2ImgPipeline",
     ("flux", INPAINT): "FluxInpaintPipeline",
+    ("sdxl", CONTROLNET): "StableDiffusionXLControlNetPipeline",
+    ("flux", CONTROLNET): "FluxControlNetPipeline",
 }
 _FAMILIES = {"sdxl": SDXL, "flux": FLUX}
 
 # the studio's names for the inputs that choose a mode (they travel in ``pipeline_kwargs``)
-MODE_INPUTS = ("image", "mask_image", "strength")
+MODE_INPUTS = ("image", "mask_image", "strength", "control_image", "controlnet_conditioning_scale", "controlnet")
 
 
 def supported_classes() -> list[str]:
@@ -85,6 +95,13 @@ def check_wrappable(pipe, family: Family) -> None:
 
 def mode_of(kwargs: dict[str, Any]) -> str:
     """The mode the inputs in ``kwargs`` choose (studio vocabulary, see the module docstring)."""
+    if kwargs.get("control_image") is not None:
+        if kwargs.get("image") is not None or kwargs.get("mask_image") is not None:
+            raise StudioError("ControlNet together with an input image or mask (ControlNet img2img / inpainting) is "
+                              "not supported; give control_image alone, or image / mask_image without it")
+        return CONTROLNET
+    if kwargs.get("controlnet_conditioning_scale") is not None:
+        raise StudioError("controlnet_conditioning_scale applies to ControlNet; give a control image with it")
     if kwargs.get("mask_image") is not None:
         if kwargs.get("image") is None:
             raise StudioError("a mask (mask_image) needs the image it masks (image)")
@@ -96,9 +113,9 @@ def mode_of(kwargs: dict[str, Any]) -> str:
     return TEXT2IMG
 
 
-def mode_pipeline(pipe, family: Family, mode: str):
+def mode_pipeline(pipe, family: Family, mode: str, controlnet=None):
     """The stock pipeline of ``mode`` for ``family``, sharing ``pipe``'s components (``pipe`` itself if it is
-    already of that class).
+    already of that class and, for ControlNet, holds ``controlnet``).
 
     Like diffusers' ``from_pipe``, but without its final ``.to(dtype)``, which would cast the shared modules
     of a half-precision pipeline to float32 (so it would change the caller's pipeline). The new object
@@ -108,10 +125,16 @@ def mode_pipeline(pipe, family: Family, mode: str):
     import diffusers
 
     cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
-    if type(pipe) is cls:
+    components = dict(pipe.components)
+    if mode == CONTROLNET:
+        controlnet = controlnet if controlnet is not None else components.get("controlnet")
+        if controlnet is None:
+            raise StudioError("a control image needs a ControlNet: pass controlnet= (--controlnet), or wrap a "
+                              "ControlNet pipeline with Studio.from_pipe")
+        components["controlnet"] = controlnet
+    if type(pipe) is cls and (mode != CONTROLNET or pipe.controlnet is components["controlnet"]):
         return pipe
     modules, options = cls._get_signature_keys(cls)
-    components = pipe.components
     missing = [m for m in modules if m not in components and m not in cls._optional_components]
     if missing:
         raise ModelLoadError(f"cannot build {cls.__name__} from {type(pipe).__name__}: it lacks {missing}")
@@ -139,7 +162,9 @@ def fit_call(target, call: dict[str, Any]) -> dict[str, Any]:
     Unset mode inputs are dropped, and the size where the mode's pipeline takes it from the input image (SDXL
     img2img; the studio has already resized the image to the requested size).
     """
-    out = {k: v for k, v in call.items() if not (k in MODE_INPUTS and v is None)}
+    out = {k: v for k, v in call.items() if not (k in MODE_INPUTS and v is None) and k != "controlnet"}
+    if "control_image" in out and "control_image" not in inspect.signature(type(target).__call__).parameters:
+        out["image"] = out.pop("control_image")  # SDXL's ControlNet pipeline calls it image
     for size in ("width", "height"):
         if size in out and not _accepts(target, size):
             out.pop(size)

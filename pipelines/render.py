@@ -7,13 +7,15 @@ prepares per-lane text conditioning when the planner needs it, and runs the pipe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
 from .composer import Composer
 from .conditioning import encode_lanes
-from .modes import fit_call, mode_of, mode_pipeline, schedule_offset
+from .errors import StudioError
+from .modes import CONTROLNET, fit_call, mode_of, mode_pipeline, schedule_offset
 from .seam import DenoiserSeam, StepPlan
 
 
@@ -52,7 +54,8 @@ def run_pipeline(
     """
     family, state = composer.family, composer.state
     extra = dict(pipeline_kwargs or {})
-    pipe = mode_pipeline(composer.pipe, family, mode_of(extra))
+    mode = mode_of(extra)
+    pipe = mode_pipeline(composer.pipe, family, mode, extra.pop("controlnet", None))
     true_cfg = float(extra.get("true_cfg_scale", 1.0))
     do_cfg = needs_cfg(pipe, family.name, guidance_scale, negative_prompt, true_cfg)
     state.set_active(stack)
@@ -60,6 +63,11 @@ def run_pipeline(
     text_stack = [n for n in stack if n in composer.text_part_names()]
     conditioning = None
     call: dict[str, Any] = {}
+    if text_lanes.shape[0] > 1 and text_stack and mode == CONTROLNET:
+        raise StudioError(
+            "ControlNet with lanes of their own text conditioning (LoRAs with text-encoder parts: "
+            f"{', '.join(text_stack)}) is not supported: the ControlNet runs once per step with one text "
+            "conditioning. Use merge, or these LoRAs without their text-encoder parts (blocks 'te=0')")
     if text_lanes.shape[0] > 1 and text_stack:
         call, conditioning = encode_lanes(
             pipe, family, state, text_lanes, prompt=prompt, negative_prompt=negative_prompt, do_cfg=do_cfg,
@@ -75,7 +83,10 @@ def run_pipeline(
     def plan_in_schedule(step: int) -> StepPlan:
         if not offset:
             offset.append(schedule_offset(pipe))
-        return plan_for_step(step + offset[0])
+        plan = plan_for_step(step + offset[0])
+        if mode == CONTROLNET and "feature_cache" in plan.extras:  # ControlNet residuals enter the skipped blocks
+            plan = replace(plan, extras={k: v for k, v in plan.extras.items() if k != "feature_cache"})
+        return plan
 
     seam = seam_factory(pipe, family, state, plan_in_schedule, conditioning, max_lanes=max_lanes)
 

@@ -248,6 +248,10 @@ class DenoiserSeam:
                 value = _get(bound, name)
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and len(chunk) > 1:
                     _set(new, name, torch.cat([value] * len(chunk), dim=0))
+                elif isinstance(value, (tuple, list)) and value and len(chunk) > 1 and all(
+                        isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch for v in value):
+                    # per-block tensors (ControlNet residuals): each replicated like a batched tensor
+                    _set(new, name, type(value)(torch.cat([v] * len(chunk), dim=0) for v in value))
             if substitute:
                 lanes_text = [plan.text_lanes[j] for j in chunk]
                 for name in self.family.text_args:

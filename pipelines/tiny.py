@@ -192,6 +192,42 @@ def build_tiny_flux(seed: int = TINY_SEED):
     ))
 
 
+def _randomize_zero_layers(model, modules, seed: int, std: float = 0.05) -> None:
+    """A freshly made ControlNet adds nothing (its output layers start at zero, by design); tests need one that
+    does, so these layers get seeded random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    model.eval()
+
+
+def build_tiny_sdxl_controlnet(unet, seed: int = 1):
+    """A ``ControlNetModel`` for the tiny SDXL UNet (diffusers' ``from_unet``: the UNet's encoder weights), with
+    a conditioning embedding that downsamples by the tiny VAE's factor 2 and seeded non-zero output layers."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    _randomize_zero_layers(controlnet, [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+                                        controlnet.controlnet_mid_block], seed)
+    return controlnet
+
+
+def build_tiny_flux_controlnet(transformer, seed: int = 1):
+    """A ``FluxControlNetModel`` for the tiny FLUX transformer (``from_transformer``: one dual- and one
+    single-stream block with the transformer's weights), seeded non-zero output layers."""
+    from diffusers import FluxControlNetModel
+
+    config = transformer.config
+    controlnet = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                      attention_head_dim=config.attention_head_dim,
+                                                      num_attention_heads=config.num_attention_heads)
+    _randomize_zero_layers(controlnet, [controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks,
+                                        *controlnet.controlnet_single_blocks], seed)
+    return controlnet
+
+
 # "tiny-sdxl"/"tiny-flux" load the trained world models from the shipped assets (pipelines.assets; missing files
 # are an error); the "-random" names always give these seeded random models (tests use them).
 TINY_BUILDERS = {"tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,

@@ -15,17 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import RecipeError
-from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_strength
-from pipelines.modes import IMG2IMG, INPAINT, MODES, TEXT2IMG
+from pipelines.controlnets import IN_MEMORY as CONTROLNET_IN_MEMORY
+from pipelines.controlnets import OWN
+from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_conditioning_scale, check_strength
+from pipelines.modes import CONTROLNET, IMG2IMG, INPAINT, MODES, TEXT2IMG
 
-ROLES = {"image": "--image", "mask_image": "--mask"}
-_NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image")}
+ROLES = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
+_NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image"), CONTROLNET: ("control_image",)}
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def check_mode_fields(recipe) -> None:
     """Types and consistency of ``mode``, ``strength`` and ``inputs``; ``ValueError`` naming the field."""
-    if recipe.mode is None and recipe.strength is None and not recipe.inputs:
+    if recipe.mode is None and recipe.strength is None and not recipe.inputs and recipe.controlnet is None \
+            and recipe.controlnet_conditioning_scale is None:
         return
     mode = recipe.mode or TEXT2IMG
     if mode not in MODES:
@@ -46,11 +49,20 @@ def check_mode_fields(recipe) -> None:
     if sorted(inputs) != sorted(_NEEDS[mode]):
         raise ValueError(f"mode {mode} needs the inputs {list(_NEEDS[mode]) or 'none'}, the recipe has "
                          f"{sorted(inputs) or 'none'}")
-    if mode == TEXT2IMG:
+    if mode in (TEXT2IMG, CONTROLNET):
         if recipe.strength is not None:
-            raise ValueError("strength applies to img2img and inpainting, not text2img")
+            raise ValueError(f"strength applies to img2img and inpainting, not {mode}")
     elif recipe.strength is not None:
         recipe.strength = check_strength(recipe.strength)
+    if mode != CONTROLNET:
+        if recipe.controlnet is not None or recipe.controlnet_conditioning_scale is not None:
+            raise ValueError(f"controlnet settings apply to the controlnet mode, not {mode}")
+        return
+    if not isinstance(recipe.controlnet, str) or not recipe.controlnet or len(recipe.controlnet) > 4096:
+        raise ValueError("a controlnet recipe needs 'controlnet': a folder, a Hub id, "
+                         f"'{OWN}' or '{CONTROLNET_IN_MEMORY}'")
+    if recipe.controlnet_conditioning_scale is not None:
+        recipe.controlnet_conditioning_scale = check_conditioning_scale(recipe.controlnet_conditioning_scale)
 
 
 def record_mode(recipe, inputs: ModeInputs) -> None:
@@ -60,6 +72,9 @@ def record_mode(recipe, inputs: ModeInputs) -> None:
     recipe.mode = inputs.mode
     recipe.strength = inputs.strength
     recipe.inputs = {role: {"source": item.source, "sha256": item.sha256} for role, item in inputs.images.items()}
+    if inputs.mode == CONTROLNET:
+        recipe.controlnet = inputs.controlnet_source
+        recipe.controlnet_conditioning_scale = inputs.controlnet_scale
 
 
 def _digests(value: Any) -> set[str]:
@@ -102,3 +117,21 @@ def recipe_inputs(recipe, given: dict[str, Any] | None = None, policy=None, orig
     if extra:
         raise RecipeError(f"{origin}: the recipe is {recipe.mode or TEXT2IMG} and takes no {', '.join(extra)}")
     return out
+
+
+def recipe_controlnet(recipe, given: Any = None, policy=None, origin: str = "recipe") -> Any:
+    """The ControlNet to reproduce a controlnet recipe: ``given`` (a model or folder) where passed, the wrapped
+    pipeline's own for ``<pipeline>`` (``None``), else the recorded folder or Hub id (a local folder must be
+    allowed by ``policy``). An in-memory ControlNet must be passed again."""
+    if given is not None:
+        return given
+    source = recipe.controlnet
+    if source == OWN:
+        return None
+    if source == CONTROLNET_IN_MEMORY:
+        raise RecipeError(f"{origin}: the ControlNet was an in-memory model; pass it again (controlnet= / --controlnet)")
+    path = Path(source).expanduser()
+    if path.exists() and policy is not None and not policy.permits(path):
+        raise RecipeError(f"{origin}: the ControlNet {source} is outside the folders the recipe may read; pass it "
+                          "with --controlnet or --allow-path its folder")
+    return source

@@ -162,3 +162,16 @@ def test_cli_img2img_inpaint_and_recipe(files, sdxl_loras, tmp_path):
     assert bad.exit_code == 2 and "strength must be in (0, 1]" in bad.output
     missing = runner.invoke(app, ["render", PROMPT, *common, "--mask", str(tmp_path / "none.png")])
     assert missing.exit_code == 2 and "--mask" in missing.output and "file not found" in missing.output
+
+
+def test_web_recipe_endpoint_refuses_mode_recipes():
+    """The endpoint never opens a client's paths, so it cannot reproduce a recipe made from input images."""
+    from types import SimpleNamespace
+
+    from ui.recipe_api import render_recipe
+
+    callbacks = SimpleNamespace(studio=SimpleNamespace(model="tiny-sdxl"))
+    text = ('model = "tiny-sdxl"\nprompt = "p"\nmode = "inpaint"\n[inputs.image]\nsource = "/etc/a.png"\n'
+            f'sha256 = "{"0" * 64}"\n[inputs.mask_image]\nsource = "/etc/m.png"\nsha256 = "{"1" * 64}"\n')
+    with pytest.raises(StudioError, match="mode inpaint needs its input images"):
+        render_recipe(callbacks, text)

@@ -71,6 +71,9 @@ def render_recipe(callbacks: Callbacks, text: str, count: int = 1) -> tuple[list
     studio = callbacks.studio
     if recipe.model != studio.model:
         raise StudioError(f"recipe: model '{recipe.model}' is not the model this app runs ('{studio.model}')")
+    if recipe.mode not in (None, "text2img"):  # its input images are files on the client's side
+        raise StudioError(f"recipe: mode {recipe.mode} needs its input images; this endpoint renders "
+                          "text-to-image recipes (use `studio render --recipe` with the files)")
     if recipe.strategy not in strategy_form.strategy_names():
         raise StudioError(f"recipe: unknown strategy '{recipe.strategy}' "
                           f"(available: {', '.join(strategy_form.strategy_names())})")
