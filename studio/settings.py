@@ -5,7 +5,7 @@ and the web app.
 number or one outside the :class:`Limits` is refused with a :class:`SettingsError` naming the setting, the
 value and the allowed range, so ``steps=10**9``, ``width=height=65536``, ``guidance=nan``, ``seed=1e30``,
 ``scheduler=5``, ``prompt=123`` or ``strategy_params="abc"`` end in one clear message, never after seconds of
-loading, never in a raw exception. Checks that need the loaded model (a size that is a multiple of the VAE
+loading, never in a raw exception. Checks that need the loaded model (a size that is a multiple of its VAE
 factor, a scheduler compatible with the pipeline) run in :meth:`studio.Studio.compose`.
 
 **Limits** (:class:`Limits`) bound the work one request may cause: ``max_steps`` (default 1000), ``max_side``
