@@ -265,6 +265,8 @@ class Callbacks:
         png = recipe.save_png(image, self.out_dir / f"{stem}.png")
         toml = self.out_dir / f"{stem}.toml"
         text = recipe.to_toml()
+        if not recipe.loras:  # e.g. Compare's "no LoRAs" run: say that no strategy acted (a TOML comment)
+            text = f"# no LoRAs: the base model alone; strategy {recipe.strategy!r} had nothing to act on\n{text}"
         toml.write_text(text, encoding="utf-8")
         return Item(png=str(png), toml=str(toml), caption=caption, recipe=text, label=label)
 
