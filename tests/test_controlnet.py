@@ -11,6 +11,7 @@ import torch
 
 import diffusers
 import writers
+from PIL import Image
 from pipelines.errors import StudioError
 from pipelines.tiny import build_tiny_flux, build_tiny_flux_controlnet, build_tiny_sdxl, build_tiny_sdxl_controlnet
 from reference import load_adapters, run_lanes
@@ -146,3 +147,29 @@ def test_bad_controlnet_inputs_are_refused_before_rendering(controlnets, studios
         assert not calls and not studio.composer.adapters
     finally:
         hook.remove()
+
+
+def test_cli_controlnet_and_recipe(controlnets, sdxl_loras, tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    runner = CliRunner()
+    controlnets["sdxl"].save_pretrained(tmp_path / "cn")
+    input_image(7).save(tmp_path / "edges.png")
+    args = ["--model", "tiny-sdxl-random", "--steps", "2", "--lora", f"{sdxl_loras[0]}:0.8"]
+    done = runner.invoke(app, ["render", PROMPT, *args, "--control-image", str(tmp_path / "edges.png"),
+                               "--controlnet", str(tmp_path / "cn"), "--controlnet-scale", "0.6",
+                               "--out", str(tmp_path / "a")])
+    assert done.exit_code == 0, done.output
+    [png] = sorted((tmp_path / "a").glob("*.png"))
+    recipe = Recipe.load(png)
+    assert (recipe.mode, recipe.controlnet_conditioning_scale) == ("controlnet", 0.6)
+    again = runner.invoke(app, ["render", "--recipe", str(png), "--allow-path", str(tmp_path), "--allow-path",
+                                str(sdxl_loras[0].parent), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    [png2] = sorted((tmp_path / "b").glob("*.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(png2).convert("RGB")), np.asarray(Image.open(png).convert("RGB")))
+    lonely = runner.invoke(app, ["render", PROMPT, *args, "--controlnet", str(tmp_path / "cn"), "--out",
+                                 str(tmp_path / "c")])
+    assert lonely.exit_code == 2 and "needs a control image" in lonely.output
