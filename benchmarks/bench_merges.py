@@ -55,7 +55,7 @@ def per_image_table(family_name: str, steps: int, size: int, repeats: int, folde
     family = SDXL if family_name == "sdxl" else FLUX
     build = build_tiny_sdxl if family is SDXL else build_tiny_flux
     files = write_loras(build, family, max(COUNTS), 8, folder / family_name)
-    studio = Studio(f"tiny-{family_name}")
+    studio = Studio(f"tiny-{family_name}-random")  # the seeded model the LoRAs were written for
     kw = dict(steps=steps, width=size, height=size, seed=0, output_type="latent")
 
     def timed(loras, strategy):
