@@ -157,6 +157,12 @@ def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = 
     """Check and size the inputs of one render (``width`` x ``height``); the mode follows from them."""
     from PIL import Image
 
+    from .modes import check_dedicated
+
+    if pipe is not None:  # a FLUX Fill pipeline does inpainting only
+        requested = CONTROLNET if control_image is not None else INPAINT if mask_image is not None \
+            else IMG2IMG if image is not None else TEXT2IMG
+        check_dedicated(pipe, family, requested)
     if control_image is not None:
         if image is not None or mask_image is not None or strength is not None:
             raise ModeInputError("ControlNet together with an input image, mask or strength (ControlNet img2img / "
@@ -174,7 +180,7 @@ def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = 
             raise ModeInputError("strength applies to img2img and inpainting; give an input image with it")
         return ModeInputs()
     mode = INPAINT if mask_image is not None else IMG2IMG
-    strength = default_strength(family, mode) if strength is None else check_strength(strength)
+    strength = default_strength(family, mode, pipe) if strength is None else check_strength(strength)
     notes: list[str] = []
     raw, source, digest = read_image(image, "image")
     label = _label(image, "image")

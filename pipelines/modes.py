@@ -52,6 +52,9 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
     ("sdxl", CONTROLNET): "StableDiffusionXLControlNetPipeline",
     ("flux", CONTROLNET): "FluxControlNetPipeline",
 }
+# pipelines whose denoiser serves one mode only (FLUX.1-Fill-dev's transformer also takes the masked image and
+# the mask as input channels): wrapped with from_pipe, used as they are for that mode, refused for the others
+DEDICATED: dict[str, tuple[str, str]] = {"FluxFillPipeline": ("flux", INPAINT)}
 _FAMILIES = {"sdxl": SDXL, "flux": FLUX}
 
 # the studio's names for the inputs that choose a mode (they travel in ``pipeline_kwargs``)
@@ -59,7 +62,13 @@ MODE_INPUTS = ("image", "mask_image", "strength", "control_image", "controlnet_c
 
 
 def supported_classes() -> list[str]:
-    return sorted(set(PIPELINE_CLASSES.values()))
+    return sorted(set(PIPELINE_CLASSES.values()) | set(DEDICATED))
+
+
+def dedicated_mode(pipe) -> str | None:
+    """The one mode ``pipe``'s denoiser serves (FLUX Fill: inpainting), or ``None`` for the ordinary classes."""
+    entry = DEDICATED.get(type(pipe).__name__)
+    return entry[1] if entry and type(pipe).__module__.startswith("diffusers.") else None
 
 
 def classify_pipeline(pipe) -> tuple[Family, str]:
@@ -69,6 +78,9 @@ def classify_pipeline(pipe) -> tuple[Family, str]:
     run its own denoising loop around the denoiser or change the components, and the studio cannot check that.
     """
     name = type(pipe).__name__
+    if dedicated_mode(pipe) is not None:
+        family, mode = DEDICATED[name]
+        return _FAMILIES[family], mode
     for (family, mode), class_name in PIPELINE_CLASSES.items():
         if name == class_name and type(pipe).__module__.startswith("diffusers."):
             return _FAMILIES[family], mode
@@ -91,6 +103,14 @@ def check_wrappable(pipe, family: Family) -> None:
                 f"{type(pipe).__name__}.{name} has diffusers/PEFT LoRA layers loaded ({tuned[0]}, ...); the studio "
                 "composes LoRAs itself: call pipe.unload_lora_weights() (or fuse_lora() first to keep them baked in) "
                 "and pass the LoRA files to compose()")
+
+
+def check_dedicated(pipe, family: Family, mode: str) -> None:
+    """Refuse ``mode`` on a pipeline whose denoiser serves another mode only (see :data:`DEDICATED`)."""
+    only = dedicated_mode(pipe)
+    if only is not None and mode != only:
+        raise StudioError(f"{type(pipe).__name__}'s {family.denoiser} is made for {only} only (it takes the "
+                          f"masked image and the mask as input): give image and mask_image, not {mode} inputs")
 
 
 def mode_of(kwargs: dict[str, Any]) -> str:
@@ -124,6 +144,9 @@ def mode_pipeline(pipe, family: Family, mode: str, controlnet=None):
     """
     import diffusers
 
+    if dedicated_mode(pipe) is not None:
+        check_dedicated(pipe, family, mode)
+        return pipe
     cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
     components = dict(pipe.components)
     if mode == CONTROLNET:
@@ -171,13 +194,17 @@ def fit_call(target, call: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def default_strength(family: Family, mode: str) -> float | None:
-    """The ``strength`` diffusers' pipeline of ``mode`` uses when none is given (``None`` for text-to-image)."""
-    if mode == TEXT2IMG:
+def default_strength(family: Family, mode: str, pipe=None) -> float | None:
+    """The ``strength`` the diffusers pipeline that runs ``mode`` on ``pipe`` uses when none is given (``None``
+    for text-to-image and ControlNet)."""
+    if mode in (TEXT2IMG, CONTROLNET):
         return None
     import diffusers
 
-    cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
+    if pipe is not None and dedicated_mode(pipe) == mode:
+        cls = type(pipe)
+    else:
+        cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
     return float(inspect.signature(cls.__call__).parameters["strength"].default)
 
 

@@ -192,6 +192,22 @@ def build_tiny_flux(seed: int = TINY_SEED):
     ))
 
 
+def build_tiny_flux_fill(seed: int = TINY_SEED):
+    """A ``FluxFillPipeline`` like FLUX.1-Fill-dev at toy size: the tiny FLUX components around a transformer
+    whose input also takes the masked image's latents and the packed mask (16 + 16 + 4·2·2 = 48 channels)."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    components = build_tiny_flux(seed).components
+    torch.manual_seed(seed + 1)
+    components["transformer"] = FluxTransformer2DModel(
+        patch_size=1, in_channels=48, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    return _eval(FluxFillPipeline(**{k: v for k, v in components.items() if k not in ("image_encoder",
+                                                                                     "feature_extractor")}))
+
+
 def _randomize_zero_layers(model, modules, seed: int, std: float = 0.05) -> None:
     """A freshly made ControlNet adds nothing (its output layers start at zero, by design); tests need one that
     does, so these layers get seeded random weights."""

@@ -145,3 +145,46 @@ def test_pipelines_the_studio_cannot_wrap_are_refused(sdxl_loras):
     base.unload_lora_weights()
     Studio.from_pipe(base).unload()
     assert_same(base, before)
+
+
+def test_flux_fill_pipeline(flux_loras):
+    """FLUX.1-Fill's transformer serves inpainting only; wrapped with from_pipe, merge equals the plain Fill
+    pipeline with set_adapters, composite the average of plain passes, other modes are refused, and unload gives
+    the pipeline back."""
+    from pipelines.tiny import build_tiny_flux_fill
+    from reference import run_lanes
+
+    weights = [0.8, 0.6]
+    inputs = {"image": input_image(3), "mask_image": input_mask()}
+    call = dict(num_inference_steps=3, guidance_scale=3.5, height=64, width=64, output_type="np")
+    ref = build_tiny_flux_fill()
+    ref.set_progress_bar_config(disable=True)
+    names = load_adapters(ref, flux_loras)
+    ref.set_adapters(names, weights)
+    with torch.no_grad():
+        expected = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(2), **inputs, **call).images[0]
+    averaged = run_lanes(ref, "flux", lambda s: [(0, 0.5), (1, 0.5)], names=names, weights=weights, prompt=PROMPT,
+                         negative_prompt="", steps=3, guidance=3.5, seed=2, pipeline_kwargs=inputs)
+    pipe = build_tiny_flux_fill()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe(PROMPT, num_inference_steps=1, height=64, width=64, output_type="np", **inputs)
+    before = snapshot(pipe)
+    studio = Studio.from_pipe(pipe)
+    loras = [f"{f}:{w}" for f, w in zip(flux_loras, weights)]
+    common = dict(steps=3, seed=2, guidance=3.5, width=64, height=64, output_type="np")
+    merged = studio.compose(PROMPT, loras, "merge", **inputs, **common)
+    np.testing.assert_allclose(merged.latents[0], expected, atol=ATOL, rtol=0)
+    assert (merged.recipe.mode, merged.recipe.strength) == ("inpaint", 1.0)  # FluxFillPipeline's default strength
+    composite = studio.compose(PROMPT, loras, "composite", **inputs, **common)
+    np.testing.assert_allclose(composite.latents[0], averaged, atol=ATOL, rtol=0)
+    studio.unload()
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    for refused in ({}, {"image": input_image(3)}):
+        with pytest.raises(StudioError, match="FluxFillPipeline's transformer is made for inpaint only"):
+            studio.compose(PROMPT, loras, "merge", **refused, **common)
+    hook.remove()
+    assert not calls and not studio.composer.adapters  # refused before loading or rendering
+    studio.unload()
+    assert_same(pipe, before)
