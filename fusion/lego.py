@@ -9,7 +9,7 @@ and the LoRA's scale folded into b:
 
 1. *disassemble*: the pool of n = Σ r_i units ``u = [w_i b_j ; a_j]`` of every LoRA on the layer;
 2. *cluster*: k-means on the pool (the units' concatenated parameters, k-means++ initialisation, Lloyd
-   iterations), k = ``rank`` (0: the largest input rank, the paper's choice; at most n);
+   iterations), k = ``rank`` (0: the largest input rank, as for ``svd``; at most n);
 3. *assemble*: each centroid ``c = mean of its members`` is one rank of the merged LoRA, ``ΔW = Σ_c b_c a_cᵀ``;
 4. *dual reweighting* of the merged scale:
    - parameter reweighting (the paper's "norm decay": averaging units that point different ways shrinks the
@@ -105,7 +105,7 @@ class Lego(WeightMerge):
     summary = "LoRA-LEGO: k-means of all LoRAs' rank-one units, centroids form the merged LoRA (dual reweighting)"
     citation = "Zhao et al. 2025 (ICLR), Merging LoRAs like Playing LEGO: rank-wise clustering"
     params = (
-        Param("rank", 0, "k, the merged rank per layer: 0 = the largest input rank (the paper's choice); at most "
+        Param("rank", 0, "k, the merged rank per layer: 0 = the largest input rank (as svd); at most "
               "the total number of units (then the merge is exact, cat with permuted ranks)", type=int, min=0),
         Param("reweight", "both", "dual reweighting of the merged scale: 'both' (the paper), 'parameter' (norm "
               "decay only), 'output' (variance only) or 'none'", type=str,
