@@ -140,9 +140,10 @@ def interleaved_times(calls: dict, device: torch.device, repeat: int, slow: set 
 def random_quant_layer(n_in: int, n_out: int, *, device, dtype, fmt="int4", rank=32, seed=0) -> QuantLinear:
     """A W4A4 ``QuantLinear`` with random, plausible contents (round-to-nearest of a random weight, a random
     branch, λ near 1): the runtimes cost the same whatever the values."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    layer = QuantLinear(n_in, n_out, fmt=fmt, rank=rank, smooth=True, dtype=dtype, device="cpu")
-    weight = torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # built where it runs (full FLUX.1: ~500 layers)
+    layer = QuantLinear(n_in, n_out, fmt=fmt, rank=rank, smooth=True, dtype=dtype, device=device)
+    weight = torch.randn(n_out, n_in, generator=gen, device=device) / n_in ** 0.5
     with torch.no_grad():
         if fmt == "int4":
             codes, scale = formats.quantize_int4(weight, layer.group_size)
@@ -152,11 +153,11 @@ def random_quant_layer(n_in: int, n_out: int, *, device, dtype, fmt="int4", rank
             layer.wscales.copy_(formats.to_bits(block, torch.float8_e4m3fn))
             layer.wscale_global.copy_(formats.to_bits(global_scale.reshape(1), torch.float32))
         layer.qweight.copy_(formats.pack_int4(codes))
-        layer.smooth.copy_(torch.exp(torch.randn(n_in, generator=gen) * 0.1))
-        layer.lora_down.copy_(torch.randn(rank, n_in, generator=gen) / n_in ** 0.5)
-        layer.lora_up.copy_(torch.randn(n_out, rank, generator=gen) * 0.02)
-        layer.bias.copy_(torch.randn(n_out, generator=gen) * 0.01)
-    return layer.to(device)
+        layer.smooth.copy_(torch.exp(torch.randn(n_in, generator=gen, device=device) * 0.1))
+        layer.lora_down.copy_(torch.randn(rank, n_in, generator=gen, device=device) / n_in ** 0.5)
+        layer.lora_up.copy_(torch.randn(n_out, rank, generator=gen, device=device) * 0.02)
+        layer.bias.copy_(torch.randn(n_out, generator=gen, device=device) * 0.01)
+    return layer
 
 
 def runtimes_here(device: torch.device) -> list[str]:

@@ -98,7 +98,12 @@ def _operands(fmt: str, packed: torch.Tensor, table: torch.Tensor) -> torch.Tens
     return torch.index_select(table, 0, packed.reshape(-1).int()).view(packed.shape[0], -1)
 
 
-def dequant_product(layer, x2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · dequantize_weight(layer)ᵀ (+ bias)``: the 4-bit product with 16-bit activations, in ``x2d``'s dtype
-    (the bias added by the GEMM itself)."""
-    return F.linear(x2d, dequantize_weight(layer, x2d.dtype), None if bias is None else bias.to(x2d.dtype))
+def dequant_product(layer, x2d: torch.Tensor, bias: torch.Tensor | None = None,
+                    accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · dequantize_weight(layer)ᵀ``, the 4-bit product with 16-bit activations, in ``x2d``'s dtype, plus
+    ``bias`` or, in place, onto ``accumulate`` ``[tokens, out]`` (either way added by the GEMM itself: no extra
+    pass over the output)."""
+    weight = dequantize_weight(layer, x2d.dtype)
+    if accumulate is not None:
+        return accumulate.addmm_(x2d, weight.t())
+    return F.linear(x2d, weight, None if bias is None else bias.to(x2d.dtype))

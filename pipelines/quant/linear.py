@@ -153,8 +153,9 @@ class QuantLinear(nn.Linear):
                  addend: torch.Tensor | None = None) -> torch.Tensor:
         """The 4-bit product plus ``bias`` and ``addend`` (same shape as the output), by the layer's runtime.
 
-        ``reference`` rounds the product to ``x``'s dtype and then adds, in that order; ``dequant``'s GEMM adds
-        the bias; the Triton kernel adds both in float32 in its epilogue and rounds once."""
+        ``addend`` must be a fresh tensor (it may be written in place). ``reference`` rounds the product to ``x``'s
+        dtype and then adds, in that order; ``dequant``'s GEMM adds the bias or accumulates onto ``addend + bias``;
+        the Triton kernel adds both in float32 in its epilogue and rounds once."""
         x2d = x.reshape(-1, self.in_features)
         runtime = resolve(self.runtime, self, x.device)
         if runtime == "triton":
@@ -174,6 +175,11 @@ class QuantLinear(nn.Linear):
         if runtime == "dequant":
             from .dequant import dequant_product
 
+            if addend is not None:  # a fresh tensor (the branch output): the GEMM accumulates onto it
+                y = addend.reshape(x2d.shape[0], self.out_features)
+                if bias is not None:
+                    y.add_(bias.to(x.dtype))
+                return dequant_product(self, x2d, accumulate=y).reshape(*x.shape[:-1], self.out_features)
             y, bias = dequant_product(self, x2d, bias), None  # the GEMM adds the bias
         else:
             y = self.reference_product(x2d)

@@ -16,11 +16,12 @@ The runtime is a per-layer setting (``layer.runtime``), resolved at every call a
 on, so offloading and ``.to()`` keep working. Layers that are not eligible for the kernel take ``dequant``
 under ``auto`` and ``triton``: the W4A16 layers (weight-only by design: there are no activations to quantize)
 and formats the kernel lacks (NVFP4). Asking for ``triton`` where no capable GPU or no Triton is present is an
-error, raised when the runtime is set (:func:`set_runtime`), not in the middle of a render. Under
+error, raised when the runtime is set (:func:`set_runtime`), not in the middle of a render; under ``auto`` a
+kernel that fails to compile or launch is recorded (:func:`kernel_failed`) and ``dequant`` runs instead. Under
 ``TRITON_INTERPRET=1`` the CPU counts as a Triton device (Triton's interpreter; slow, for tests).
 
 A freshly built layer runs ``reference`` (quantization measures exactly what the W4A4 kernel computes);
-loading a quantized folder selects ``auto`` unless told otherwise.
+loading a quantized folder selects the runtime recorded in it (``studio quantize --runtime``, default ``auto``).
 """
 
 from __future__ import annotations
