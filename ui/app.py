@@ -261,10 +261,11 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
             [compare_gallery, compare_items, scores, compare_text, compare_recipe, compare_png, compare_toml],
             api_name="compare", show_progress="minimal", **GPU)
         compare_gallery.select(h.select, [compare_items], [compare_recipe, compare_png, compare_toml], **LIGHT)
-        stop.click(None, None, None, cancels=[job, comparison])
-        # Stop leaves no stale step count or preview
-        stop.click(lambda: (STOPPED, STOPPED, None), None, [progress_text, compare_text, live],
-                   api_visibility="private", **LIGHT)
+        # Stop leaves no stale step count or preview: the message follows the cancellation (chained), so no late
+        # progress update of the cancelled job can overwrite it
+        stop.click(None, None, None, cancels=[job, comparison]).then(
+            lambda: (STOPPED, STOPPED, None), None, [progress_text, compare_text, live], api_visibility="private",
+            **LIGHT)
         def switch(name, lib_rev, st_rev):
             status = switch_model(cb, name, offered, getattr(cb, "studio_options", {}))
             d = cb.default_settings()
