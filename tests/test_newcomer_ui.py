@@ -105,7 +105,7 @@ def test_stop_compare_captions_and_restore_leave_no_stale_state(server, tmp_path
     one-line caption; a restore clears the stack's "Added ..." message."""
     from playwright.sync_api import sync_playwright
 
-    from test_ui_e2e import choose, set_number
+    from test_ui_e2e import set_number
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -22,7 +22,7 @@ from .concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler
 from .data import DataSet, cached_set
 
 from .layout import BUILD_ASSETS as ASSETS
-from .layout import ROOT, STAGES, WORKDIR
+from .layout import STAGES, WORKDIR
 
 
 @dataclass
