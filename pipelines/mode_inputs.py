@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import StudioError
 from .families import Family
-from .modes import CONTROLNET, IMG2IMG, INPAINT, TEXT2IMG, default_strength
+from .modes import CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, INPAINT, TEXT2IMG, \
+    default_conditioning_scale, default_strength
 
 IN_MEMORY = "<image>"
 MASK_MODES = ("L", "1")
@@ -56,7 +57,7 @@ class ModeInputs:
         out: dict[str, Any] = {role: item.image for role, item in self.images.items()}
         if self.strength is not None:
             out["strength"] = self.strength
-        if self.mode == CONTROLNET:
+        if self.mode in CONTROLNET_MODES:
             out["controlnet"] = self.controlnet
             out["controlnet_conditioning_scale"] = self.controlnet_scale
         return out
@@ -122,7 +123,8 @@ def check_strength(value: Any) -> float:
 
 
 def check_conditioning_scale(value: Any) -> float:
-    """``controlnet_conditioning_scale``: a finite number from 0 to 10 (1: the ControlNet as trained)."""
+    """``controlnet_conditioning_scale``: a finite number from 0 to 10 (1: the ControlNet as trained; left out,
+    the diffusers pipeline's default, recorded in the recipe)."""
     import math
     import numbers
 
@@ -132,22 +134,31 @@ def check_conditioning_scale(value: Any) -> float:
     return float(value)
 
 
-def prepare_control(family: Family, pipe, *, control_image: Any, controlnet: Any, scale: Any, width: int,
-                    height: int, cache: dict) -> ModeInputs:
-    """ControlNet mode: the control image (RGB, sized) and a ControlNet that fits the base model."""
+def prepare_control(family: Family, pipe, inputs: ModeInputs, *, control_image: Any, controlnet: Any, scale: Any,
+                    width: int, height: int, cache: dict) -> ModeInputs:
+    """``inputs`` (text-to-image, img2img or inpainting) plus ControlNet: the control image (RGB, sized) and a
+    ControlNet that fits the base model."""
     from PIL import Image
 
     from .controlnets import resolve_controlnet
 
-    notes: list[str] = []
-    scale = 1.0 if scale is None else check_conditioning_scale(scale)
+    scale = default_conditioning_scale(family, inputs.mode) if scale is None else check_conditioning_scale(scale)
     raw, source, digest = read_image(control_image, "control_image")
     rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
-    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", notes,
+    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", inputs.notes,
                    Image.Resampling.LANCZOS)
-    model, model_source = resolve_controlnet(controlnet, pipe, family, cache)
-    return ModeInputs(mode=CONTROLNET, images={"control_image": InputImage("control_image", sized, source, digest)},
-                      notes=notes, controlnet=model, controlnet_source=model_source, controlnet_scale=scale)
+    inputs.images["control_image"] = InputImage("control_image", sized, source, digest)
+    inputs.controlnet, inputs.controlnet_source = resolve_controlnet(controlnet, pipe, family, cache)
+    inputs.controlnet_scale = scale
+    return inputs
+
+
+def requested_mode(image: Any, mask_image: Any, control_image: Any) -> str:
+    """The mode these inputs ask for (the checks come in :func:`prepare_mode_inputs`)."""
+    mode = INPAINT if mask_image is not None else IMG2IMG if image is not None else TEXT2IMG
+    if control_image is None:
+        return mode
+    return {TEXT2IMG: CONTROLNET, IMG2IMG: CONTROLNET_IMG2IMG, INPAINT: CONTROLNET_INPAINT}[mode]
 
 
 def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = None, strength: Any = None,
@@ -155,31 +166,34 @@ def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = 
                         controlnet_conditioning_scale: Any = None, pipe: Any = None,
                         controlnet_cache: dict | None = None) -> ModeInputs:
     """Check and size the inputs of one render (``width`` x ``height``); the mode follows from them."""
-    from PIL import Image
-
     from .modes import check_dedicated
 
+    mode = requested_mode(image, mask_image, control_image)
     if pipe is not None:  # a FLUX Fill pipeline does inpainting only
-        requested = CONTROLNET if control_image is not None else INPAINT if mask_image is not None \
-            else IMG2IMG if image is not None else TEXT2IMG
-        check_dedicated(pipe, family, requested)
-    if control_image is not None:
-        if image is not None or mask_image is not None or strength is not None:
-            raise ModeInputError("ControlNet together with an input image, mask or strength (ControlNet img2img / "
-                                 "inpainting) is not supported; give the control image alone")
-        return prepare_control(family, pipe, control_image=control_image, controlnet=controlnet,
-                               scale=controlnet_conditioning_scale, width=width, height=height,
-                               cache={} if controlnet_cache is None else controlnet_cache)
-    if controlnet is not None or controlnet_conditioning_scale is not None:
+        check_dedicated(pipe, family, mode)
+    if control_image is None and (controlnet is not None or controlnet_conditioning_scale is not None):
         raise ModeInputError("a ControlNet (controlnet / --controlnet, its conditioning scale) needs a control "
                              "image (control_image / --control-image)")
+    inputs = prepare_images(family, mode, image=image, mask_image=mask_image, strength=strength, width=width,
+                            height=height, pipe=pipe)
+    if control_image is None:
+        return inputs
+    return prepare_control(family, pipe, inputs, control_image=control_image, controlnet=controlnet,
+                           scale=controlnet_conditioning_scale, width=width, height=height,
+                           cache={} if controlnet_cache is None else controlnet_cache)
+
+
+def prepare_images(family: Family, mode: str, *, image: Any, mask_image: Any, strength: Any, width: int,
+                   height: int, pipe: Any = None) -> ModeInputs:
+    """The input image and mask of img2img / inpainting (also under ControlNet), and the strength."""
+    from PIL import Image
+
     if mask_image is not None and image is None:
         raise ModeInputError("a mask (mask_image / --mask) needs the image it masks (image / --image)")
     if image is None:
         if strength is not None:
             raise ModeInputError("strength applies to img2img and inpainting; give an input image with it")
-        return ModeInputs()
-    mode = INPAINT if mask_image is not None else IMG2IMG
+        return ModeInputs(mode=mode)
     strength = default_strength(family, mode, pipe) if strength is None else check_strength(strength)
     notes: list[str] = []
     raw, source, digest = read_image(image, "image")

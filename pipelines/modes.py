@@ -15,6 +15,8 @@ inputs           SDXL                                     FLUX.1
 ``image`` +      ``StableDiffusionXLInpaintPipeline``     ``FluxInpaintPipeline``
 ``mask_image``
 ``control_image`` ``StableDiffusionXLControlNetPipeline`` ``FluxControlNetPipeline``
+``control_image`` ``StableDiffusionXLControlNetImg2ImgPipeline``, ``FluxControlNetImg2ImgPipeline``, ... inpaint
++ ``image`` (+ ``mask_image``)
 ===============  =======================================  ==========================================
 
 ControlNet mode takes its model from the call (``controlnet``, see :mod:`pipelines.controlnets`) or from the
@@ -39,7 +41,9 @@ from .errors import ModelLoadError, StudioError
 from .families import FLUX, SDXL, Family
 
 TEXT2IMG, IMG2IMG, INPAINT, CONTROLNET = "text2img", "img2img", "inpaint", "controlnet"
-MODES = (TEXT2IMG, IMG2IMG, INPAINT, CONTROLNET)
+CONTROLNET_IMG2IMG, CONTROLNET_INPAINT = "controlnet-img2img", "controlnet-inpaint"
+CONTROLNET_MODES = (CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT)
+MODES = (TEXT2IMG, IMG2IMG, INPAINT, *CONTROLNET_MODES)
 
 # (family, mode) -> diffusers pipeline class name
 PIPELINE_CLASSES: dict[tuple[str, str], str] = {
@@ -51,6 +55,10 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
     ("flux", INPAINT): "FluxInpaintPipeline",
     ("sdxl", CONTROLNET): "StableDiffusionXLControlNetPipeline",
     ("flux", CONTROLNET): "FluxControlNetPipeline",
+    ("sdxl", CONTROLNET_IMG2IMG): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("flux", CONTROLNET_IMG2IMG): "FluxControlNetImg2ImgPipeline",
+    ("sdxl", CONTROLNET_INPAINT): "StableDiffusionXLControlNetInpaintPipeline",
+    ("flux", CONTROLNET_INPAINT): "FluxControlNetInpaintPipeline",
 }
 # pipelines whose denoiser serves one mode only (FLUX.1-Fill-dev's transformer also takes the masked image and
 # the mask as input channels): wrapped with from_pipe, used as they are for that mode, refused for the others
@@ -115,13 +123,15 @@ def check_dedicated(pipe, family: Family, mode: str) -> None:
 
 def mode_of(kwargs: dict[str, Any]) -> str:
     """The mode the inputs in ``kwargs`` choose (studio vocabulary, see the module docstring)."""
-    if kwargs.get("control_image") is not None:
-        if kwargs.get("image") is not None or kwargs.get("mask_image") is not None:
-            raise StudioError("ControlNet together with an input image or mask (ControlNet img2img / inpainting) is "
-                              "not supported; give control_image alone, or image / mask_image without it")
-        return CONTROLNET
-    if kwargs.get("controlnet_conditioning_scale") is not None:
+    if kwargs.get("controlnet_conditioning_scale") is not None and kwargs.get("control_image") is None:
         raise StudioError("controlnet_conditioning_scale applies to ControlNet; give a control image with it")
+    image_mode = _image_mode(kwargs)
+    if kwargs.get("control_image") is not None:
+        return {TEXT2IMG: CONTROLNET, IMG2IMG: CONTROLNET_IMG2IMG, INPAINT: CONTROLNET_INPAINT}[image_mode]
+    return image_mode
+
+
+def _image_mode(kwargs: dict[str, Any]) -> str:
     if kwargs.get("mask_image") is not None:
         if kwargs.get("image") is None:
             raise StudioError("a mask (mask_image) needs the image it masks (image)")
@@ -149,13 +159,13 @@ def mode_pipeline(pipe, family: Family, mode: str, controlnet=None):
         return pipe
     cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
     components = dict(pipe.components)
-    if mode == CONTROLNET:
+    if mode in CONTROLNET_MODES:
         controlnet = controlnet if controlnet is not None else components.get("controlnet")
         if controlnet is None:
             raise StudioError("a control image needs a ControlNet: pass controlnet= (--controlnet), or wrap a "
                               "ControlNet pipeline with Studio.from_pipe")
         components["controlnet"] = controlnet
-    if type(pipe) is cls and (mode != CONTROLNET or pipe.controlnet is components["controlnet"]):
+    if type(pipe) is cls and (mode not in CONTROLNET_MODES or pipe.controlnet is components["controlnet"]):
         return pipe
     modules, options = cls._get_signature_keys(cls)
     missing = [m for m in modules if m not in components and m not in cls._optional_components]
@@ -198,7 +208,7 @@ def default_strength(family: Family, mode: str, pipe=None) -> float | None:
     """The ``strength`` the diffusers pipeline that runs ``mode`` on ``pipe`` uses when none is given (``None``
     for text-to-image and ControlNet)."""
     if mode in (TEXT2IMG, CONTROLNET):
-        return None
+        return None  # no input image: the whole schedule runs
     import diffusers
 
     if pipe is not None and dedicated_mode(pipe) == mode:
@@ -206,6 +216,25 @@ def default_strength(family: Family, mode: str, pipe=None) -> float | None:
     else:
         cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
     return float(inspect.signature(cls.__call__).parameters["strength"].default)
+
+
+def default_conditioning_scale(family: Family, mode: str) -> float:
+    """The ``controlnet_conditioning_scale`` diffusers' ControlNet pipeline of ``mode`` uses when none is given
+    (1.0, but 0.8 for SDXL ControlNet img2img)."""
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
+    return float(inspect.signature(cls.__call__).parameters["controlnet_conditioning_scale"].default)
+
+
+def steps_run(family: Family, steps: int, strength: float | None) -> int:
+    """How many of ``steps`` the loop runs at ``strength`` (diffusers' ``get_timesteps``: SDXL rounds the steps
+    that run down, FLUX the steps skipped)."""
+    if strength is None:
+        return steps
+    if family.name == "sdxl":
+        return min(int(steps * strength), steps)
+    return steps - int(max(steps - steps * strength, 0))
 
 
 def schedule_offset(pipe) -> int:

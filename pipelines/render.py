@@ -15,7 +15,7 @@ import torch
 from .composer import Composer
 from .conditioning import encode_lanes
 from .errors import StudioError
-from .modes import CONTROLNET, fit_call, mode_of, mode_pipeline, schedule_offset
+from .modes import CONTROLNET_MODES, fit_call, mode_of, mode_pipeline, schedule_offset
 from .seam import DenoiserSeam, StepPlan
 
 
@@ -63,7 +63,7 @@ def run_pipeline(
     text_stack = [n for n in stack if n in composer.text_part_names()]
     conditioning = None
     call: dict[str, Any] = {}
-    if text_lanes.shape[0] > 1 and text_stack and mode == CONTROLNET:
+    if text_lanes.shape[0] > 1 and text_stack and mode in CONTROLNET_MODES:
         raise StudioError(
             "ControlNet with lanes of their own text conditioning (LoRAs with text-encoder parts: "
             f"{', '.join(text_stack)}) is not supported: the ControlNet runs once per step with one text "
@@ -84,7 +84,7 @@ def run_pipeline(
         if not offset:
             offset.append(schedule_offset(pipe))
         plan = plan_for_step(step + offset[0])
-        if mode == CONTROLNET and "feature_cache" in plan.extras:  # ControlNet residuals enter the skipped blocks
+        if mode in CONTROLNET_MODES and "feature_cache" in plan.extras:  # ControlNet residuals enter the skipped blocks
             plan = replace(plan, extras={k: v for k, v in plan.extras.items() if k != "feature_cache"})
         return plan
 

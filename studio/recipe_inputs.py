@@ -18,10 +18,12 @@ from pipelines.errors import RecipeError
 from pipelines.controlnets import IN_MEMORY as CONTROLNET_IN_MEMORY
 from pipelines.controlnets import OWN
 from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_conditioning_scale, check_strength
-from pipelines.modes import CONTROLNET, IMG2IMG, INPAINT, MODES, TEXT2IMG
+from pipelines.modes import CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, INPAINT, \
+    MODES, TEXT2IMG
 
 ROLES = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
-_NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image"), CONTROLNET: ("control_image",)}
+_NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image"), CONTROLNET: ("control_image",),
+          CONTROLNET_IMG2IMG: ("image", "control_image"), CONTROLNET_INPAINT: ("image", "mask_image", "control_image")}
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -54,7 +56,7 @@ def check_mode_fields(recipe) -> None:
             raise ValueError(f"strength applies to img2img and inpainting, not {mode}")
     elif recipe.strength is not None:
         recipe.strength = check_strength(recipe.strength)
-    if mode != CONTROLNET:
+    if mode not in CONTROLNET_MODES:
         if recipe.controlnet is not None or recipe.controlnet_conditioning_scale is not None:
             raise ValueError(f"controlnet settings apply to the controlnet mode, not {mode}")
         return
@@ -72,7 +74,7 @@ def record_mode(recipe, inputs: ModeInputs) -> None:
     recipe.mode = inputs.mode
     recipe.strength = inputs.strength
     recipe.inputs = {role: {"source": item.source, "sha256": item.sha256} for role, item in inputs.images.items()}
-    if inputs.mode == CONTROLNET:
+    if inputs.mode in CONTROLNET_MODES:
         recipe.controlnet = inputs.controlnet_source
         recipe.controlnet_conditioning_scale = inputs.controlnet_scale
 

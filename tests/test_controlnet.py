@@ -17,7 +17,7 @@ from pipelines.tiny import build_tiny_flux, build_tiny_flux_controlnet, build_ti
 from reference import load_adapters, run_lanes
 from studio import Recipe, Studio
 from test_from_pipe import assert_same, snapshot
-from test_modes import ATOL, PROMPT, input_image
+from test_modes import ATOL, PROMPT, input_image, input_mask
 
 PIPES = {"sdxl": diffusers.StableDiffusionXLControlNetPipeline, "flux": diffusers.FluxControlNetPipeline}
 CONTROL_ARG = {"sdxl": "image", "flux": "control_image"}  # what the stock pipelines call the control image
@@ -72,6 +72,36 @@ def test_merge_equals_plain_controlnet_pipeline(family, controlnets, studios, sd
     off = studios[family].compose(PROMPT, loras, "merge", control_image=control, controlnet=controlnets[family],
                                   controlnet_conditioning_scale=0.0, **common).latents[0]
     assert np.abs(off - expected).max() > 10 * ATOL
+
+
+WITH_IMAGE = {("sdxl", "img2img"): diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
+              ("sdxl", "inpaint"): diffusers.StableDiffusionXLControlNetInpaintPipeline,
+              ("flux", "img2img"): diffusers.FluxControlNetImg2ImgPipeline,
+              ("flux", "inpaint"): diffusers.FluxControlNetInpaintPipeline}
+
+
+@pytest.mark.parametrize("family,mode", sorted(WITH_IMAGE))
+def test_controlnet_img2img_and_inpaint_merge_equal_plain(family, mode, controlnets, studios, unet_only_loras):
+    """ControlNet img2img / inpainting: the control image plus an input image (and mask), through the stock
+    ControlNet img2img / inpainting pipelines of diffusers."""
+    files, weights = unet_only_loras[family], [0.8, 0.6]
+    inputs = {"image": input_image(3), "strength": 0.7, **({"mask_image": input_mask()} if mode == "inpaint" else {})}
+    base = build_tiny_sdxl() if family == "sdxl" else build_tiny_flux()
+    ref = WITH_IMAGE[(family, mode)].from_pipe(base, controlnet=controlnets[family])  # float32: from_pipe casts nothing
+    ref.set_progress_bar_config(disable=True)
+    ref.set_adapters(load_adapters(ref, files), weights)
+    with torch.no_grad():
+        expected = ref(PROMPT, control_image=input_image(7), num_inference_steps=4, guidance_scale=guidance(family),
+                       height=64, width=64, generator=torch.Generator("cpu").manual_seed(5), output_type="np",
+                       **inputs).images[0]
+    result = studios[family].compose(PROMPT, [f"{f}:{w}" for f, w in zip(files, weights)], "merge", steps=4, seed=5,
+                                     guidance=guidance(family), width=64, height=64, output_type="np",
+                                     control_image=input_image(7), controlnet=controlnets[family], **inputs)
+    np.testing.assert_allclose(result.latents[0], expected, atol=ATOL, rtol=0)
+    assert (result.recipe.mode, result.recipe.strength) == (f"controlnet-{mode}", 0.7)
+    # the pipeline's default scale, recorded (SDXL ControlNet img2img: 0.8)
+    assert result.recipe.controlnet_conditioning_scale == (0.8 if (family, mode) == ("sdxl", "img2img") else 1.0)
+    assert sorted(result.recipe.inputs) == sorted(["control_image", *(k for k in inputs if k != "strength")])
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
@@ -131,7 +161,7 @@ def test_bad_controlnet_inputs_are_refused_before_rendering(controlnets, studios
         (dict(controlnet=other), "made for another base model.*cross_attention_dim 32 \\(model: 64\\)"),
         (dict(controlnet=controlnets["flux"]), "must be a diffusers ControlNetModel, got FluxControlNetModel"),
         (dict(controlnet=None), "a control image needs a ControlNet"),
-        (dict(controlnet=controlnets["sdxl"], image=input_image()), "ControlNet together with an input image"),
+        (dict(controlnet=controlnets["sdxl"], mask_image=input_mask()), "a mask .* needs the image it masks"),
         (dict(controlnet=controlnets["sdxl"], controlnet_conditioning_scale=float("nan")),
          "controlnet_conditioning_scale must be a number from 0 to 10"),
     ]

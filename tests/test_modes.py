@@ -155,3 +155,16 @@ def test_other_strategies_run_in_inpainting(strategy, studios, sdxl_loras):
                                      seed=1, width=64, height=64, output_type="np", **inputs)
     image = result.latents[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_steps_run_counts_the_loop(family, studios):
+    """The CLI's progress total for img2img: the steps diffusers' loop really runs at a strength."""
+    from pipelines.modes import steps_run
+
+    for steps, strength in ((5, 0.5), (7, 0.3), (4, 1.0), (6, 0.99)):
+        calls = []
+        studios(family).compose(PROMPT, [], steps=steps, width=64, height=64, image=input_image(), strength=strength,
+                                callback=lambda *args: calls.append(1), output_type="np")
+        assert len(calls) == steps_run(studios(family).family, steps, strength), (steps, strength)
+    assert steps_run(studios(family).family, 7, 0.3) == (2 if family == "sdxl" else 3)  # the two roundings
