@@ -81,6 +81,24 @@ def test_layer_runtime_triton_equals_reference_with_loras_and_per_sample_gains()
     torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6 * reference.abs().max().item())
 
 
+def test_auto_runs_dequant_when_gradients_are_recorded():
+    """The kernel has no backward: training through a 4-bit layer (e.g. learned gates) must not lose gradients."""
+    layer, x = int4_layer()
+    x = x.clone().requires_grad_(True)
+    layer.runtime = "dequant"
+    expected = layer(x)
+    layer.runtime = "auto"
+    got = layer(x)
+    assert got.grad_fn is not None and torch.equal(got, expected)
+    layer.runtime = "triton"  # explicit: the kernel, with the branch added outside it (its gradient kept)
+    out = layer(x)
+    out.sum().backward()
+    branch_grad = (torch.ones(80) @ layer.lora_up.float() @ layer.lora_down.float()).expand_as(x)
+    torch.testing.assert_close(x.grad, branch_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer(x), rtol=1e-6, atol=1e-6 * out.abs().max().item())
+
+
 def test_dequant_kernel_equals_the_torch_dequantization():
     layer, _ = int4_layer()
     got = triton_kernels.dequantize_int4(layer.qweight, layer.wscales, layer.smooth, 64, torch.float32)

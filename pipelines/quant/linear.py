@@ -158,12 +158,18 @@ class QuantLinear(nn.Linear):
         the Triton kernel adds both in float32 in its epilogue and rounds once."""
         x2d = x.reshape(-1, self.in_features)
         runtime = resolve(self.runtime, self, x.device)
+        training = torch.is_grad_enabled() and (x.requires_grad or (addend is not None and addend.requires_grad))
+        if runtime == "triton" and training and self.runtime == "auto":
+            runtime = "dequant"  # the kernel has no backward; dequant is differentiable (e.g. training gates)
         if runtime == "triton":
             try:
                 from .triton_kernels import w4a4_linear
 
                 y = w4a4_linear(x2d, self.qweight, self.wscales, self.smooth, self.group_size,
-                                bias=None if bias is None else bias.to(x.dtype), addend=addend)
+                                bias=None if bias is None else bias.to(x.dtype),
+                                addend=None if training else addend)
+                if training and addend is not None:  # keep the branch's gradient
+                    y = y + addend.reshape(y.shape)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a Triton that cannot compile the kernel here: auto falls back, cleanly

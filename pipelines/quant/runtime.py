@@ -18,7 +18,9 @@ under ``auto`` and ``triton``: the W4A16 layers (weight-only by design: there ar
 and formats the kernel lacks (NVFP4). Asking for ``triton`` where no capable GPU or no Triton is present is an
 error, raised when the runtime is set (:func:`set_runtime`), not in the middle of a render; under ``auto`` a
 kernel that fails to compile or launch is recorded (:func:`kernel_failed`) and ``dequant`` runs instead. Under
-``TRITON_INTERPRET=1`` the CPU counts as a Triton device (Triton's interpreter; slow, for tests).
+``TRITON_INTERPRET=1`` the CPU counts as a Triton device (Triton's interpreter; slow, for tests). The kernel has
+no backward: when gradients are being recorded (e.g. training gates on a 4-bit model) ``auto`` runs ``dequant``,
+and an explicit ``triton`` adds the branch outside the kernel so that its gradient still flows.
 
 A freshly built layer runs ``reference`` (quantization measures exactly what the W4A4 kernel computes);
 loading a quantized folder selects the runtime recorded in it (``studio quantize --runtime``, default ``auto``).
