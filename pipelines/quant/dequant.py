@@ -13,9 +13,9 @@ is ``code · scale_group / λ_k``, computed in float32 (the same operations, in 
 layers (FLUX's adaLN linears, no smoothing) use the same code path without λ.
 
 Speed: on a CPU the weight is built in blocks of rows that fit the cache (INT4 nibbles sign-extended by shifts,
-NVFP4 through a 256-entry table of byte -> two values), which costs a few percent of the GEMM at FLUX.1 shapes; on a CUDA GPU a one-pass Triton
-kernel writes it (:func:`pipelines.quant.triton_kernels.dequantize_int4`) when Triton is importable, else the
-same torch code runs unblocked.
+NVFP4 through a 256-entry table of byte -> two operands), which costs 3-8 % of the GEMM at FLUX.1 shapes
+(README); on a CUDA GPU a one-pass Triton kernel writes it (:func:`pipelines.quant.triton_kernels.dequantize_int4`)
+when Triton is importable, else the same torch code runs unblocked.
 """
 
 from __future__ import annotations
@@ -34,18 +34,15 @@ def _byte_table(operand_of_code: torch.Tensor) -> torch.Tensor:
     return torch.stack([operand_of_code[byte & 0xF], operand_of_code[byte >> 4]], dim=1).float()
 
 
-_INT4_OPERAND = (torch.arange(16) ^ 8) - 8  # two's-complement nibble -> signed INT4 code
-INT4_TABLE = _byte_table(_INT4_OPERAND)
 NVFP4_TABLE = _byte_table(formats.nvfp4_operand(torch.arange(16, dtype=torch.uint8)))  # 2·e2m1 per nibble
 
-_tables: dict[tuple, torch.Tensor] = {}
+_tables: dict[torch.device, torch.Tensor] = {}
 
 
-def _table(fmt: str, device: torch.device) -> torch.Tensor:
-    key = (fmt, device)
-    if key not in _tables:
-        _tables[key] = (INT4_TABLE if fmt == "int4" else NVFP4_TABLE).to(device)
-    return _tables[key]
+def _nvfp4_table(device: torch.device) -> torch.Tensor:
+    if device not in _tables:
+        _tables[device] = NVFP4_TABLE.to(device)
+    return _tables[device]
 
 
 def group_scales(layer) -> torch.Tensor:
@@ -71,7 +68,7 @@ def dequantize_weight(layer, dtype: torch.dtype) -> torch.Tensor:
 
             return dequantize_int4(layer.qweight, layer.wscales, layer.smooth, layer.group_size, dtype)
     n_out, n_in, group = layer.out_features, layer.in_features, layer.group_size
-    table = _table(layer.fmt, device)
+    table = _nvfp4_table(device) if layer.fmt == "nvfp4" else None
     scales = group_scales(layer)
     smooth = layer.smooth.float() if layer.smooth is not None else None
     out = torch.empty(n_out, n_in, dtype=dtype, device=device)
@@ -86,7 +83,7 @@ def dequantize_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _operands(fmt: str, packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _operands(fmt: str, packed: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
     """Float32 operands ``[rows, 2·cols]`` of packed bytes ``[rows, cols]`` (element 2k = low nibble). INT4 by
     arithmetic shifts on the bytes as int8 (sign-extending each nibble; 4x faster than a table gather on a CPU),
     NVFP4 through the 256-entry byte table."""
