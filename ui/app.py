@@ -194,6 +194,15 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                 with gr.Row():
                     width = gr.Slider(16, 2048, value=defaults.width, step=16, label="width", elem_id="width")
                     height = gr.Slider(16, 2048, value=defaults.height, step=16, label="height", elem_id="height")
+                with gr.Accordion("Input image: img2img, inpainting (optional)", open=False, elem_id="input-panel"):
+                    with gr.Row():
+                        init_image = gr.Image(label="image (resized to width x height)", type="pil",
+                                              image_mode="RGB", sources=["upload", "clipboard"], height=160,
+                                              elem_id="init-image")
+                        init_mask = gr.Image(label="mask: white = repaint (inpainting)", type="pil", image_mode="L",
+                                             sources=["upload", "clipboard"], height=160, elem_id="init-mask")
+                    strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, elem_id="strength",
+                                         label="strength: the part of the steps that runs (1: all)")
 
             # ---------------------------------------------------------------------------------- outputs
             with gr.Column(scale=4, min_width=420):
@@ -252,7 +261,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         # the clearing cannot land after the job's images)
         job = generate.click(lambda: ([], [], None), None, [gallery, gallery_items, live], api_visibility="private",
                              **LIGHT).then(
-            h.generate, [*settings_inputs, count, strategy, params, stack],
+            h.generate, [*settings_inputs, count, strategy, params, stack, init_image, init_mask, strength],
             [live, progress_text, gallery, gallery_items, recipe, png_download, toml_download, seed],
             api_name="generate", show_progress="minimal", **GPU)
         gallery.select(h.select, [gallery_items], [recipe, png_download, toml_download], **LIGHT)

@@ -52,6 +52,10 @@ class Settings:
     width: int = 1024
     height: int = 1024
     count: int = 1
+    # img2img / inpainting (pipelines.modes): the input image and mask (PIL) and the strength; None: text-to-image
+    image: Any = None
+    mask_image: Any = None
+    strength: float | None = None
 
     def checked(self, limits=None) -> "Settings":
         """The settings checked by the one validation the API, CLI and batch share (:mod:`studio.settings`);
@@ -289,7 +293,8 @@ class Callbacks:
         return self.studio.compose(
             settings.prompt, loras, strategy, strategy_params=params, negative_prompt=settings.negative_prompt,
             seed=settings.seed, steps=settings.steps, guidance=settings.guidance, width=settings.width,
-            height=settings.height, count=1, callback=callback)
+            height=settings.height, count=1, callback=callback, image=settings.image,
+            mask_image=settings.mask_image, strength=settings.strength)
 
     def generate_events(self, settings: Settings, strategy: str, params_store: Mapping, stack) -> Iterator[Any]:
         """Render ``settings.count`` images (seeds ``seed``, ``seed+1``, ...).

@@ -153,10 +153,13 @@ class Handlers:
     # ------------------------------------------------------------------------------------------ generate
     @user_errors
     def generate(self, prompt, negative, seed, steps, guidance, width, height, count, strategy, params, stack,
-                 progress=gr.Progress()):
-        """Outputs: preview image, progress text, gallery, gallery items, recipe, PNG download, TOML download, seed."""
+                 image=None, mask=None, strength=None, progress=gr.Progress()):
+        """Outputs: preview image, progress text, gallery, gallery items, recipe, PNG download, TOML download, seed.
+
+        ``image`` (and ``mask``, white = repaint) make it img2img (inpainting) at ``strength``."""
         settings = Settings(prompt=prompt or "", negative_prompt=negative or "", seed=seed, steps=steps,
-                            guidance=guidance, width=width, height=height, count=count)
+                            guidance=guidance, width=width, height=height, count=count, image=image,
+                            mask_image=mask, strength=strength if image is not None else None)
         skip = gr.skip()
         done: list[tuple[Any, str]] = []
         for event in self.cb.generate_events(settings, strategy, params, stack or []):
