@@ -15,7 +15,9 @@ as in diffusers, so a merge image is reproduced by plain diffusers with ``load_l
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -28,12 +30,19 @@ from pipelines import Composer, load_pipeline
 from pipelines.adapters import ParsedLora, parse_lora
 from pipelines.errors import OutOfMemoryError, StudioError
 from pipelines.families import parse_block_spec, resolve_block_weights
+from pipelines.compiled import CompiledDenoiser, compile_backend
+from pipelines.lane_memory import parse_max_lanes
 from pipelines.loading import DEFAULT_MODEL, base_model_name, model_defaults
+from pipelines.mode_inputs import prepare_mode_inputs, size_of_image
+from pipelines.modes import check_wrappable, classify_pipeline
+from pipelines.quant.runtime import primary, select_runtime
 from pipelines.render import run_pipeline
 from pipelines.tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
 from .lora import Lora, resolve_source
 from .recipe import LoraRecipe, Recipe
+from .recipe_inputs import recipe_controlnet, recipe_inputs, record_mode
+from .settings import DEFAULT_LIMITS, Limits, RenderDefaults, check_settings, render_defaults
 
 LoraLike = str | Path | Lora | Mapping[str, Any]
 
@@ -59,12 +68,37 @@ class Result:
         return self.recipes[0]
 
     def save(self, out_dir: str | Path, stem: str | None = None) -> list[Path]:
+        """Write each image as ``<stem or strategy>-seed<seed>.png``; an existing file is never overwritten (the
+        new image gets the next free ``-1``, ``-2``, ... name)."""
+        from pipelines.atomic_files import reserve_new_path
+
         out_dir = Path(out_dir)
         paths = []
         for image, recipe in zip(self.images, self.recipes):
             name = f"{stem or recipe.strategy}-seed{recipe.seed}.png"
-            paths.append(recipe.save_png(image, out_dir / name))
+            path = reserve_new_path(out_dir / name)
+            try:
+                paths.append(recipe.save_png(image, path))
+            except BaseException:
+                path.unlink(missing_ok=True)  # the reserved name, still empty
+                raise
         return paths
+
+
+def _transaction(method):
+    """Loading and rendering are all-or-nothing: if ``method`` fails anywhere (parsing, attaching, a strategy's
+    preparation, the first forward), every adapter it attached is detached again and the scheduler restored."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        adapters_before, scheduler = set(self.composer.adapters), self.pipe.scheduler
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self._roll_back(adapters_before, scheduler)
+            raise
+
+    return run
 
 
 class Studio:
@@ -80,15 +114,53 @@ class Studio:
         config: str | None = None,
         lora_dir: str | Path | None = None,
         cache_dir: str | Path | None = None,
+        max_lanes: int | str | None = "auto",
+        compile: bool | str = False,
+        runtime: str | None = None,
+        limits: Limits | None = None,
+        pipe: Any = None,
     ):
         self.model = model
+        self.limits = limits or DEFAULT_LIMITS  # work one compose() may ask for (studio.settings)
+        # lanes per denoiser call (pipelines.lane_memory): an int, "auto" (free device memory; CPU: all), "all"
+        self.max_lanes = parse_max_lanes(max_lanes)
+        backend = compile_backend(compile)
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
         # derived data strategies keep between runs (e.g. CMLoRA frequency profiles); None: their default
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.pipe, self.family = load_pipeline(model, device=device, dtype=dtype, offload=offload, config=config)
+        if pipe is None:
+            self.pipe, self.family = load_pipeline(model, device=device, dtype=dtype, offload=offload, config=config)
+        else:  # a pipeline the caller built (from_pipe): used as it is, never reloaded, moved or cast
+            self.pipe, self.family = pipe, classify_pipeline(pipe)[0]
+        # 4-bit models: how the quantized layers compute (pipelines.quant.runtime; None: the folder's, else auto)
+        self.runtime, self.runtime_counts = select_runtime(getattr(self.pipe, self.family.denoiser), runtime,
+                                                           self.device, getattr(self.pipe, "studio_quant_info", None))
         self.defaults = model_defaults(base_model_name(model))
         self.composer = Composer(self.pipe, self.family)
         self._loaded: dict[tuple, str] = {}  # (resolved source, sha256) -> adapter name
+        # torch.compile of the denoiser with its composed layers (pipelines.compiled); a string names the backend
+        self.compiled = CompiledDenoiser(getattr(self.pipe, self.family.denoiser), backend) if backend else None
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, *, model: str | None = None, **options: Any) -> "Studio":
+        """Wrap a diffusers pipeline you built (your scheduler, VAE, offloading, ...): any class of
+        :data:`pipelines.modes.PIPELINE_CLASSES` (SDXL / FLUX.1 text-to-image, img2img, inpainting, ControlNet) or a
+        ``FluxFillPipeline`` (inpainting only: its transformer takes the masked image and mask as input).
+
+        Its components are used as they are, never reloaded, moved or cast; every mode runs on them (the other
+        modes' pipelines share the same modules). :meth:`unload` leaves ``pipe`` bit for bit as it was.
+        ``model`` names the base model in recipes (default: the pipeline's ``_name_or_path``, else its class);
+        ``options`` are the other :class:`Studio` keywords (``lora_dir``, ``max_lanes``, ``limits``, ...).
+        """
+        family, _ = classify_pipeline(pipe)  # a clear error for anything else, before the pipeline is touched
+        check_wrappable(pipe, family)
+        refused = sorted({"device", "dtype", "offload", "config"} & set(options))
+        if refused:
+            raise StudioError(f"from_pipe uses the pipeline as it is; set {', '.join(refused)} on it before wrapping")
+        name = model or pipe.config.get("_name_or_path") or f"<{type(pipe).__name__}>"
+        studio = cls(str(name), pipe=pipe, **options)
+        studio._user_scheduler = pipe.scheduler
+        return studio
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -105,11 +177,23 @@ class Studio:
             return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return 1024
 
+    def render_defaults(self) -> RenderDefaults:
+        """Steps, guidance and size that ``compose`` uses for settings left out (one source: studio.settings)."""
+        return render_defaults(self.model, self.family, size=self.default_size, shipped=self.defaults)
+
     def loaded(self) -> dict[str, ParsedLora]:
         """The LoRAs loaded from files or state dicts (not the adapters strategies derived from them)."""
         return {n: a.parsed for n, a in self.composer.adapters.items() if not a.derived_from}
 
     # ------------------------------------------------------------------------------------------ adapters
+    def _roll_back(self, adapters_before: set[str], scheduler) -> None:
+        """Undo what a failed ``load``/``compose`` changed: detach every adapter it attached, restore the
+        scheduler, so the studio is exactly as before the call (the no-LoRA image stays bit-identical)."""
+        added = [n for n in self.composer.adapters if n not in adapters_before]
+        self.unload(added)
+        self.pipe.scheduler = scheduler
+
+    @_transaction
     def load(self, loras: Iterable[LoraLike]) -> list[str]:
         """Parse and attach the LoRAs that are not attached yet; returns their adapter names in order.
 
@@ -131,6 +215,10 @@ class Studio:
                     pending[key] = (spec, parse_lora(path, self.pipe, self.family, name=spec.name))
             keys.append(key)
         for key, (spec, parsed) in pending.items():
+            if parsed.skipped:  # loaded, but never silently: say what was left out
+                shown = ", ".join(parsed.skipped[:4]) + (" ..." if len(parsed.skipped) > 4 else "")
+                warnings.warn(f"{parsed.source}: {len(parsed.skipped)} module(s) match no layer of this model and "
+                              f"were skipped ({shown})", stacklevel=3)
             name = self._unique_name(spec.name or parsed.name)
             self.composer.add(name, parsed)
             self._loaded[key] = name
@@ -155,12 +243,15 @@ class Studio:
         return resolve_block_weights(self.family, self.block_names(), parse_block_spec(spec, self.family))
 
     def unload(self, names: Sequence[str] | None = None) -> None:
-        """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model."""
+        """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model (and a
+        pipeline given to :meth:`from_pipe` has its own scheduler back)."""
         names = list(self.composer.adapters) if names is None else list(names)
         for name in names:
             if name in self.composer.adapters:  # derived adapters leave with their sources
                 self.composer.remove(name)
         self._loaded = {k: v for k, v in self._loaded.items() if v not in names}
+        if not self.composer.adapters and getattr(self, "_user_scheduler", None) is not None:
+            self.pipe.scheduler = self._user_scheduler
 
     def _unique_name(self, base: str) -> str:
         name, i = base, 2
@@ -169,6 +260,7 @@ class Studio:
         return name
 
     # ------------------------------------------------------------------------------------------ compose
+    @_transaction
     def compose(
         self,
         prompt: str,
@@ -187,9 +279,37 @@ class Studio:
         callback: Callable[[int, int, dict], None] | None = None,
         output_type: str = "pil",
         pipeline_kwargs: Mapping[str, Any] | None = None,
+        max_lanes: int | str | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
+        control_image: Any = None,
+        controlnet: Any = None,
+        controlnet_conditioning_scale: float | None = None,
     ) -> Result:
-        """Render ``count`` images (seeds ``seed``, ``seed+1``, ...) of ``prompt`` with ``loras`` fused by ``strategy``."""
+        """Render ``count`` images (seeds ``seed``, ``seed+1``, ...) of ``prompt`` with ``loras`` fused by ``strategy``.
+
+        ``max_lanes`` (default: the studio's) caps the lanes per denoiser call; it changes memory, not the image.
+        ``image`` (a PIL image or file) makes it img2img, with ``mask_image`` (single-channel, white = repaint)
+        inpainting; ``strength`` in (0, 1] is the part of the ``steps`` schedule they run (pipelines.modes). Without
+        ``width``/``height`` the size is the image's (rounded down to the model's multiple). ``control_image``
+        makes it ControlNet, with ``controlnet`` (a diffusers ControlNet model or folder; default: the pipeline's own
+        from :meth:`from_pipe`) at ``controlnet_conditioning_scale`` (default: the diffusers pipeline's, recorded).
+        """
         t0 = time.perf_counter()
+        checked = check_settings(  # one validation of every setting, before anything loads (studio.settings)
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width,
+            height=height, seed=seed, count=count, scheduler=scheduler,
+            strategy=None if isinstance(strategy, Strategy) else strategy,
+            strategy_params=None if isinstance(strategy, Strategy) else strategy_params, limits=self.limits)
+        seed, count = checked.get("seed", 0), checked["count"]
+        steps, guidance = checked.get("steps"), checked.get("guidance")
+        width, height = checked.get("width"), checked.get("height")
+        max_lanes = self.max_lanes if max_lanes is None else parse_max_lanes(max_lanes)
+        strength = check_settings(strength=strength, limits=self.limits).get("strength")
+        given = image if image is not None else control_image
+        if given is not None and width is None and height is None:  # the input image's own size
+            width, height = size_of_image(given, self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1))
         specs = [Lora.parse(spec) for spec in loras]
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, strategy_params)
         seen = set()
@@ -198,17 +318,22 @@ class Studio:
             if key in seen:
                 raise StudioError(f"LoRA {spec.label} appears twice in the stack; give it once with the weight you want")
             seen.add(key)
-        steps = int(steps or self.defaults.get("steps", self.family.default_steps))
-        guidance = float(self.defaults.get("guidance", self.family.default_guidance) if guidance is None else guidance)
+        defaults = self.render_defaults()
+        steps = int(defaults.steps if steps is None else steps)
+        guidance = float(defaults.guidance if guidance is None else guidance)
         if "max_sequence_length" in self.defaults and self.family.name == "flux":
             pipeline_kwargs = {"max_sequence_length": self.defaults["max_sequence_length"], **(pipeline_kwargs or {})}
-        width, height = int(width or self.default_size), int(height or self.default_size)
-        if steps < 1 or count < 1:
-            raise StudioError("steps and count must be at least 1")
+        width, height = int(defaults.width if width is None else width), int(defaults.height if height is None else height)
+        check_settings(width=width, height=height, limits=self.limits)  # a default size within the limits too
         multiple = self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1)
         if width < multiple or height < multiple or width % multiple or height % multiple:
             raise StudioError(f"width and height must be positive multiples of {multiple} for this model, "
                               f"got {width}x{height}")
+        mode_inputs = prepare_mode_inputs(  # checked, sized and hashed (pipelines.modes)
+            self.family, image=image, mask_image=mask_image, strength=strength, width=width, height=height,
+            control_image=control_image, controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            pipe=self.pipe, controlnet_cache=self.__dict__.setdefault("_controlnets", {}))
+        pipeline_kwargs = mode_inputs.merge_into(pipeline_kwargs)
         names = self.load(specs)
         t_load = time.perf_counter()
         self._set_block_weights(names, specs)
@@ -264,12 +389,14 @@ class Studio:
                 strat, specs, names, stack, plan_for_step, text_lanes, prompt=prompt,
                 negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
                 height=height, count=count, callback=callback, output_type=output_type,
-                pipeline_kwargs=pipeline_kwargs)
+                pipeline_kwargs=pipeline_kwargs, max_lanes=max_lanes)
+            for recipe in recipes:
+                record_mode(recipe, mode_inputs)
         finally:
             strat.finish(run)
         t_end = time.perf_counter()
         warnings = [f"{self.loaded()[n].source}: {len(self.loaded()[n].skipped)} modules match no layer and were skipped"
-                    for n in names if self.loaded()[n].skipped]
+                    for n in names if self.loaded()[n].skipped] + mode_inputs.notes
         return Result(images=images, recipes=recipes, latents=latents, warnings=warnings,
                       timings={"load_s": t_load - t0, "prepare_s": t_prepared - t_load, "render_s": t_end - t_load,
                                "total_s": t_end - t0, "per_image_s": (t_end - t_prepared) / count},
@@ -293,7 +420,8 @@ class Studio:
         return render
 
     def _render_images(self, strat, specs, names, stack, plan_for_step, text_lanes, *, prompt, negative_prompt,
-                       seed, steps, guidance, width, height, count, callback, output_type, pipeline_kwargs):
+                       seed, steps, guidance, width, height, count, callback, output_type, pipeline_kwargs,
+                       max_lanes="auto"):
         images, recipes, latents = [], [], []
         for k in range(count):
             generator = torch.Generator(self.device.type).manual_seed(seed + k)
@@ -303,6 +431,7 @@ class Studio:
                     prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                     guidance_scale=guidance, width=width, height=height, generator=generator,
                     output_type=output_type, callback=callback, pipeline_kwargs=pipeline_kwargs,
+                    max_lanes=max_lanes,
                 )
             except torch.OutOfMemoryError:
                 if torch.cuda.is_available():
@@ -320,14 +449,24 @@ class Studio:
                                         width, height))
         return images, recipes, latents
 
-    def reproduce(self, recipe: Recipe, **overrides: Any) -> Result:
-        """Render ``recipe`` again (its model must be this studio's model)."""
+    def reproduce(self, recipe: Recipe, *, input_policy: Any = None, **overrides: Any) -> Result:
+        """Render ``recipe`` again (its model must be this studio's model).
+
+        An img2img / inpainting recipe reads its recorded input files (or ``image=`` / ``mask_image=`` given
+        here; ``input_policy``: a :class:`~studio.path_policy.PathPolicy` the recorded files must satisfy) and
+        refuses when one is missing or differs from the recorded SHA-256 (studio.recipe_inputs).
+        """
         loras = [Lora(**lora.to_lora_kwargs()) for lora in recipe.loras]
         kwargs = dict(
             strategy_params=recipe.strategy_params, negative_prompt=recipe.negative_prompt, seed=recipe.seed,
             steps=recipe.steps, guidance=recipe.guidance, width=recipe.width, height=recipe.height,
             scheduler=recipe.scheduler,
         )
+        given = {role: overrides.pop(role, None) for role in ("image", "mask_image", "control_image")}
+        kwargs.update(recipe_inputs(recipe, given, input_policy), strength=recipe.strength)
+        if (recipe.mode or "").startswith("controlnet"):
+            kwargs.update(controlnet=recipe_controlnet(recipe, overrides.pop("controlnet", None), input_policy),
+                          controlnet_conditioning_scale=recipe.controlnet_conditioning_scale)
         kwargs.update(overrides)
         return self.compose(recipe.prompt, loras, recipe.strategy, **kwargs)
 
@@ -358,7 +497,8 @@ class Studio:
             blocks = spec.blocks if isinstance(spec.blocks, str) else (dict(spec.blocks) if spec.blocks else None)
             loras.append(LoraRecipe(source=source, weight=spec.weight, name=name, blocks=blocks, start=spec.start,
                                     end=spec.end, sha256=parsed.sha256))
-        return Recipe(model=self.model, prompt=prompt, negative_prompt=negative, strategy=strat.name,
+        return Recipe(model=self.model, runtime=primary(self.runtime_counts) or "auto",
+                      prompt=prompt, negative_prompt=negative, strategy=strat.name,
                       strategy_params=dict(strat.values), loras=loras, seed=seed, steps=steps, guidance=guidance,
                       width=width, height=height, scheduler=type(self.pipe.scheduler).__name__)
 
@@ -374,11 +514,12 @@ def compose(
     model: str = DEFAULT_MODEL,
     device: str | None = None,
     dtype: str | None = None,
+    runtime: str | None = None,
     **kwargs: Any,
 ) -> Result:
-    """One-call composition; keeps one :class:`Studio` per (model, device, dtype) for the next call."""
-    key = (model, device, dtype)
+    """One-call composition; keeps one :class:`Studio` per (model, device, dtype, 4-bit runtime) for the next call."""
+    key = (model, device, dtype, runtime)
     studio = _STUDIOS.get(key)
     if studio is None:
-        studio = _STUDIOS[key] = Studio(model, device=device, dtype=dtype)
+        studio = _STUDIOS[key] = Studio(model, device=device, dtype=dtype, runtime=runtime)
     return studio.compose(prompt, loras, strategy, **kwargs)

@@ -30,7 +30,9 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    from rich.markup import escape  # messages quote grid text ("[axes]"): never markup
+
+    console.print(f"[bold red]error:[/] {escape(str(error))}")
     raise typer.Exit(code=2)
 
 
@@ -49,6 +51,8 @@ class RichReporter:
 
     def __init__(self):
         self.progress: Progress | None = None
+        self.lines = None  # LineProgress when stderr is not a terminal (rich draws no bar there)
+        self.current = ""
         self.task = None
         self.finished = 0
         self.suffix = ""
@@ -60,6 +64,12 @@ class RichReporter:
         if not state.is_main_process or not items:
             return
         self.suffix = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
+        if not console.is_terminal:
+            from .log_progress import LineProgress
+
+            self.lines = LineProgress(console.print, f"images{self.suffix}", len(items))
+            console.print(f"batch: {len(items)} images to render (loading the model)")
+            return
         self.progress = Progress(TextColumn("{task.fields[current]}", style="bold"), BarColumn(),
                                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), TextColumn("eta"),
                                  TimeRemainingColumn(), console=console)
@@ -68,6 +78,7 @@ class RichReporter:
         self.progress.start()
 
     def item(self, item) -> None:
+        self.current = item.label
         if self.progress:
             self.progress.update(self.task, current=item.label)
 
@@ -76,14 +87,21 @@ class RichReporter:
             self.progress.advance(self.task, 1 / max(num_steps, 1))
 
     def done(self, record) -> None:
+        if self.lines is not None:
+            self.finished += 1
+            status = "ok" if record.get("status") == "ok" else f"FAILED: {record.get('error')}"
+            self.lines.update(self.finished, f"{self.current}: {status}", force=True)
         if self.progress:
             self.finished += 1
             total = self.progress.tasks[0].total
             self.progress.update(self.task, completed=self.finished,
                                  count=f"{self.finished}/{int(total)}{self.suffix}")
             if record.get("status") != "ok":
-                self.progress.console.print(f"[yellow]failed:[/] {record['item']['group']} | {record['item']['row']} | "
-                                            f"{record['item']['column']}: {record.get('error')}")
+                from rich.markup import escape
+
+                self.progress.console.print("[yellow]failed:[/] " + escape(
+                    f"{record['item']['group']} | {record['item']['row']} | {record['item']['column']}: "
+                    f"{record.get('error')}"))
 
     def close(self) -> None:
         if self.progress:
@@ -91,7 +109,9 @@ class RichReporter:
 
 
 def _load_items(file: Path, *, model, lora, concept, strategy, seed, steps, guidance, negative, width, height,
-                scheduler, lora_dir):
+                scheduler, lora_dir, allow_path=(), limits=None):
+    from .settings import DEFAULT_LIMITS
+
     from .grid import GridError, load_grid
     from .prompt_list import load_prompt_list
 
@@ -103,12 +123,12 @@ def _load_items(file: Path, *, model, lora, concept, strategy, seed, steps, guid
                  if value]
         if given:
             raise GridError(str(file), f"{', '.join(given)} apply to prompt lists; a grid sets them in the file")
-        items, _ = load_grid(file)
+        items, _ = load_grid(file, allow=allow_path, limits=limits or DEFAULT_LIMITS)
         return items
     return load_prompt_list(file, model=model or "tiny-sdxl", loras=lora, concepts=_pairs(concept, "--concept"),
                             strategies=strategy or ["merge"], seeds=seed or [0], steps=steps, guidance=guidance,
                             negative=negative or "", width=width, height=height, scheduler=scheduler,
-                            lora_dir=lora_dir)
+                            lora_dir=lora_dir, limits=limits or DEFAULT_LIMITS)
 
 
 def batch(
@@ -138,15 +158,23 @@ def batch(
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
     offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
     config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
+    allow_path: list[Path] = typer.Option([], "--allow-path", help="Grids: a folder the grid's LoRA paths may also "
+                                          "point into (besides the grid's folder and the shipped LoRAs); repeatable."),
+    max_steps: Optional[int] = typer.Option(None, help="Refuse more denoising steps than this (default 1000)."),
+    max_size: Optional[int] = typer.Option(None, help="Refuse a width or height above this, or more pixels than its "
+                                           "square (default 4096 and 2048x2048)."),
 ) -> None:
     """Render a grid or a prompt list: resumable, CLIPScored, with an HTML report; runs under accelerate launch."""
     from .batch import BatchOptions, run_batch
     from .manifest import done_ids
 
+    from .settings import Limits
+
     try:
+        limits = Limits.from_options(max_steps, max_size)
         items = _load_items(file, model=model, lora=lora, concept=concept, strategy=strategy, seed=seed, steps=steps,
                             guidance=guidance, negative=negative, width=width, height=height, scheduler=scheduler,
-                            lora_dir=lora_dir)
+                            lora_dir=lora_dir, allow_path=allow_path, limits=limits)
         pretrained = clip_pretrained or None
         if dry_run:
             done = done_ids(out) if out.exists() else set()
@@ -157,7 +185,7 @@ def batch(
             return
         options = BatchOptions(score=score, clip_model=clip_model, clip_pretrained=pretrained, device=device,
                                dtype=dtype, offload=offload, config=config, resume=resume, report=report,
-                               inline_images=inline_images)
+                               inline_images=inline_images, limits=limits)
         summary = run_batch(items, out, options, RichReporter())
     except StudioError as e:
         _fail(e)
@@ -208,8 +236,10 @@ def score(
         report = write_outputs(folder, records, inline_images=inline_images)
     except StudioError as e:
         _fail(e)
+    from rich.markup import escape
+
     for warning in warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(str(warning))}")
     for name, (mean, std, n) in strategy_means(records).items():
         console.print(f"{name}: {mean:.2f} ± {std:.2f} (n={n})")
     console.print(f"{sum(1 for r in records if r.get('scores'))} image(s) scored with {scorer.name}; report: {report}")

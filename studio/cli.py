@@ -22,6 +22,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -34,8 +35,17 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    console.print(f"[bold red]error:[/] {escape(str(error))}")  # outside text ("[axes]", file names): never markup
     raise typer.Exit(code=2)
+
+
+def _show_defaults(studio, **given) -> None:
+    """Say which of the model's defaults (studio.settings.render_defaults) fill the settings left out."""
+    defaults = studio.render_defaults()
+    used = [f"{name} {getattr(defaults, name):g}" for name in ("steps", "guidance", "width", "height")
+            if given.get(name) is None]
+    if used:
+        console.print(escape(f"defaults: {', '.join(used)} ({defaults.source})"))
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
@@ -49,7 +59,19 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 
 
 def step_progress(total_images: int, steps: int) -> tuple[Progress, callable]:
-    """A rich progress bar over all denoising steps of all images, and the step callback that drives it."""
+    """A rich progress bar over all denoising steps of all images, and the step callback that drives it; when
+    stderr is not a terminal (a log), plain lines instead (:class:`studio.log_progress.LineProgress`)."""
+    if not console.is_terminal:
+        import contextlib
+
+        from studio.log_progress import LineProgress
+
+        lines = LineProgress(console.print, "denoising steps", total_images * steps, every_s=5.0)
+
+        def log_callback(step: int, num_steps: int, _kwargs: dict) -> None:
+            lines.update(lines.done + 1)
+
+        return contextlib.nullcontext(), log_callback
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=console, transient=False,
@@ -84,34 +106,108 @@ def render(
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)."),
     offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
+    max_lanes: str = typer.Option("auto", "--max-lanes", help="Lanes per denoiser call for lane strategies "
+                                  "(composite, cmlora): a number, auto (from free GPU memory; CPU: all) or all. "
+                                  "Lower it when a render runs out of memory; the image stays the same."),
+    compile_denoiser: bool = typer.Option(False, "--compile", help="torch.compile the denoiser with its LoRA "
+                                          "layers (inductor); weight, LoRA and strategy changes do not recompile."),
+    runtime: Optional[str] = typer.Option(None, help="4-bit models: auto (triton on a CUDA GPU with compute capability "
+                                          "8.0+, else dequant), dequant (W4A16), triton (W4A4 kernel), reference "
+                                          "(exact, slow). Default: the quantized folder's, else auto."),
+    allow_path: list[Path] = typer.Option([], "--allow-path", help="With --recipe: a folder the recipe's LoRA paths "
+                                          "may also point into (besides the recipe's folder and --lora-dir); "
+                                          "repeatable."),
+    max_steps: Optional[int] = typer.Option(None, help="Refuse more denoising steps than this (default 1000)."),
+    max_size: Optional[int] = typer.Option(None, help="Refuse a width or height above this, or more pixels than its "
+                                           "square (default 4096 and 2048x2048)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image: img2img (with --mask: inpainting). "
+                                         "Without --width/--height the size is the image's. With --recipe: the "
+                                         "recipe's input image, if it moved (same content required)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask: single-channel (grayscale) image, "
+                                        "white = repaint, black = keep."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="img2img / inpainting: the part of the "
+                                             "--steps schedule to run, in (0, 1] (default: the diffusers "
+                                             "pipeline's: SDXL img2img 0.3, inpainting 0.9999; FLUX 0.6)."),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help="ControlNet conditioning image "
+                                                 "(edges, depth, pose, ... as the ControlNet expects)."),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet for --control-image: a local "
+                                             "diffusers folder or Hub id made for this base model."),
+    controlnet_scale: Optional[float] = typer.Option(None, "--controlnet-scale", help="ControlNet conditioning "
+                                                     "scale, 0 to 10 (default 1)."),
 ) -> None:
-    """Render images with a stack of LoRAs."""
+    """Render images with a stack of LoRAs (img2img with --image, inpainting with --image and --mask)."""
+    from pipelines.quant.runtime import describe, recipe_runtime
     from studio import Recipe, Studio
 
+    from studio.path_policy import PathPolicy
+    from studio.settings import Limits, check_settings, check_strategy
+
     try:
+        limits = Limits.from_options(max_steps, max_size)
         if recipe is not None:
             rec = Recipe.load(recipe)
-            studio = Studio(rec.model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir)
-            progress, callback = step_progress(1, rec.steps)
+            # every setting checked, and every LoRA path allowed, before the model loads
+            rec.check(limits)
+            check_strategy(rec.strategy, rec.strategy_params)
+            policy = PathPolicy(folder=recipe.resolve().parent, libraries=[lora_dir] if lora_dir else [],
+                                allowed=list(allow_path))
+            rec = rec.with_sources(policy, f"the recipe {recipe.name}")
+            lora_dir = None  # the sources are resolved files now
+            if runtime is None:
+                runtime, note = recipe_runtime(rec.runtime, device)
+                if note:
+                    console.print(f"[yellow]note:[/] {escape(note)}")
+            studio = Studio(rec.model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir,
+                            runtime=runtime, max_lanes=max_lanes, compile=compile_denoiser, limits=limits)
+            if studio.runtime_counts:
+                console.print(describe(studio.runtime_counts, studio.runtime))
+            if strength is not None or controlnet_scale is not None:
+                raise StudioError("--strength / --controlnet-scale: the recipe records its own; reproduce it as it is")
+            _show_defaults(studio, steps=rec.steps, guidance=rec.guidance, width=rec.width, height=rec.height)
+            from pipelines.modes import steps_run
+
+            progress, callback = step_progress(1, steps_run(studio.family, rec.steps or studio.render_defaults().steps,
+                                                            rec.strength))
             with progress:
-                result = studio.reproduce(rec, callback=callback)
+                result = studio.reproduce(rec, callback=callback, image=image, mask_image=mask,
+                                          control_image=control_image, controlnet=controlnet, input_policy=policy)
         else:
             if not prompt:
                 raise StudioError("give a PROMPT or --recipe")
-            studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir)
-            n_steps = steps or studio.family.default_steps
+            params = _parse_params(param)
+            check_settings(prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, width=width,
+                           height=height, seed=seed, count=count, scheduler=scheduler, strategy=strategy,
+                           strategy_params=params, limits=limits)
+            check_settings(strength=strength, limits=limits)
+            for flag, path in (("--image", image), ("--mask", mask), ("--control-image", control_image)):
+                if path is not None and not path.is_file():
+                    raise StudioError(f"{flag} {path}: file not found")
+            studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir,
+                            runtime=runtime, max_lanes=max_lanes, compile=compile_denoiser, limits=limits)
+            if studio.runtime_counts:
+                console.print(describe(studio.runtime_counts, studio.runtime))
+            _show_defaults(studio, steps=steps, guidance=guidance, width=width, height=height)
+            n_steps = steps or studio.render_defaults().steps  # the total equals the steps compose runs
+            if image is not None:  # img2img / inpainting run the last `strength` part of the schedule
+                from pipelines.mode_inputs import requested_mode
+                from pipelines.modes import default_strength, steps_run
+
+                mode = requested_mode(image, mask, control_image)
+                n_steps = steps_run(studio.family, n_steps, strength if strength is not None
+                                    else default_strength(studio.family, mode, studio.pipe))
             progress, callback = step_progress(count, n_steps)
             with progress:
                 result = studio.compose(
-                    prompt, lora, strategy, strategy_params=_parse_params(param), negative_prompt=negative,
+                    prompt, lora, strategy, strategy_params=params, negative_prompt=negative,
                     seed=seed, steps=steps, guidance=guidance, width=width, height=height, count=count,
-                    scheduler=scheduler, callback=callback,
+                    scheduler=scheduler, callback=callback, image=image, mask_image=mask, strength=strength,
+                    control_image=control_image, controlnet=controlnet, controlnet_conditioning_scale=controlnet_scale,
                 )
         paths = result.save(out)
     except StudioError as e:
         _fail(e)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     for line in format_strategy_info(result.strategy_info):
         console.print(line)
     for path in paths:
@@ -138,28 +234,28 @@ def library(
     if as_json:
         typer.echo(json.dumps([info_dict(i, folder) for i in infos], indent=2))
     else:
-        table = Table(title=f"LoRAs in {folder}")
+        from rich.markup import escape  # file names and metadata are text from outside, never markup
+
+        table = Table(title=escape(f"LoRAs in {folder}"))
         for column in ("file", "name", "base", "format", "rank", "trigger words", "MB"):
             table.add_column(column)
         for info in infos:
             rel = str(Path(info.path).resolve().relative_to(folder.resolve()))
-            table.add_row(rel, info.name, info.base_name, info.format, str(info.rank or "?"),
-                          ", ".join(info.triggers[:4]), f"{info.size_bytes / 1e6:.1f}")
+            table.add_row(*(escape(cell) for cell in (rel, info.name, info.base_name, info.format)),
+                          str(info.rank or "?"), escape(", ".join(info.triggers[:4])), f"{info.size_bytes / 1e6:.1f}")
         Console().print(table)
-    for error in errors:
-        console.print(f"[yellow]skipped:[/] {error}")
+    from rich.markup import escape
+
+    for error in errors:  # one line per bad file; the good ones are listed above
+        console.print(f"[yellow]skipped:[/] {escape(str(error))}")
 
 
 @app.command()
 def strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the registered fusion strategies, their parameters and defaults."""
-    from studio.strategies import REGISTRY
+    from studio.strategy_listing import strategy_rows  # from the registry, cached: no torch for a listing
 
-    rows = [{"name": cls.name, "summary": cls.summary, "citation": cls.citation,
-             "params": [{"name": p.name, "default": p.default, "type": p.type.__name__, "help": p.help,
-                         "min": p.min, "max": p.max, "choices": list(p.choices) if p.choices else None}
-                        for p in cls.params]}
-            for cls in REGISTRY.values()]
+    rows = strategy_rows()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -217,7 +313,7 @@ app.command(name="quantize")(_quantize)
 app.command(name="merge")(merge_command)
 app.command(name="squeeze")(squeeze_command)
 
-from studio.train_gates import train_gates_command  # noqa: E402
+from studio.train_gates_cli import train_gates_command  # noqa: E402  (training imports are lazy)
 
 app.command(name="train-gates")(train_gates_command)
 

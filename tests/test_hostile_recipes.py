@@ -269,7 +269,7 @@ def test_recipe_loras_resolve_in_its_folder_and_by_name_in_the_library(tmp_path)
 
 def test_grids_only_read_allowed_folders(tmp_path):
     grid = tmp_path / "g.toml"
-    grid.write_text(f'model = "tiny-sdxl"\nloras = ["/etc/passwd"]\n[[prompts]]\ntext = "x"\n')
+    grid.write_text('model = "tiny-sdxl"\nloras = ["/etc/passwd"]\n[[prompts]]\ntext = "x"\n')
     with pytest.raises(GridError, match=r"g\.toml:2: LoRA /etc/passwd: is outside the folders the grid g\.toml"):
         load_grid(grid)
     grid.write_text('model = "tiny-sdxl"\nlora_dir = "/etc"\n[[prompts]]\ntext = "x"\n')

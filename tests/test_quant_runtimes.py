@@ -20,7 +20,6 @@ from pipelines.errors import ModelLoadError, StudioError
 from pipelines.quant import QuantLinear, runtime
 from pipelines.quant.calibrate import read_prompts
 from pipelines.quant.convert import Calibration, convert
-from pipelines.quant.dequant import dequantize_weight
 from pipelines.quant.quantizer import QuantConfig, build_layer, smoothing_factors
 from pipelines.quant.storage import QUANT_FILE
 from studio import Recipe, Studio

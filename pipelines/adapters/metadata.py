@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..safetensors_io import check_safetensors_file
+from .not_adapters import GATES_FORMAT, NOT_ADAPTERS  # noqa: F401  (files a library lists as no LoRA)
 
 BASE_NAMES = {
     "sd1": "Stable Diffusion 1.x",
@@ -80,7 +82,8 @@ def detect_format(keys: list[str]) -> str:
 def _base_from_metadata(metadata: dict[str, str]) -> str | None:
     version = metadata.get("ss_base_model_version", "").lower()
     arch = metadata.get("modelspec.architecture", "").lower()
-    for text in (arch, version):
+    qr_base = metadata.get("qr_lora.base_model", "").lower()  # QR-LoRA files name their base model
+    for text in (arch, version, qr_base):
         if not text:
             continue
         if "flux" in text:
@@ -129,22 +132,32 @@ def guess_base(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> 
     return (base, "key layout") if base else (None, "unknown")
 
 
+def _tag_count(value) -> int:
+    """A tag's count from ``ss_tag_frequency`` (hand-edited files hold strings or junk there: those count 0)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
-    """``modelspec.trigger_phrase`` first, else the most frequent training tags of ``ss_tag_frequency``."""
+    """The file's declared ``modelspec.trigger_phrase``; only when it declares none, the most frequent training
+    tags of ``ss_tag_frequency`` (those also hold generic caption words, such as a category, that are no
+    trigger: the tiny world's "zorb" LoRA was tagged "zorb" and "subject")."""
     words: list[str] = []
     phrase = metadata.get("modelspec.trigger_phrase", "").strip()
     if phrase:
         words += [w.strip() for w in phrase.split(",") if w.strip()]
     raw = metadata.get("ss_tag_frequency")
-    if raw and len(words) < limit:
+    if raw and not words:
         try:
             freq = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # untrusted text: broken, or nested too deeply
             freq = {}
         counts: collections.Counter = collections.Counter()
         for tags in freq.values() if isinstance(freq, dict) else ():
             if isinstance(tags, dict):
-                counts.update({str(t).strip(): int(n) for t, n in tags.items() if str(t).strip()})
+                counts.update({str(t).strip(): _tag_count(n) for t, n in tags.items() if str(t).strip()})
         for tag, _ in counts.most_common():
             if tag not in words:
                 words.append(tag)
@@ -160,12 +173,15 @@ def _rank_and_alpha(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
                          "lora.delta_r.weight")) and shape:
             ranks[shape[0]] += 1
     rank = ranks.most_common(1)[0][0] if ranks else None
-    if rank is None and metadata.get("ss_network_dim", "").isdigit():
-        rank = int(metadata["ss_network_dim"])
+    dim = metadata.get("ss_network_dim", "")
+    if rank is None and re.fullmatch(r"[0-9]{1,7}", dim):  # ASCII digits only: "²".isdigit() is True
+        rank = int(dim)
     alpha = None
     try:
         alpha = float(metadata["ss_network_alpha"]) if "ss_network_alpha" in metadata else None
     except ValueError:
+        alpha = None
+    if alpha is not None and not math.isfinite(alpha):
         alpha = None
     return rank, alpha
 
@@ -177,10 +193,11 @@ def describe_header(
     rank, alpha = _rank_and_alpha(shapes, metadata)
     stem = Path(path).stem if path else "lora"
     name = metadata.get("ss_output_name") or metadata.get("modelspec.title") or stem
+    kind = GATES_FORMAT if metadata.get("format") == GATES_FORMAT else detect_format(list(shapes))
     return LoraInfo(
         path=path,
         name=name,
-        format=detect_format(list(shapes)),
+        format="gates" if kind == GATES_FORMAT else kind,
         base=base,
         base_evidence=evidence,
         rank=rank,
