@@ -289,6 +289,16 @@ def time_loading(pipe, family, files, device) -> dict:
     return out
 
 
+def drop_derived(studio) -> None:
+    """Detach what a weight-space merge derived from the stack and drop the strategies' caches, so memory does
+    not grow strategy after strategy (a full-size merged adapter is as large as the LoRAs it came from)."""
+    for name, attached in list(studio.composer.adapters.items()):
+        if attached.derived_from and name in studio.composer.adapters:
+            studio.composer.remove(name)
+    studio.composer.cache.clear()
+    gc.collect()
+
+
 def strategies(only: set[str]) -> list[tuple[str, dict]]:
     names = ["merge"] + [n for n in REGISTRY if n != "merge"]
     return [(n, dict(DEFAULTS.get(n, {}))) for n in names if not only or n in only or n == "merge"]
@@ -336,6 +346,7 @@ def bench(args) -> dict:
             except (StudioError, NotImplementedError, ValueError) as e:
                 rows.setdefault(name, {})[n] = {"error": str(e).splitlines()[0][:160]}
                 log(f"N={n} {name}: n/a ({e})")
+            drop_derived(studio)
         merge = statistics.median(w for w, _, _ in per["merge"])
         for name, samples in per.items():
             wall = statistics.median(w for w, _, _ in samples)
@@ -419,7 +430,11 @@ def table(args, result: dict) -> str:
     lines = [f"| strategy ({args.family.upper()}, {args.size}², {args.steps} steps, {args.dtype}) | "
              + " | ".join(f"N={n}: time vs merge | peak GB" for n in args.counts) + " |",
              "|---|" + "---:|---:|" * len(args.counts)]
-    for name, per_n in result["rows"].items():
+    order = ["merge"] + [n for n in REGISTRY if n != "merge"]
+    names = sorted(result["rows"], key=lambda k: (order.index(k.split("[")[0]) if k.split("[")[0] in order
+                                                  else len(order), k))
+    for name in names:
+        per_n = result["rows"][name]
         cells = []
         for n in args.counts:
             cell = per_n.get(n, {})
