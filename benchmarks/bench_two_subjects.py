@@ -1,0 +1,261 @@
+"""Two subjects in one image: does a strategy put each subject LoRA in its own place, or do they bleed?
+
+    python benchmarks/bench_two_subjects.py                          # tiny-sdxl, every registered strategy
+    python benchmarks/bench_two_subjects.py --family flux --seeds 0 1 2
+    python benchmarks/bench_two_subjects.py --strategy merge --strategy composite:reduce=sum
+
+Scenes (issue 14): the tiny world's two subject LoRAs, ``zorb`` (a cross) and ``quix`` (a star), asked for side by
+side ("a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"), alone or with
+a shared style (``striped``) or background (``waves``) LoRA; and, as a reference without LoRAs, two base shapes
+side by side (``base`` rows: can the base model draw two objects at all?). Every strategy renders the same
+prompt and seeds. ``regional`` (when registered) gets each subject LoRA with its box (``region=left`` /
+``region=right``) and a one-object region prompt in the world's caption grammar; the style/background LoRA stays
+global. Strategies defined for fewer LoRAs than a scene has (``klora``: two) skip it.
+
+Each image is judged per half by :mod:`studio.world.regions` (the concept judge on each half, re-centred at
+native scale, plus a pixel test: is there an object inside the half, or one across the middle?). Per strategy:
+
+* *both right*: the left half shows the left subject and the right half the right subject;
+* *subject*: share of halves showing their own subject; *bleed*: share of halves showing the *other* subject;
+  *no object*: share of halves with no object; *across*: share of halves cut by one object drawn across the
+  middle (neither counts as showing a subject); *colour*: share of halves with their own colour;
+* *style* / *background*: share of halves of the style / background scenes showing striped / waves;
+* *s/image* (wall clock, first render of a stack included, so one-off merges count) and the ratio to ``merge``.
+
+Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md``; images in ``--work`` (``outputs/two-subjects``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from studio.world.concepts import held_out  # noqa: E402
+from studio.world.regions import HALVES, judge_regions  # noqa: E402
+
+BASE_LABEL = "base (no LoRA)"
+REGION_STRATEGIES = ("regional",)  # strategies that take a box per stack entry
+
+
+@dataclass(frozen=True)
+class PairScene:
+    """Two small objects, left and right, on one background; ``extra`` is a shared style/background LoRA."""
+
+    left: str  # shape: a subject LoRA's value (zorb, quix) or a base shape
+    right: str
+    left_color: str
+    right_color: str
+    background: str = "light"
+    texture: str = "solid"
+    extra: str | None = None  # "style-striped" | "background-waves" | None
+
+    def caption(self, side: str) -> str:
+        shape, color = (self.left, self.left_color) if side == "left" else (self.right, self.right_color)
+        return f"a small {color} {shape}, {self.texture}, on a {self.background} background, {side}"
+
+    def prompt(self) -> str:
+        return (f"{self.caption('left')}, and a small {self.right_color} {self.right}, {self.texture}, right")
+
+
+SCENES = (
+    PairScene("zorb", "quix", "red", "blue"),
+    PairScene("quix", "zorb", "yellow", "green", background="dark"),
+    PairScene("zorb", "quix", "blue", "red", texture="striped", extra="style-striped"),
+    PairScene("quix", "zorb", "green", "yellow", background="waves", extra="background-waves"),
+)
+BASE_SCENES = (
+    PairScene("circle", "square", "red", "blue"),
+    PairScene("triangle", "circle", "yellow", "green", background="dark"),
+)
+
+
+def lora_file(family: str, name: str) -> str:
+    from pipelines.assets import assets_root
+
+    return str(assets_root() / "loras" / f"tiny-{family}" / f"{name}.safetensors")
+
+
+def stack(scene: PairScene, family: str, strategy: str) -> list[dict]:
+    """The scene's LoRAs for ``strategy``: subjects left then right, then the shared LoRA; boxes for regional."""
+    entries = []
+    for side, shape in (("left", scene.left), ("right", scene.right)):
+        entry = {"source": lora_file(family, f"subject-{shape}"), "name": f"subject-{shape}"}
+        if strategy in REGION_STRATEGIES:
+            entry.update(region=side, prompt=scene.caption(side))
+        entries.append(entry)
+    if scene.extra:
+        entries.append({"source": lora_file(family, scene.extra), "name": scene.extra})
+    return entries
+
+
+def parse_choice(text: str) -> tuple[str, str, dict]:
+    """``name[:k=v[:k=v]]`` -> (label, name, params)."""
+    name, *pairs = text.split(":")
+    params = dict(p.split("=", 1) for p in pairs)
+    label = name + ("" if not params else " " + " ".join(f"{k}={v}" for k, v in params.items()))
+    return label, name, params
+
+
+def default_choices() -> list[str]:
+    from studio.strategies import REGISTRY
+
+    choices = []
+    for name in REGISTRY:
+        choices.append(name)
+        if name == "composite":
+            choices.append("composite:reduce=sum")
+    return choices
+
+
+def score(records: list[dict]) -> dict:
+    halves = [(r, side) for r in records for side in ("left", "right")]
+
+    def share(test, subset=None) -> float | None:
+        chosen = [h for h in halves if subset is None or subset(h[0])]
+        return float(np.mean([test(r, side) for r, side in chosen])) if chosen else None
+
+    def own(r, side):
+        return r["scene"][side]
+
+    def other(r, side):
+        return r["scene"]["right" if side == "left" else "left"]
+
+    def shows(r, side, attribute, value):
+        v = r["regions"][side]
+        return v["placement"] == "inside" and v["values"][attribute] == value
+
+    return {
+        "images": len(records),
+        "both_right": float(np.mean([all(shows(r, s, "shape", own(r, s)) for s in ("left", "right"))
+                                     for r in records])),
+        "subject": share(lambda r, s: shows(r, s, "shape", own(r, s))),
+        "bleed": share(lambda r, s: shows(r, s, "shape", other(r, s)) and own(r, s) != other(r, s)),
+        "no_object": share(lambda r, s: r["regions"][s]["placement"] == "none"),
+        "crossing": share(lambda r, s: r["regions"][s]["placement"] == "crossing"),
+        "colour": share(lambda r, s: shows(r, s, "color", r["scene"][f"{s}_color"])),
+        "style": share(lambda r, s: shows(r, s, "texture", "striped"), lambda r: r["scene"]["extra"] == "style-striped"),
+        "background": share(lambda r, s: r["regions"][s]["values"]["background"] == "waves",
+                             lambda r: r["scene"]["extra"] == "background-waves"),
+        "seconds_per_image": float(np.mean([r["seconds"] for r in records])),
+    }
+
+
+def pct(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| strategy | images | both right | subject | bleed | no object | across | colour | style | background "
+             "| s/image | time vs merge |", "|" + "---|" * 12]
+    for r in rows:
+        ratio = "n/a" if r.get("time_vs_merge") is None else f"{r['time_vs_merge']:.2f}x"
+        lines.append(f"| {r['strategy']} | {r['images']} | {pct(r['both_right'])} | {pct(r['subject'])} | "
+                     f"{pct(r['bleed'])} | {pct(r['no_object'])} | {pct(r['crossing'])} | {pct(r['colour'])} | {pct(r['style'])} | "
+                     f"{pct(r['background'])} | {r['seconds_per_image']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=("sdxl", "flux"), default="sdxl")
+    ap.add_argument("--strategy", action="append", help="name[:param=value...] (default: every registered one, "
+                                                        "plus composite:reduce=sum)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "two-subjects")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from pipelines.assets import assets_root
+    from studio import Studio
+    from studio.strategies import REGISTRY
+    from studio.world.judge import load_judge
+
+    for scene in SCENES:  # every LoRA file the scenes name, before anything renders
+        for name in [f"subject-{scene.left}", f"subject-{scene.right}"] + [scene.extra] * bool(scene.extra):
+            held_out(name)
+            if not Path(lora_file(args.family, name)).is_file():
+                raise SystemExit(f"missing world LoRA {lora_file(args.family, name)}")
+    choices = [parse_choice(c) for c in (args.strategy or default_choices())]
+    missing = [name for _, name, _ in choices if name not in REGISTRY]
+    if missing:
+        raise SystemExit(f"unknown strategies {missing}; registered: {', '.join(REGISTRY)}")
+    notes = []
+    if "regional" not in REGISTRY:
+        notes.append("regional: not registered in this checkout when the benchmark ran, so it has no row")
+
+    judge = load_judge(assets_root() / "judges" / "concept-judge")
+    studio = Studio(f"tiny-{args.family}")
+    work = args.work / args.family
+    work.mkdir(parents=True, exist_ok=True)
+    runs = [(BASE_LABEL, None, {}, BASE_SCENES)] + [(label, name, params, SCENES) for label, name, params in choices]
+    rows, records_by_label = [], {}
+    for label, name, params, scenes in runs:
+        records, failed = [], False
+        for si, scene in enumerate(scenes):
+            if failed:
+                break
+            loras = stack(scene, args.family, name) if name else []
+            if name and (REGISTRY[name].max_loras or len(loras)) < len(loras):
+                continue
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                try:
+                    result = studio.compose(scene.prompt(), loras, name or "merge", strategy_params=params or None,
+                                            seed=seed)
+                except Exception as error:  # one strategy failing must not lose the others' rows
+                    print(f"{label}: scene {si} seed {seed} failed: {type(error).__name__}: {error}")
+                    notes.append(f"{label}: failed on scene {si}: {type(error).__name__}: {error}")
+                    failed = True
+                    break
+                seconds = time.perf_counter() - t0
+                file = work / f"{label.replace(' ', '_').replace('=', '-')}-s{si}-seed{seed}.png"
+                result.image.save(file)
+                verdict = judge_regions(judge, [result.image], HALVES)[0]
+                records.append({"scene": {"left": scene.left, "right": scene.right, "left_color": scene.left_color,
+                                          "right_color": scene.right_color, "extra": scene.extra},
+                                "seed": seed, "file": file.name, "seconds": seconds,
+                                "regions": {k: {"values": v.values, "placement": v.placement} for k, v in verdict.items()}})
+        if not records:
+            continue
+        records_by_label[label] = records
+        rows.append({"strategy": label, **score(records)})
+        print(f"{label}: {rows[-1]}", flush=True)
+    merge = next((r["seconds_per_image"] for r in rows if r["strategy"] == "merge"), None)
+    for r in rows:
+        r["time_vs_merge"] = r["seconds_per_image"] / merge if merge and r["strategy"] != BASE_LABEL else None
+    base_rows = [r for r in rows if r["strategy"] == BASE_LABEL]
+    rows = base_rows + sorted((r for r in rows if r["strategy"] != BASE_LABEL),
+                              key=lambda r: (-r["both_right"], -r["subject"], r["bleed"]))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "CPU")
+    header = (f"tiny-{args.family}, {len(SCENES)} two-subject scenes (+{len(BASE_SCENES)} base-shape scenes without "
+              f"LoRAs) x seeds {args.seeds}, {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    text = table(rows)
+    print(header)
+    print(text)
+    for note in notes:
+        print("note:", note)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"two-subjects-{args.family}"
+    payload = {"family": args.family, "seeds": args.seeds, "device": device, "threads": torch.get_num_threads(),
+               "scenes": [s.prompt() for s in SCENES], "base_scenes": [s.prompt() for s in BASE_SCENES],
+               "notes": notes, "strategies": rows, "images": records_by_label}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(f"{header}\n\n{text}\n" + "".join(f"\nnote: {n}" for n in notes) + "\n")
+
+
+if __name__ == "__main__":
+    main()
