@@ -42,8 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from studio.world.concepts import held_out  # noqa: E402
-from studio.world.regions import HALVES, judge_regions  # noqa: E402
+from studio.world.concepts import held_out
+from studio.world.regions import HALVES, judge_regions
 
 BASE_LABEL = "base (no LoRA)"
 REGION_STRATEGIES = ("regional",)  # strategies that take a box per stack entry

@@ -7,7 +7,15 @@ import pytest
 
 from pipelines.assets import assets_root
 from studio.world.concepts import Scene
-from studio.world.regions import HALVES, box_pixels, judge_regions, pair_accuracy, pair_scenes, placement, region_view
+from studio.world.regions import (
+    HALVES,
+    box_pixels,
+    judge_regions,
+    pair_accuracy,
+    pair_scenes,
+    placement,
+    region_view,
+)
 from studio.world.render import render, render_pair
 
 

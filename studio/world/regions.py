@@ -19,8 +19,8 @@ shape drawn across the middle, is not read as a shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -172,5 +172,15 @@ def pair_accuracy(judge, images: Sequence, pairs: Sequence[tuple[Scene, Scene]],
     return {a: float(np.mean(v)) for a, v in hits.items()}
 
 
-__all__ = ["HALVES", "JUDGED", "RegionVerdict", "as_array", "box_pixels", "judge_regions", "placement",
-           "pair_accuracy", "pair_scenes", "region_view"]
+__all__ = [
+    "HALVES",
+    "JUDGED",
+    "RegionVerdict",
+    "as_array",
+    "box_pixels",
+    "judge_regions",
+    "pair_accuracy",
+    "pair_scenes",
+    "placement",
+    "region_view",
+]
