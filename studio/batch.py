@@ -200,13 +200,14 @@ def _render_item(studio, item: BatchItem, out: Path, scorer: ClipScorer | None, 
             item.prompt, item.loras, item.strategy.name, strategy_params=dict(item.strategy.params),
             negative_prompt=item.negative, seed=item.seed, steps=item.steps, guidance=item.guidance,
             width=item.width, height=item.height, scheduler=item.scheduler,
-            callback=lambda step, num_steps, _kw: reporter.step(step, num_steps),
+            callback=lambda step, num_steps, _kw: reporter.step(step, num_steps), **item.mode_kwargs(),
         )
     except (OutOfMemoryError, StrategyError) as e:
         reason = f"out of memory: {e}" if isinstance(e, OutOfMemoryError) else f"{item.strategy.name}: {e}"
         return {**base, "status": "failed", "error": reason, "file": None,
                 "timings": {"total_s": time.perf_counter() - t0}, "finished_at": _now()}
     t_render = time.perf_counter()
+    _check_inputs_unchanged(item, result.recipe)
     result.recipe.save_png(result.image, out / item.file)
     t_saved = time.perf_counter()
     record = {**base, "status": "ok", "file": item.file, "recipe": result.recipe.to_dict()}
@@ -225,6 +226,16 @@ def _render_item(studio, item: BatchItem, out: Path, scorer: ClipScorer | None, 
     if result.warnings:
         record["warnings"] = result.warnings
     return record
+
+
+def _check_inputs_unchanged(item: BatchItem, recipe) -> None:
+    """The input images rendered are the ones the item's id was planned with (a file edited during the batch
+    would otherwise be saved under the id of its old content)."""
+    for planned in item.inputs.files:
+        used = (recipe.inputs or {}).get(planned.role, {}).get("sha256")
+        if used != planned.sha256:
+            raise BatchError(f"{planned.written}: the {planned.role.replace('_', ' ')} changed after the grid was "
+                             "read; run the batch again to plan it with the new file")
 
 
 def _now() -> str:

@@ -158,8 +158,9 @@ def batch(
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
     offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
     config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
-    allow_path: list[Path] = typer.Option([], "--allow-path", help="Grids: a folder the grid's LoRA paths may also "
-                                          "point into (besides the grid's folder and the shipped LoRAs); repeatable."),
+    allow_path: list[Path] = typer.Option([], "--allow-path", help="Grids: a folder the grid's LoRA, input image and "
+                                          "ControlNet paths may also point into (besides the grid's folder and the "
+                                          "shipped LoRAs); repeatable."),
     max_steps: Optional[int] = typer.Option(None, help="Refuse more denoising steps than this (default 1000)."),
     max_size: Optional[int] = typer.Option(None, help="Refuse a width or height above this, or more pixels than its "
                                            "square (default 4096 and 2048x2048)."),

@@ -29,7 +29,9 @@ inputs describe one:
 * a plain prompt list (TXT, CSV, JSONL; see :mod:`studio.prompt_list`) plus ``--lora``/``--strategy`` options.
 
 An item's id is a hash of its normalised recipe (model, prompt, negative prompt, strategy with every parameter
-filled in, LoRAs as written with weight/blocks/window, seed, steps, guidance, size, scheduler), so it is the
+filled in, LoRAs as written with weight/blocks/window, seed, steps, guidance, size, scheduler; for img2img,
+inpainting and ControlNet items also the input images by SHA-256, strength and ControlNet, see
+:mod:`studio.grid_inputs`), so it is the
 same in every run and every process; resuming and splitting work across processes rely on it. LoRA sources
 enter the id as written (not as resolved absolute paths) so nodes that mount the files elsewhere agree.
 """
@@ -48,6 +50,7 @@ from typing import Any, Mapping, Sequence
 
 from pipelines.errors import LoraFileError, StudioError
 
+from .grid_inputs import MODE_AXIS_KEYS, MODE_TOP_KEYS, GridInputs, InputResolver, check_mode_axes, id_fields
 from .lora import Lora, resolve_source
 from .path_policy import PathPolicy
 from .settings import DEFAULT_LIMITS, Limits, check_settings
@@ -55,13 +58,13 @@ from .settings import DEFAULT_LIMITS, Limits, check_settings
 MAX_GRID_CHARS = 1_000_000  # a grid file is read and parsed only below this size
 MAX_ITEMS = 100_000         # images one batch may plan
 
-COLUMN_AXES = ("seed", "weights", "steps", "guidance")
+COLUMN_AXES = ("seed", "weights", "steps", "guidance", "strength", "controlnet_scale")
 TOP_KEYS = {"model", "negative", "width", "height", "scheduler", "steps", "guidance", "seed", "lora_dir",
-            "stacks", "loras", "prompts", "axes", "report"}
-AXIS_KEYS = {"strategy", "seed", "weights", "steps", "guidance"}
+            "stacks", "loras", "prompts", "axes", "report", *MODE_TOP_KEYS}
+AXIS_KEYS = {"strategy", "seed", "weights", "steps", "guidance", *MODE_AXIS_KEYS}
 STACK_KEYS = {"name", "loras"}
 LORA_KEYS = {"source", "weight", "name", "blocks", "start", "end", "concept"}
-PROMPT_KEYS = {"text", "negative", "concepts"}
+PROMPT_KEYS = {"text", "negative", "concepts", "image", "mask", "control_image"}
 REPORT_KEYS = {"columns"}
 
 
@@ -129,6 +132,9 @@ class BatchItem:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    inputs: GridInputs = field(default_factory=GridInputs)  # img2img / inpainting / ControlNet (studio.grid_inputs)
+    strength: float | None = None
+    controlnet_scale: float | None = None
     prompt_index: int = 0
     position: int = 0             # index in the plan (report order)
     stack: str = ""
@@ -153,11 +159,21 @@ class BatchItem:
     def weights(self) -> list[float]:
         return [lora.weight for lora in self.loras]
 
+    def mode_kwargs(self) -> dict[str, Any]:
+        """The ``Studio.compose`` arguments of the item's input images, strength and ControlNet."""
+        out: dict[str, Any] = {f.role: f.path for f in self.inputs.files}
+        if self.inputs.files:
+            out.update(strength=self.strength, controlnet=self.inputs.controlnet,
+                       controlnet_conditioning_scale=self.controlnet_scale)
+        return out
+
     def report_fields(self) -> dict[str, Any]:
         """What the manifest keeps besides the recipe, so a report can be built from the manifest alone."""
         return {"prompt_index": self.prompt_index, "position": self.position, "stack": self.stack,
                 "strategy": self.strategy.label, "row": self.row, "column": self.column, "group": self.group,
-                "weights": self.weights, "concepts": dict(self.concepts)}
+                "weights": self.weights, "concepts": dict(self.concepts),
+                **({"inputs": {f.role: f.written for f in self.inputs.files}, "strength": self.strength,
+                    "controlnet_scale": self.controlnet_scale} if self.inputs.files else {})}
 
 
 def item_id(item: BatchItem) -> str:
@@ -170,6 +186,9 @@ def item_id(item: BatchItem) -> str:
               "params": [[k, v] for k, v in item.strategy.params], "loras": loras, "seed": int(item.seed),
               "steps": item.steps, "guidance": None if item.guidance is None else float(item.guidance),
               "width": item.width, "height": item.height, "scheduler": item.scheduler}
+    mode = id_fields(item.inputs, item.strength, item.controlnet_scale)
+    if mode is not None:  # text-to-image items keep the ids they always had
+        normal["mode"] = mode
     text = json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -194,6 +213,7 @@ class PromptSpec:
     negative: str | None = None
     concepts: dict[str, str] = field(default_factory=dict)
     origin: str = ""
+    inputs: GridInputs = field(default_factory=GridInputs)
 
 
 @dataclass
@@ -204,12 +224,15 @@ class Axes:
     steps: list[int | None] = field(default_factory=lambda: [None])
     guidance: list[float | None] = field(default_factory=lambda: [None])
     columns: str | None = None
+    strengths: list[float | None] = field(default_factory=lambda: [None])
+    controlnet_scales: list[float | None] = field(default_factory=lambda: [None])
 
     def column_axis(self) -> str:
         if self.columns:
             return self.columns
         sizes = {"seed": len(self.seeds), "weights": len(self.weights), "steps": len(self.steps),
-                 "guidance": len(self.guidance)}
+                 "guidance": len(self.guidance), "strength": len(self.strengths),
+                 "controlnet_scale": len(self.controlnet_scales)}
         return next((axis for axis in COLUMN_AXES if sizes[axis] > 1), "seed")
 
 
@@ -241,16 +264,18 @@ def check_axes(prompts: Sequence[PromptSpec], axes: Axes, *, origin: str, negati
 def expand(model: str, prompts: Sequence[PromptSpec], stacks: Sequence[Stack], axes: Axes, *, origin: str,
            negative: str = "", width: int | None = None, height: int | None = None,
            scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS) -> list[BatchItem]:
-    """The product prompts × stacks × weights × steps × guidance × strategies × seeds, in that order."""
+    """The product prompts × stacks × weights × steps × guidance × strengths × ControlNet scales × strategies ×
+    seeds, in that order."""
     check_axes(prompts, axes, origin=origin, negative=negative, width=width, height=height, scheduler=scheduler,
                limits=limits)
     planned = (len(prompts) * len(stacks) * len(axes.weights) * len(axes.steps) * len(axes.guidance)
-               * len(axes.strategies) * len(axes.seeds))
+               * len(axes.strengths) * len(axes.controlnet_scales) * len(axes.strategies) * len(axes.seeds))
     if planned > MAX_ITEMS:
         raise GridError(origin, f"the grid plans {planned} images; at most {MAX_ITEMS} fit one batch (split it)")
     column = axes.column_axis()
     varying = {"stack": len(stacks) > 1, "weights": len(axes.weights) > 1, "steps": len(axes.steps) > 1,
-               "guidance": len(axes.guidance) > 1, "seed": len(axes.seeds) > 1}
+               "guidance": len(axes.guidance) > 1, "strength": len(axes.strengths) > 1,
+               "controlnet_scale": len(axes.controlnet_scales) > 1, "seed": len(axes.seeds) > 1}
     items: list[BatchItem] = []
     seen: set[str] = set()
     for p_index, prompt in enumerate(prompts):
@@ -260,18 +285,23 @@ def expand(model: str, prompts: Sequence[PromptSpec], stacks: Sequence[Stack], a
                 raise GridError(prompt.origin or origin, f"concept(s) for {unknown}, but stack '{stack.name}' has LoRAs "
                                 f"{[lora.label for lora in stack.loras]}")
             concepts = {**stack.concepts, **prompt.concepts}
-            for weights, steps, guidance, strategy, seed in product(axes.weights, axes.steps, axes.guidance,
-                                                                    axes.strategies, axes.seeds):
+            for weights, steps, guidance, strength, scale, strategy, seed in product(
+                    axes.weights, axes.steps, axes.guidance, axes.strengths, axes.controlnet_scales, axes.strategies,
+                    axes.seeds):
                 values = {"stack": f"stack {stack.name}", "weights": weights_label(weights),
                           "steps": f"{steps} steps" if steps else "default steps",
                           "guidance": "default guidance" if guidance is None else f"guidance {guidance:g}",
+                          "strength": "default strength" if strength is None else f"strength {strength:g}",
+                          "controlnet_scale": "default scale" if scale is None else f"control scale {scale:g}",
                           "seed": f"seed {seed}"}
-                fixed = [values[k] for k in ("stack", "weights", "steps", "guidance", "seed") if varying[k] and k != column]
+                fixed = [values[k] for k in ("stack", "weights", "steps", "guidance", "strength", "controlnet_scale",
+                                             "seed") if varying[k] and k != column]
                 item = BatchItem(
                     model=model, prompt=prompt.text, negative=negative if prompt.negative is None else prompt.negative,
                     strategy=strategy, loras=_weighted(stack, weights, origin), lora_sources=list(stack.sources),
                     concepts=concepts, seed=int(seed), steps=steps, guidance=guidance, width=width, height=height,
-                    scheduler=scheduler, prompt_index=p_index, position=len(items), stack=stack.name,
+                    scheduler=scheduler, inputs=prompt.inputs, strength=strength, controlnet_scale=scale,
+                    prompt_index=p_index, position=len(items), stack=stack.name,
                     row=strategy.label, column=values[column], group=" · ".join([prompt.text, *fixed]),
                 )
                 if item.id in seen:
@@ -446,7 +476,7 @@ def load_grid(path: str | Path, *, allow: Sequence[str | Path] = (), limits: Lim
     if not isinstance(axes_data, dict):
         raise GridError(origin, "[axes] must be a table", where.key("axes"))
     _check_keys(axes_data, AXIS_KEYS, "[axes]", origin, lambda k: where.key(k, "axes"))
-    for key in ("seed", "steps", "guidance"):
+    for key in ("seed", "steps", "guidance", *sorted(MODE_AXIS_KEYS)):
         if key in data and key in axes_data:
             raise GridError(origin, f"'{key}' is given both at the top and under [axes]; keep one", where.key(key, "axes"))
 
@@ -495,7 +525,9 @@ def load_grid(path: str | Path, *, allow: Sequence[str | Path] = (), limits: Lim
         raise GridError(origin, f"[report] columns must be one of {COLUMN_AXES}, got {columns!r}",
                         where.key("columns", "report"))
     axes = Axes(strategies=strategies, seeds=axis("seed", int, [0]), weights=weights,
-                steps=axis("steps", int, [None]), guidance=axis("guidance", float, [None]), columns=columns)
+                steps=axis("steps", int, [None]), guidance=axis("guidance", float, [None]), columns=columns,
+                strengths=_mode_axis(axis, "strength", origin, where),
+                controlnet_scales=_mode_axis(axis, "controlnet_scale", origin, where))
 
     base_dir = path.resolve().parent
     policy = PathPolicy(folder=base_dir, libraries=[Path(d) for d in lora_dirs], allowed=[Path(a) for a in allow])
@@ -510,6 +542,7 @@ def load_grid(path: str | Path, *, allow: Sequence[str | Path] = (), limits: Lim
         policy = policy.with_library(lora_dir)
     stacks = _grid_stacks(data, where, origin, base_dir, lora_dir, policy)
     prompts = _grid_prompts(data, where, origin)
+    _grid_inputs(data, prompts, axes, where, origin, policy)
     negative = data.get("negative", "")
     try:
         width = int(data["width"]) if "width" in data else None
@@ -521,6 +554,37 @@ def load_grid(path: str | Path, *, allow: Sequence[str | Path] = (), limits: Lim
     items = expand(data["model"], prompts, stacks, axes, origin=origin, negative=negative, width=width,
                    height=height, scheduler=data.get("scheduler"), limits=limits)
     return items, data["model"]
+
+
+def _mode_axis(axis, key: str, origin: str, where: TomlLines) -> list[float | None]:
+    """``strength`` / ``controlnet_scale`` values (top-level or an [axes] list), each checked as compose checks it."""
+    from pipelines.mode_inputs import check_conditioning_scale, check_strength
+
+    check = check_strength if key == "strength" else check_conditioning_scale
+    values = axis(key, lambda v: v, [None])
+    try:
+        return [None if v is None else check(v) for v in values]
+    except StudioError as e:
+        raise GridError(origin, f"'{key}': {e}", where.key(key, "axes") or where.key(key)) from None
+
+
+def _grid_inputs(data, prompts: list[PromptSpec], axes: Axes, where: TomlLines, origin: str,
+                 policy: PathPolicy) -> None:
+    """Resolve, check and hash every prompt's input images and the ControlNet (:mod:`studio.grid_inputs`)."""
+    state = {"prompt": None}
+
+    def fail(problem: str, key: str) -> GridError:
+        index = state["prompt"]
+        line = (where.key(key, "prompts", index) if index is not None else None) or where.key(key) \
+            or where.key(key, "axes")
+        return GridError(origin, problem, line)
+
+    resolver = InputResolver(policy, origin, fail)
+    for index, prompt in enumerate(prompts):
+        entry = data["prompts"][index] if isinstance(data["prompts"][index], dict) else {}
+        state["prompt"] = index if any(k in entry for k in ("image", "mask", "control_image")) else None
+        prompt.inputs = resolver.inputs(data, entry)
+        check_mode_axes(prompt.inputs, axes.strengths, axes.controlnet_scales, fail)
 
 
 def _grid_stacks(data, where: TomlLines, origin: str, base_dir: Path, lora_dir: Path | None,
