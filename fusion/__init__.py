@@ -21,13 +21,14 @@ from .lego import Lego
 from .mcdropout import MCDropout, MCDropoutRuntime
 from .merge import Merge
 from .qr import QRMerge
+from .regional import Regional
 from .svd import SVD
 from .switch import Switch
 from .ties import Ties
 from .weightspace import WeightMerge, merge_stack
 
 _BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated, QRMerge, Cat, SVD, Ties, Dare,
-                                        KLora, Lego, MCDropout, MCDropoutRuntime)
+                                        KLora, Lego, MCDropout, MCDropoutRuntime, Regional)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 

@@ -6,6 +6,7 @@ A strategy sees the stack of K LoRAs in the user's order and answers three quest
   text conditioning the strategy will need);
 * ``plan(ctx) -> StepPlan``: for denoising step ``ctx.step``, the lanes to run (``gains[L, K]``), the weights
   that reduce the L predictions to one, and which text lane each denoiser lane uses;
+* optionally ``lane_prompts(prompt) -> [T]``: a prompt per text lane (regional composition), else one prompt;
 * optionally ``prepare(run)``: one-off work before the first step (profiling, caches, attaching gates), and
   ``finish(run)``: undo what ``prepare`` attached (called even when rendering fails). A strategy that fuses
   the stack into new adapters (weight-space merges) attaches them through ``run.composer`` and sets
@@ -104,6 +105,8 @@ class RunContext:
     settings: dict[str, Any] = field(default_factory=dict)  # width, height, guidance, negative_prompt of render
     step_weights: torch.Tensor | None = None  # [num_steps, K]: each LoRA's weight at each step (0 outside window)
     stack: list[str] | None = None  # the adapter columns plan() addresses; prepare() may replace it
+    regions: list[str | None] = field(default_factory=list)  # per LoRA: its region (fusion.region_masks) or None
+    region_prompts: list[str | None] = field(default_factory=list)  # per LoRA: its region prompt or None
 
     def __post_init__(self):
         if self.stack is None:
@@ -118,6 +121,7 @@ class Strategy:
     citation: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
     max_loras: ClassVar[int | None] = None  # a strategy defined for a fixed number of LoRAs says how many
+    uses_regions: ClassVar[bool] = False  # only a strategy that reads LoRAs' regions may be given a stack with them
 
     def __init__(self, **values: Any):
         known = {p.name: p for p in self.params}
@@ -143,6 +147,10 @@ class Strategy:
     def text_lanes(self, weights: torch.Tensor) -> torch.Tensor:
         """Text-encoder gains ``[T, K]``; by default every LoRA at its weight (one lane)."""
         return weights[None].clone()
+
+    def lane_prompts(self, prompt: str) -> list[str] | None:
+        """One prompt per text lane (rows of :meth:`text_lanes`), or ``None``: every lane uses ``prompt``."""
+        return None
 
     def plan(self, ctx: StepContext) -> StepPlan:
         raise NotImplementedError

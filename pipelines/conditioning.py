@@ -25,13 +25,22 @@ def encode_lanes(
     negative_prompt: str | None,
     do_cfg: bool,
     max_sequence_length: int | None = None,
+    prompts: list[str] | None = None,
 ) -> tuple[dict, LaneConditioning]:
     """Encode ``prompt`` once per row of ``text_lanes`` ([T, N] gains).
+
+    ``prompts`` (one per text lane) gives each lane its own prompt instead, e.g. a regional lane's
+    "global prompt, region prompt"; each is still encoded with only its own lane's text-encoder gains.
 
     Returns the pipeline keyword arguments for lane 0 (``prompt_embeds`` and friends, to pass instead of
     ``prompt``) and the :class:`LaneConditioning` that swaps in lane j's rows inside the denoiser call.
     """
     lanes = text_lanes.shape[0]
+    if prompts is None:
+        prompts = [prompt] * lanes
+    elif len(prompts) != lanes:
+        raise ValueError(f"{len(prompts)} lane prompts for {lanes} text lanes")
+    prompts = list(prompts)
     device = pipe._execution_device
     saved = state.text_gains.clone()
     state.set_gains(text=text_lanes)
@@ -39,7 +48,7 @@ def encode_lanes(
         with torch.no_grad():
             if family.name == "sdxl":
                 pe, npe, ppe, nppe = pipe.encode_prompt(
-                    prompt=[prompt] * lanes,
+                    prompt=prompts,
                     device=device,
                     num_images_per_prompt=1,
                     do_classifier_free_guidance=do_cfg,
@@ -54,7 +63,7 @@ def encode_lanes(
                 }
             else:
                 extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-                pe, ppe, _ = pipe.encode_prompt(prompt=[prompt] * lanes, prompt_2=None, device=device,
+                pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                 num_images_per_prompt=1, **extra)
                 kwargs = {"prompt_embeds": pe[:1], "pooled_prompt_embeds": ppe[:1]}
                 npe = nppe = None

@@ -43,6 +43,7 @@ def run_pipeline(
     pipeline_kwargs: dict[str, Any] | None = None,
     seam_factory: Callable[..., DenoiserSeam] = DenoiserSeam,
     max_lanes: int | str | None = "auto",
+    lane_prompts: list[str] | None = None,
 ):
     """Render one prompt; ``plan_for_step`` and ``text_lanes`` are in the state's column space ([·, N]).
 
@@ -51,6 +52,9 @@ def run_pipeline(
     Mode inputs in ``pipeline_kwargs`` (``image``, ``mask_image``, ``strength``) choose the stock pipeline that
     runs the loop (:mod:`pipelines.modes`); step ``s`` of its loop is step ``s + begin_index`` of the
     ``num_inference_steps`` schedule that ``plan_for_step`` addresses.
+
+    ``lane_prompts`` (one per row of ``text_lanes``) gives text lanes prompts of their own (regional lanes);
+    the pipeline's progress bar and recipe still show ``prompt``.
     """
     family, state = composer.family, composer.state
     extra = dict(pipeline_kwargs or {})
@@ -63,19 +67,25 @@ def run_pipeline(
     text_stack = [n for n in stack if n in composer.text_part_names()]
     conditioning = None
     call: dict[str, Any] = {}
+    own_prompts = lane_prompts is not None and len(set(lane_prompts)) > 1
+    if lane_prompts is not None and len(lane_prompts) != text_lanes.shape[0]:
+        raise StudioError(f"{len(lane_prompts)} lane prompts for {text_lanes.shape[0]} text lanes")
+    if text_lanes.shape[0] > 1 and own_prompts and mode in CONTROLNET_MODES:
+        raise StudioError("ControlNet with lanes of their own prompts (regional prompts) is not supported: the "
+                          "ControlNet runs once per step with one text conditioning")
     if text_lanes.shape[0] > 1 and text_stack and mode in CONTROLNET_MODES:
         raise StudioError(
             "ControlNet with lanes of their own text conditioning (LoRAs with text-encoder parts: "
             f"{', '.join(text_stack)}) is not supported: the ControlNet runs once per step with one text "
             "conditioning. Use merge, or these LoRAs without their text-encoder parts (blocks 'te=0')")
-    if text_lanes.shape[0] > 1 and text_stack:
+    if text_lanes.shape[0] > 1 and (text_stack or own_prompts):
         call, conditioning = encode_lanes(
             pipe, family, state, text_lanes, prompt=prompt, negative_prompt=negative_prompt, do_cfg=do_cfg,
-            max_sequence_length=extra.get("max_sequence_length"),
+            max_sequence_length=extra.get("max_sequence_length"), prompts=lane_prompts if own_prompts else None,
         )
     else:
         state.set_gains(text=text_lanes[:1])
-        call["prompt"] = prompt
+        call["prompt"] = lane_prompts[0] if lane_prompts else prompt
         if negative_prompt and (family.name == "sdxl" or do_cfg):
             call["negative_prompt"] = negative_prompt
     offset: list[int] = []  # read at the first denoiser call, once the pipeline has set its schedule

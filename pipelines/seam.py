@@ -51,6 +51,11 @@ class StepPlan:
     ``block_gains[blocks, N]`` (optional) multiplies each adapter's gain per denoiser block for this step.
     ``layer_weights[layers, N]`` (optional) multiplies every lane's gains layer by layer (rows are
     :meth:`MixState.layer_id` ids), for strategies that pick adapters per layer (K-LoRA).
+
+    ``weights`` is ``[L]`` (one scalar per lane; may be negative, e.g. Composable Diffusion's 1 − N) or a
+    spatial map per lane, normalised to sum to one over the lanes at every position (MultiDiffusion's
+    ε = Σ_i M_i ⊙ ε_i): ``[L, H, W]`` over the latent pixels of a UNet's ``[C, H, W]`` prediction, ``[L, tokens]``
+    over the packed tokens of a FLUX transformer's ``[tokens, C]`` prediction (2×2 latent patches, row-major).
     """
 
     gains: torch.Tensor
@@ -61,8 +66,13 @@ class StepPlan:
     layer_weights: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.gains.dim() != 2 or self.weights.shape != (self.gains.shape[0],):
+        if self.gains.dim() != 2 or self.weights.dim() not in (1, 2, 3) or self.weights.shape[0] != self.gains.shape[0]:
             raise ValueError(f"bad plan: gains {tuple(self.gains.shape)}, weights {tuple(self.weights.shape)}")
+        if self.weights.dim() > 1:
+            total = self.weights.detach().float().sum(0)
+            if not torch.allclose(total, torch.ones_like(total), atol=1e-4):
+                raise ValueError(f"bad plan: spatial lane weights must sum to one at every position (they sum to "
+                                 f"{float(total.min()):.4g}..{float(total.max()):.4g})")
         if self.layer_weights is not None and (
             self.layer_weights.dim() != 2 or self.layer_weights.shape[1] != self.gains.shape[1]
         ):
@@ -265,7 +275,7 @@ class DenoiserSeam:
             self.chunk_calls += 1
             with self.budget.observe(len(chunk)):
                 outputs.append(self._original(**new))
-        return _reduce(outputs, plan.lanes, batch, plan.weights)
+        return _reduce(outputs, plan.lanes, batch, plan.weights, tokens_first=self.family.name == "flux")
 
     def _release_memory(self) -> None:
         if self.feature_cache is not None:
@@ -301,9 +311,11 @@ class DenoiserSeam:
         self.feature_cache.begin(self.step, batch, request["keys"], request["reuse"])
 
 
-def _reduce(outputs: list, lanes: int, batch: int, weights: torch.Tensor):
+def _reduce(outputs: list, lanes: int, batch: int, weights: torch.Tensor, tokens_first: bool = False):
     """Concatenate the chunks' predictions (``[L·B, ...]`` in all) and sum the lanes with ``weights``.
 
+    ``weights`` is ``[L]`` or a spatial map per lane (see :class:`StepPlan`): ``[L, H, W]`` broadcast over the
+    channels of ``[C, H, W]`` predictions, or, with ``tokens_first`` (FLUX), ``[L, tokens]`` over ``[tokens, C]``.
     A single lane (one lane with its own text conditioning) is returned as is, whatever its weight."""
     if lanes == 1:
         return outputs[0]
@@ -315,7 +327,16 @@ def _reduce(outputs: list, lanes: int, batch: int, weights: torch.Tensor):
 
     x = torch.cat([main(o) for o in outputs], dim=0) if len(outputs) > 1 else main(outputs[0])
     x = x.view(lanes, batch, *x.shape[1:])
-    w = weights.to(device=x.device, dtype=x.dtype).view(lanes, *[1] * (x.dim() - 1))
+    w = weights.to(device=x.device, dtype=x.dtype)
+    sample, spatial = tuple(x.shape[2:]), tuple(w.shape[1:])
+    if tokens_first and spatial:
+        if sample[:len(spatial)] != spatial:
+            raise ValueError(f"lane weight map {spatial} does not fit the prediction's tokens {sample}")
+        w = w.view(lanes, 1, *spatial, *[1] * (len(sample) - len(spatial)))
+    else:
+        if spatial and sample[len(sample) - len(spatial):] != spatial:
+            raise ValueError(f"lane weight map {spatial} does not fit the prediction's latent grid {sample}")
+        w = w.view(lanes, *[1] * (x.dim() - 1 - len(spatial)), *spatial)
     reduced = (x * w).sum(0)
     first = outputs[0]
     if isinstance(first, tuple):

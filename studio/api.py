@@ -312,6 +312,11 @@ class Studio:
             width, height = size_of_image(given, self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1))
         specs = [Lora.parse(spec) for spec in loras]
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, strategy_params)
+        regional = [s.label for s in specs if s.region is not None or s.prompt is not None]
+        if regional and not strat.uses_regions:
+            raise StudioError(f"LoRA(s) {', '.join(regional)} have a region or region prompt, which only the "
+                              f"'regional' strategy uses; '{strat.name}' would ignore them. Use strategy 'regional' "
+                              "or drop region=/prompt=")
         seen = set()
         for spec in specs:
             key = id(spec.source) if isinstance(spec.source, dict) else str(spec.source)
@@ -368,7 +373,8 @@ class Studio:
                          cache_dir=str(self.cache_dir) if self.cache_dir else None,
                          settings={"width": width, "height": height, "guidance": guidance,
                                    "negative_prompt": negative_prompt, "seed": seed, "steps": steps},
-                         step_weights=step_weights)
+                         step_weights=step_weights, regions=[s.region for s in specs],
+                         region_prompts=[s.prompt for s in specs])
         try:
             strat.prepare(run)
             t_prepared = time.perf_counter()
@@ -389,7 +395,8 @@ class Studio:
                 strat, specs, names, stack, plan_for_step, text_lanes, prompt=prompt,
                 negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
                 height=height, count=count, callback=callback, output_type=output_type,
-                pipeline_kwargs=pipeline_kwargs, max_lanes=max_lanes)
+                pipeline_kwargs=pipeline_kwargs, max_lanes=max_lanes,
+                lane_prompts=strat.lane_prompts(prompt) if specs else None)
             for recipe in recipes:
                 record_mode(recipe, mode_inputs)
         finally:
@@ -421,7 +428,7 @@ class Studio:
 
     def _render_images(self, strat, specs, names, stack, plan_for_step, text_lanes, *, prompt, negative_prompt,
                        seed, steps, guidance, width, height, count, callback, output_type, pipeline_kwargs,
-                       max_lanes="auto"):
+                       max_lanes="auto", lane_prompts=None):
         images, recipes, latents = [], [], []
         for k in range(count):
             generator = torch.Generator(self.device.type).manual_seed(seed + k)
@@ -431,7 +438,7 @@ class Studio:
                     prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                     guidance_scale=guidance, width=width, height=height, generator=generator,
                     output_type=output_type, callback=callback, pipeline_kwargs=pipeline_kwargs,
-                    max_lanes=max_lanes,
+                    max_lanes=max_lanes, lane_prompts=lane_prompts,
                 )
             except torch.OutOfMemoryError:
                 if torch.cuda.is_available():
@@ -496,7 +503,7 @@ class Studio:
             source = parsed.source if not isinstance(spec.source, dict) else "<state dict>"
             blocks = spec.blocks if isinstance(spec.blocks, str) else (dict(spec.blocks) if spec.blocks else None)
             loras.append(LoraRecipe(source=source, weight=spec.weight, name=name, blocks=blocks, start=spec.start,
-                                    end=spec.end, sha256=parsed.sha256))
+                                    end=spec.end, sha256=parsed.sha256, region=spec.region, prompt=spec.prompt))
         return Recipe(model=self.model, runtime=primary(self.runtime_counts) or "auto",
                       prompt=prompt, negative_prompt=negative, strategy=strat.name,
                       strategy_params=dict(strat.values), loras=loras, seed=seed, steps=steps, guidance=guidance,

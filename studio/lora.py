@@ -8,6 +8,10 @@ or an in-memory state dict. Everywhere a LoRA is accepted, the string shorthand 
     "style.safetensors:0.8"                     weight 0.8
     "style.safetensors:0.8:start=0.2:end=0.9"   active for 20-90 % of the denoising steps
     "style.safetensors:0.6:blocks=down=0,mid=1" per-block weights (or a preset name, see families.py)
+    "cat.safetensors:0.9:region=left:prompt=a black cat"
+                                                for the ``regional`` strategy: the LoRA's region (a preset,
+                                                fractions x0,y0,x1,y1 or a mask image file) and region prompt
+                                                (the shorthand's prompt may not contain ':')
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class Lora:
     blocks: Mapping[str, float] | str | None = None
     start: float = 0.0
     end: float = 1.0
+    region: str | None = None
+    prompt: str | None = None
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -51,6 +57,21 @@ class Lora:
         from .settings import check_blocks
 
         check_blocks(self.blocks, f"LoRA {self.label}")
+        if self.region is not None:
+            from fusion.region_masks import check_region
+
+            try:
+                self.region = check_region(self.region, f"LoRA {self.label}")
+            except StudioError:
+                raise
+            except Exception as e:  # StrategyError is a StudioError; anything else is a bug worth its message
+                raise StudioError(f"LoRA {self.label}: bad region {self.region!r} ({e})") from None
+        if self.prompt is not None:
+            if not isinstance(self.prompt, str):
+                raise StudioError(f"LoRA {self.label}: prompt must be text, got {type(self.prompt).__name__}")
+            if len(self.prompt) > 20_000:
+                raise StudioError(f"LoRA {self.label}: prompt has {len(self.prompt)} characters; at most 20000")
+            self.prompt = self.prompt.strip() or None
 
     @property
     def label(self) -> str:
@@ -69,7 +90,7 @@ class Lora:
             unknown = sorted(str(k) for k in set(spec) - set(cls.__dataclass_fields__))
             if unknown:
                 raise StudioError(f"a LoRA table has unknown keys {unknown[:4]} (valid: source, weight, name, blocks, "
-                                  "start, end; a state dict goes in Lora(source=...))")
+                                  "start, end, region, prompt; a state dict goes in Lora(source=...))")
             if "source" not in spec:
                 raise StudioError("a LoRA table needs a 'source'")
             return cls(**dict(spec))
@@ -86,8 +107,9 @@ class Lora:
             if "=" in item:
                 key, value = item.split("=", 1)
                 key = key.strip()
-                if key not in ("start", "end", "blocks", "name", "weight"):
-                    raise StudioError(f"LoRA spec '{text}': unknown option '{key}' (start, end, blocks, name, weight)")
+                if key not in ("start", "end", "blocks", "name", "weight", "region", "prompt"):
+                    raise StudioError(f"LoRA spec '{text}': unknown option '{key}' (start, end, blocks, name, weight, "
+                                      "region, prompt)")
                 kwargs[key] = value
             elif "weight" not in kwargs:
                 kwargs["weight"] = item
@@ -106,6 +128,10 @@ class Lora:
             out["start"] = self.start
         if self.end != 1.0:
             out["end"] = self.end
+        if self.region is not None:
+            out["region"] = self.region
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
         return out
 
 

@@ -47,10 +47,12 @@ class LoraRecipe:
     start: float = 0.0
     end: float = 1.0
     sha256: str | None = None
+    region: str | None = None  # regional strategy: preset, x0,y0,x1,y1 or mask file (older recipes: none)
+    prompt: str | None = None  # regional strategy: the region's prompt
 
     def to_lora_kwargs(self) -> dict[str, Any]:
         return {"source": self.source, "weight": self.weight, "name": self.name, "blocks": self.blocks,
-                "start": self.start, "end": self.end}
+                "start": self.start, "end": self.end, "region": self.region, "prompt": self.prompt}
 
 
 @dataclass
@@ -148,7 +150,11 @@ class Recipe:
         only files in the folders the user allowed are ever opened."""
         from dataclasses import replace
 
-        loras = [replace(lora, source=str(policy.resolve(lora.source, origin, lora.sha256))) for lora in self.loras]
+        from fusion.region_masks import is_mask_file
+
+        loras = [replace(lora, source=str(policy.resolve(lora.source, origin, lora.sha256)),
+                         region=str(policy.resolve(lora.region, origin)) if is_mask_file(lora.region) else lora.region)
+                 for lora in self.loras]
         return replace(self, loras=loras)
 
     def to_toml(self) -> str:
@@ -354,7 +360,7 @@ def _lora_entry(item: dict[str, Any], where: str) -> LoraRecipe:
         source = item["source"]
         if not isinstance(source, str) or not source or len(source) > 4096:
             raise RecipeError(f"{where}: source must be a file name or path, got {str(source)[:60]!r}")
-        for key in ("name", "sha256"):
+        for key in ("name", "sha256", "region", "prompt"):
             if item.get(key) is not None and not isinstance(item[key], str):
                 raise RecipeError(f"{where}: {key} must be text, got {item[key]!r:.60}")
         weight = check_number(f"{where}: weight", item.get("weight", 1.0), -100.0, 100.0)
