@@ -87,7 +87,9 @@ def step_progress(total_images: int, steps: int) -> tuple[Progress, callable]:
 @app.command()
 def render(
     prompt: Optional[str] = typer.Argument(None, help="What to draw (omit with --recipe)."),
-    lora: list[str] = typer.Option([], "--lora", "-l", help="PATH[:WEIGHT][:start=F][:end=F][:blocks=SPEC]; repeatable."),
+    lora: list[str] = typer.Option([], "--lora", "-l", help=(
+        "PATH[:WEIGHT][:start=F][:end=F][:blocks=SPEC][:region=R][:prompt=TEXT]; repeatable. region/prompt: for "
+        "--strategy regional (R: a preset such as left or middle-third, fractions x0,y0,x1,y1 or a mask image).")),
     strategy: str = typer.Option("merge", "--strategy", "-s", help="Fusion strategy (see `studio strategies`)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Strategy parameter name=value; repeatable."),
     model: str = typer.Option("tiny-sdxl", "--model", "-m", help="tiny-sdxl, tiny-flux, a Hub id, a folder or a .safetensors file."),

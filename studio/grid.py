@@ -321,7 +321,8 @@ def _weighted(stack: Stack, weights: float | list[float] | None, origin: str) ->
                                 f"{len(stack.loras)} LoRA(s)")
     out = []
     for lora, w in zip(stack.loras, values):
-        out.append(Lora(source=lora.source, weight=w, name=lora.name, blocks=lora.blocks, start=lora.start, end=lora.end))
+        out.append(Lora(source=lora.source, weight=w, name=lora.name, blocks=lora.blocks, start=lora.start, end=lora.end,
+                        region=lora.region, prompt=lora.prompt))
     return out
 
 

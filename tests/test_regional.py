@@ -189,3 +189,41 @@ def test_bad_regions_fail_before_rendering(tmp_path, flux_loras):
     with pytest.raises(StudioError, match="unknown option 'regoin'"):
         Lora.parse(f"{f}:0.5:regoin=left")
     assert make_strategy("regional").params  # listed from the registry with its parameters
+
+
+def test_cli_mask_region_and_png_recipe_reproduce(flux_loras, tmp_path):
+    """`studio render --lora PATH:W:region=MASK.png:prompt=...`, then `render --recipe` of the PNG: same pixels,
+    the mask file found through the recipe's folder policy (allowed with --allow-path)."""
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(masks / "middle.png")
+    out, again = tmp_path / "out", tmp_path / "again"
+    runner = CliRunner()
+    args = ["render", PROMPT, "--lora", f"{flux_loras[0]}:0.9",
+            "--lora", f"{flux_loras[1]}:0.7:region={masks / 'middle.png'}:prompt=a blue ball",
+            "--strategy", "regional", "--param", "feather=1", "--steps", "2", "--seed", "3", "--out", str(out),
+            "--model", "tiny-flux-random"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (png,) = sorted(out.glob("*.png"))
+    from studio import Recipe
+
+    recipe = Recipe.from_png(png)
+    assert recipe.loras[1].region == str(masks / "middle.png") and recipe.loras[1].prompt == "a blue ball"
+    result = runner.invoke(app, ["render", "--recipe", str(png), "--out", str(again),
+                                 "--allow-path", str(flux_loras[0].parent.parent)])
+    assert result.exit_code != 0 and "middle.png" in result.output and "outside the folders" in result.output
+    result = runner.invoke(app, ["render", "--recipe", str(png), "--out", str(again),
+                                 "--allow-path", str(flux_loras[0].parent.parent), "--allow-path", str(masks)])
+    assert result.exit_code == 0, result.output
+    (png2,) = sorted(again.glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(png2)), np.asarray(Image.open(png)))
+    result = runner.invoke(app, ["render", PROMPT, "--lora", f"{flux_loras[0]}:0.9:region=left", "--strategy",
+                                 "merge", "--steps", "1", "--out", str(out), "--model", "tiny-flux-random"])
+    assert result.exit_code != 0 and "only the 'regional' strategy" in result.output
