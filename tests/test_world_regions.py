@@ -82,6 +82,9 @@ def test_placement_inside_none_and_crossing():
     assert [placement(left_only, HALVES[s]) for s in ("left", "right")] == ["inside", "none"]
     centred = render(Scene("circle", position="center", **kw), rng)  # one shape across the middle
     assert [placement(centred, HALVES[s]) for s in ("left", "right")] == ["crossing", "crossing"]
+    waves = render_pair(Scene("zorb", position="left", **{**kw, "background": "waves"}),
+                        Scene("quix", position="right", **{**kw, "background": "waves"}), rng)
+    assert placement(waves, HALVES["left"]) == "unknown"  # a textured background: the pixel test cannot tell
 
 
 def test_bad_boxes_and_scenes_are_refused():

@@ -86,8 +86,9 @@ def region_view(image, box: Box, view: str = "centre") -> np.ndarray:
     return np.pad(crop, ((top, JUDGE_SIZE - h - top), (left, JUDGE_SIZE - w - left), (0, 0)), mode="edge")
 
 
-def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04, margin: float = 0.2) -> str:
-    """Where an object lies relative to ``box``: ``"inside"``, ``"crossing"`` or ``"none"``.
+def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04, margin: float = 0.2,
+              textured: float = 0.15) -> str:
+    """Where an object lies relative to ``box``: ``"inside"``, ``"crossing"``, ``"none"`` or ``"unknown"``.
 
     Foreground = pixels farther than ``threshold`` (RGB distance, [0, 1] channels) from the image's border colour
     (median of its outermost rows and columns). Under ``min_share`` of the box's pixels in the foreground: ``none``.
@@ -96,11 +97,15 @@ def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04,
     the middle of a two-subject image reads as half a shape in each half): ``crossing``.
 
     A plain pixel test, not a judge: a textured background (bricks, waves, grid) differs from its own median, so
-    it is reliable on the plain ``light`` / ``dark`` backgrounds only."""
+    the test only works on plain backgrounds (``light`` / ``dark``). Where more than ``textured`` of the border
+    pixels are foreground by that rule, the background is textured and the answer is ``unknown``."""
     array = as_array(image)
     h, w = array.shape[:2]
     border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-    foreground = np.linalg.norm(array - np.median(border, axis=0), axis=-1) > threshold
+    median = np.median(border, axis=0)
+    if float((np.linalg.norm(border - median, axis=-1) > threshold).mean()) > textured:
+        return "unknown"
+    foreground = np.linalg.norm(array - median, axis=-1) > threshold
     x0, y0, x1, y1 = box_pixels(box, w, h)
     inside = foreground[y0:y1, x0:x1]
     if inside.mean() < min_share:
@@ -113,13 +118,14 @@ def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04,
 @dataclass(frozen=True)
 class RegionVerdict:
     """What the judge read in one region: the top value per judged attribute, and where an object lies
-    (:func:`placement`); a region *shows* a value only with an object inside it."""
+    (:func:`placement`); a region *shows* a value only with an object inside it, or, on a textured background
+    where the pixel test cannot tell (``unknown``), on the judge's word alone."""
 
     values: dict[str, str]
     placement: str
 
     def shows(self, attribute: str, value: str) -> bool:
-        return self.placement == "inside" and self.values.get(attribute) == value
+        return self.placement in ("inside", "unknown") and self.values.get(attribute) == value
 
 
 def judge_regions(judge, images: Sequence, boxes: Mapping[str, Box] = HALVES, view: str = "centre"
