@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.errors import StrategyError
-
 from .base import Param, RunContext, StepContext, StepPlan, Strategy
 from .region_masks import describe_region, lane_weights, rasterise
 
@@ -46,14 +44,17 @@ class Regional(Strategy):
         prompts = list(run.region_prompts) + [None] * (k - len(run.region_prompts))
         keys = [None if r is None else str(r).strip() for r in regions]
         self.groups = list(dict.fromkeys(r for r in keys if r is not None))
-        if not self.groups:
-            raise StrategyError("strategy 'regional' needs at least one LoRA with a region (e.g. 'subject.safetensors"
-                                ":region=left:prompt=a red cube'); without regions use merge")
+        self.info.clear()
+        if not self.groups:  # nothing regional: every step is the merge lane (stated in the result's info)
+            self.info["fallback"] = ("no LoRA has a region (e.g. 'subject.safetensors:region=left:prompt=a red "
+                                     "cube'): rendered as merge")
         self.members = torch.tensor([[key == g for key in keys] for g in self.groups], dtype=torch.float32)  # [R, K]
         self.global_ = torch.tensor([key is None for key in keys], dtype=torch.float32)  # [K]
         self.global_words = [p.strip() for p, key in zip(prompts, keys) if key is None and p and p.strip()]
         self.group_words = [list(dict.fromkeys(p.strip() for p, key in zip(prompts, keys) if key == g and p and p.strip()))
                             for g in self.groups]
+        if not self.groups:
+            return
         height, width, tokens = self._grid(run)
         masks = [rasterise(g, height, width, f"region of LoRA {self._label(run, keys, g)}") for g in self.groups]
         scale = 0.5 if tokens else 1.0  # feather is in latent pixels; a FLUX token is 2x2 of them
@@ -91,7 +92,7 @@ class Regional(Strategy):
 
     def plan(self, ctx: StepContext) -> StepPlan:
         merge_lane = len(self.groups) + 1
-        if ctx.progress >= self.regional_until:
+        if ctx.progress >= self.regional_until or not self.groups:
             return StepPlan(gains=ctx.weights[None].clone(), weights=torch.ones(1), text_lanes=[merge_lane])
         rows = [torch.maximum(self.global_, m) for m in self.members]
         lanes = list(range(1, len(self.groups) + 1))

@@ -182,8 +182,11 @@ def test_bad_regions_fail_before_rendering(tmp_path, flux_loras):
     for strategy in ("merge", "composite", "switch"):
         with pytest.raises(StudioError, match="only the 'regional' strategy"):
             studio.compose(PROMPT, [f"{f}:0.5:region=left"], strategy, steps=2)
-    with pytest.raises(StudioError, match="needs at least one LoRA with a region"):
-        studio.compose(PROMPT, [f"{f}:0.5"], "regional", steps=2)
+    # no region at all: regional says it rendered a merge, and did
+    fallback = studio.compose(PROMPT, [f"{f}:0.5"], "regional", steps=2, output_type="np")
+    assert "rendered as merge" in fallback.strategy_info["fallback"]
+    merged = studio.compose(PROMPT, [f"{f}:0.5"], "merge", steps=2, output_type="np")
+    np.testing.assert_array_equal(fallback.latents[0], merged.latents[0])
     with pytest.raises(StudioError, match="smaller than one cell"):
         studio.compose(PROMPT, [f"{f}:0.5:region=0,0,0.01,0.01"], "regional", steps=2)
     with pytest.raises(StudioError, match="unknown option 'regoin'"):
