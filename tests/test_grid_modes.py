@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from batch_support import EXAMPLE_LORAS
 from PIL import Image
 
-from batch_support import EXAMPLE_LORAS
 from pipelines.tiny import build_tiny_sdxl, build_tiny_sdxl_controlnet
 from studio import Recipe, Studio
 from studio.batch import BatchOptions, run_batch
@@ -141,11 +141,11 @@ def test_controlnet_grid_item_equals_studio_compose(tmp_path, studio):
 
 
 @pytest.mark.parametrize("body, axes, message, needle", [
-    ('image = "inputs/nothere.png"', "", r"image inputs/nothere\.png not found in the folders the grid grid\.toml "
-     "may read", "image ="),
+    ('image = "inputs/nothere.png"', "", r"image inputs/nothere\.png not found in the folders the grid grid\.toml may read",
+     "image ="),
     ('image = "../elsewhere/room.png"', "", r"image \.\./elsewhere/room\.png is outside the folders", "image ="),
-    ('image = "inputs/room.png"\nmask = "inputs/room.png"', "", r"mask inputs/room\.png: a mask must be "
-     "single-channel", "mask ="),
+    ('image = "inputs/room.png"\nmask = "inputs/room.png"', "", r"mask inputs/room\.png: a mask must be single-channel",
+     "mask ="),
     ('image = "inputs/room.png"\nmask = "inputs/black.png"', "", r"the mask is empty", "mask ="),
     ('mask = "inputs/mask.png"', "", r"a mask needs the image it masks", "mask ="),
     ("", "strength = [0.5]", r"'strength' applies to img2img and inpainting", "strength ="),

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..control_lora import control_lora_problem
 from ..errors import IncompatibleLoraError, LoraFileError
 from ..families import Family
 from ..safetensors_io import read_safetensors
@@ -120,13 +121,9 @@ def parse_lora(
             f"this LoRA was made for {BASE_NAMES[info.base]} (according to its {info.base_evidence}), "
             f"but the loaded model is {BASE_NAMES[family.name]}",
         )
-    if info.format == "bfl-control":
-        raise IncompatibleLoraError(
-            label,
-            "this is a FLUX control LoRA (BFL Canny/Depth format): it widens the image input embedder and "
-            "needs a control image (diffusers' FluxControlPipeline); it cannot be composed on a text-to-image "
-            "FluxPipeline",
-        )
+    control = control_lora_problem(tensors, info.format, pipe)  # BFL Canny/Depth, either layout
+    if control:
+        raise IncompatibleLoraError(label, control)
     if info.format == "qr-bases":
         raise IncompatibleLoraError(
             label,
