@@ -135,6 +135,9 @@ class InputResolver:
                 raise
             folder = None  # owner/name that is not an allowed folder: a Hub id
         if folder is not None:
+            if not (folder / "config.json").is_file():  # checked here so the batch stops before any image
+                raise self.fail(f"controlnet {value}: a ControlNet is a diffusers folder with config.json and "
+                                "weights", "controlnet")
             return str(folder), value
         if looks_local or not _HUB_ID.fullmatch(value):
             raise self.fail(f"controlnet {value} is neither a folder {self._where()} may read nor a Hub id "

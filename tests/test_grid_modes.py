@@ -152,6 +152,9 @@ def test_controlnet_grid_item_equals_studio_compose(tmp_path, studio):
     ('image = "inputs/room.png"', "strength = [0.5, 1.5]", r"'strength': strength must be in \(0, 1\]", "strength ="),
     ('control_image = "inputs/edges.png"\ncontrolnet = "./nowhere"', "", r"controlnet \./nowhere is neither",
      "controlnet ="),
+    ('control_image = "inputs/edges.png"\ncontrolnet = "inputs"', "", (r"controlnet inputs: a ControlNet is a "
+                                                                       r"diffusers folder with config\.json"),
+     "controlnet ="),
     ('image = "inputs/room.png"', "controlnet_scale = [0.5]", r"'controlnet_scale' needs a control image",
      "controlnet_scale ="),
     ('image = "inputs/notes.txt"', "", r"image inputs/notes\.txt: .*cannot read the image as an image", "image ="),
