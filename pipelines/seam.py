@@ -10,7 +10,8 @@ class's method, or over an offload hook's wrapper, put back on exit) by a wrappe
 * calls the original forward once for all lanes, or once per *chunk* of at most ``max_lanes`` lanes when
   memory is short (see :mod:`pipelines.lane_memory`): each chunk gets its own rows of gains, text conditioning
   and feature-cache plan, so the result is the one-batch result;
-* reduces the ``[L·B, ...]`` prediction to ``[B, ...]`` with the plan's weights.
+* reduces the ``[L·B, ...]`` prediction to ``[B, ...]`` with the plan's weights: a scalar per lane, or a map per
+  lane over latent pixels (UNet) or packed tokens (FLUX) for regional composition (see :class:`StepPlan`).
 
 An out-of-memory error inside a lane call halves the chunk size (kept for the rest of the render) and runs the
 step again once; a second one raises :class:`~pipelines.errors.OutOfMemoryError` saying what to lower.

@@ -344,8 +344,14 @@ def build_stack(name: str, entries: Sequence[str | Mapping[str, Any]], *, base_d
             if "source" not in entry:
                 raise GridError(origin, f"LoRA entry {entry} needs a 'source'", locate("loras"))
             concept = entry.pop("concept", None)
+        mask = None
+        if policy is not None and isinstance(entry, str):  # a mask region opens a file: only through the policy
+            entry, mask = _mask_region_through(policy, entry, origin, locate)
         try:
             lora = Lora.parse(entry)
+            if mask is not None:
+                lora.region = mask
+                lora.__post_init__()
         except StudioError as e:
             raise GridError(origin, str(e), locate(str(entry.get("source") if isinstance(entry, dict) else entry))) from None
         source_text = str(lora.source)
@@ -358,6 +364,22 @@ def build_stack(name: str, entries: Sequence[str | Mapping[str, Any]], *, base_d
         if concept:
             concepts[lora.label] = str(concept)
     return Stack(name=name, loras=loras, sources=sources, concepts=concepts)
+
+
+def _mask_region_through(policy: PathPolicy, entry: str, origin: str, locate) -> tuple[str, str | None]:
+    """``entry`` without a ``region=`` naming a mask file, and that file resolved through ``policy``."""
+    from fusion.region_masks import is_mask_file
+
+    fields = entry.split(":")
+    for i, item in enumerate(fields):
+        if item.strip().startswith("region=") and is_mask_file(item.split("=", 1)[1].strip()):
+            text = item.split("=", 1)[1].strip()
+            try:
+                resolved = str(policy.resolve(text, f"the grid {Path(origin).name}"))
+            except LoraFileError as e:
+                raise GridError(origin, f"region mask {e}", locate(text)) from None
+            return ":".join(fields[:i] + fields[i + 1:]), resolved
+    return entry, None
 
 
 def _resolve(source: str, base_dir: Path | None, lora_dir: Path | None, origin: str, locate,

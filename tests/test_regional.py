@@ -230,3 +230,39 @@ def test_cli_mask_region_and_png_recipe_reproduce(flux_loras, tmp_path):
     result = runner.invoke(app, ["render", PROMPT, "--lora", f"{flux_loras[0]}:0.9:region=left", "--strategy",
                                  "merge", "--steps", "1", "--out", str(out), "--model", "tiny-flux-random"])
     assert result.exit_code != 0 and "only the 'regional' strategy" in result.output
+
+
+def test_grid_mask_regions_go_through_the_grid_path_policy(flux_loras, tmp_path):
+    from studio.grid import GridError, build_stack
+    from studio.path_policy import PathPolicy
+
+    grid_dir, elsewhere = tmp_path / "grid", tmp_path / "elsewhere"
+    grid_dir.mkdir(), elsewhere.mkdir()
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 4, 8))
+    mask.save(grid_dir / "left.png"), mask.save(elsewhere / "left.png")
+    policy = PathPolicy(grid_dir, allowed=[flux_loras[0].parent])
+    entry = f"{flux_loras[0]}:0.8:region=left.png:prompt=a cat"
+    stack = build_stack("s", [entry], base_dir=grid_dir, lora_dir=None, origin=str(grid_dir / "g.toml"), policy=policy)
+    (lora,) = stack.loras
+    assert lora.region == str((grid_dir / "left.png").resolve()) and lora.prompt == "a cat" and lora.weight == 0.8
+    with pytest.raises(GridError, match="region mask .*outside the folders"):
+        build_stack("s", [f"{flux_loras[0]}:0.8:region={elsewhere / 'left.png'}"], base_dir=grid_dir, lora_dir=None,
+                    origin=str(grid_dir / "g.toml"), policy=policy)
+
+
+def test_spatial_plan_checks_and_token_layout():
+    from pipelines.seam import StepPlan, _reduce
+
+    gains = torch.eye(2)
+    with pytest.raises(ValueError, match="sum to one"):
+        StepPlan(gains=gains, weights=torch.full((2, 4, 4), 0.4))
+    with pytest.raises(ValueError, match="bad plan"):
+        StepPlan(gains=gains, weights=torch.ones(3, 4))
+    left = torch.zeros(2, 4)
+    left[0, :2], left[1, 2:] = 1, 1
+    x = torch.arange(2 * 1 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # two lanes of one sample, [tokens, C]
+    out = _reduce([x], 2, 1, left, tokens_first=True)
+    assert torch.equal(out[0, :2], x[0, :2]) and torch.equal(out[0, 2:], x[1, 2:])
+    with pytest.raises(ValueError, match="does not fit"):
+        _reduce([x], 2, 1, torch.full((2, 5), 0.5), tokens_first=True)
