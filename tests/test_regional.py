@@ -33,10 +33,12 @@ def _encode(pipe, family, prompt):
         return {"encoder_hidden_states": pe, "pooled_projections": ppe}
 
 
-def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64):
+def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, step_weights=None):
     """Plain diffusers render where each step is Σ_lane mask ⊙ ε(lane's adapters, lane's prompt).
 
-    ``lanes``: ``[(adapter indices, weights, prompt, mask [h, w] on the latent grid)]``."""
+    ``lanes``: ``[(adapter indices, weights, prompt, mask [h, w] on the latent grid)]``; the prompt is encoded with
+    those adapters at those weights. ``step_weights(step, lane)``, if given, gives the denoiser's adapter weights
+    at a step (step windows)."""
     pipe = build_tiny_sdxl() if family == "sdxl" else build_tiny_flux()
     names = load_adapters(pipe, files)
 
@@ -53,10 +55,12 @@ def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64):
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     original = denoiser.forward
 
+    step = {"i": 0}
+
     def masked(*args, **kwargs):
         out = 0
-        for (indices, weights, _, mask), embed in zip(lanes, embeds):
-            activate(indices, weights)
+        for lane, ((indices, weights, _, mask), embed) in enumerate(zip(lanes, embeds)):
+            activate(indices, weights if step_weights is None else step_weights(step["i"], lane))
             kw = dict(kwargs, encoder_hidden_states=embed["encoder_hidden_states"])
             if family == "sdxl":
                 kw["added_cond_kwargs"] = {**kw["added_cond_kwargs"], "text_embeds": embed["text_embeds"]}
@@ -70,7 +74,8 @@ def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64):
     denoiser.forward = masked
     first = embeds[0]
     call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                callback_on_step_end=lambda p, i, t, kw: step.update(i=i + 1) or {})
     if family == "sdxl":
         npe, pe = first["encoder_hidden_states"].chunk(2)
         nppe, ppe = first["text_embeds"].chunk(2)
@@ -136,6 +141,14 @@ def test_flux_region_lane_and_base_lane_on_tokens(flux_loras):
     loras = [f"{files[0]}:0.9", f"{files[1]}:0.7:region=right:prompt=a blue ball"]
     got = studio.compose(PROMPT, loras, "regional", output_type="np", steps=3, seed=6, guidance=3.5).latents[0]
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    # a step window: B (end=0.5) leaves its lane's denoiser from step 2 of 3 on; its region prompt, encoded with its
+    # text-encoder part, stays
+    windowed = [f"{files[0]}:0.9", f"{files[1]}:0.7:end=0.5:region=right:prompt=a blue ball"]
+    expected_window = masked_reference("flux", files, lanes, steps=3, guidance=3.5, seed=6,
+                                       step_weights=lambda i, lane: [0.9] if lane == 0 else [0.9, 0.7 if i < 2 else 0.0])
+    got_window = studio.compose(PROMPT, windowed, "regional", output_type="np", steps=3, seed=6, guidance=3.5).latents[0]
+    np.testing.assert_allclose(got_window, expected_window, atol=ATOL, rtol=0)
+    assert np.abs(got_window - got).max() > 10 * ATOL
     # regional_until: after half the steps a merge of both LoRAs on the global prompt; differs from all-regional
     late = studio.compose(PROMPT, loras, "regional", strategy_params={"regional_until": 0.5}, output_type="np",
                           steps=3, seed=6, guidance=3.5).latents[0]
