@@ -19,11 +19,16 @@ native scale, plus a pixel test: is there an object inside the half, or one acro
 * *subject*: share of halves showing their own subject; *bleed*: share of halves showing the *other* subject;
   *no object*: share of halves with no object; *across*: share of halves cut by one object drawn across the
   middle (neither counts as showing a subject; on the textured ``waves`` background the pixel test cannot tell,
-  and the judge's reading stands alone); *colour*: share of halves with their own colour;
+  and the judge's reading stands alone); *noise*: share of halves of plain-background scenes whose image did not
+  keep the plain background (noise or garbage; nothing counts as shown there); *colour*: share of halves with
+  their own colour;
 * *style* / *background*: share of halves of the style / background scenes showing striped / waves;
-* *s/image* (wall clock, first render of a stack included, so one-off merges count) and the ratio to ``merge``.
+* *CPU s/image*: process CPU time per image (less sensitive than wall clock to other processes on a shared
+  machine; with one torch thread it is the render's own work), the first render of a stack included, so one-off
+  merges count; and the ratio to ``merge``.
 
-Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md``; images in ``--work`` (``outputs/two-subjects``).
+Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md`` and a picture (``.png``: merge, composite
+reduce=sum, regional, clora on each scene, seed 0); images in ``--work`` (``outputs/two-subjects``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from studio.world.concepts import held_out
 from studio.world.regions import HALVES, judge_regions
 
 BASE_LABEL = "base (no LoRA)"
+PLAIN = ("light", "dark")  # backgrounds on which the pixel placement test works
 REGION_STRATEGIES = ("regional",)  # strategies that take a box per stack entry
 
 
@@ -145,8 +151,15 @@ def score(records: list[dict]) -> dict:
         return r["scene"]["right" if side == "left" else "left"]
 
     def shows(r, side, attribute, value):
+        """An object inside the half with that value; on the textured waves background, where the pixel test
+        cannot tell, the judge's reading alone. On a plain background an unreadable border means the image
+        did not draw the plain background it was asked for (noise): nothing is shown."""
         v = r["regions"][side]
-        return v["placement"] in ("inside", "unknown") and v["values"][attribute] == value
+        readable = v["placement"] == "inside" or (v["placement"] == "unknown" and r["scene"]["background"] not in PLAIN)
+        return readable and v["values"][attribute] == value
+
+    def plain(r):
+        return r["scene"]["background"] in PLAIN
 
     return {
         "images": len(records),
@@ -156,6 +169,7 @@ def score(records: list[dict]) -> dict:
         "bleed": share(lambda r, s: shows(r, s, "shape", other(r, s)) and own(r, s) != other(r, s)),
         "no_object": share(lambda r, s: r["regions"][s]["placement"] == "none"),
         "crossing": share(lambda r, s: r["regions"][s]["placement"] == "crossing"),
+        "noise": share(lambda r, s: r["regions"][s]["placement"] == "unknown", plain),
         "colour": share(lambda r, s: shows(r, s, "color", r["scene"][f"{s}_color"])),
         "style": share(lambda r, s: shows(r, s, "texture", "striped"), lambda r: r["scene"]["extra"] == "style-striped"),
         "background": share(lambda r, s: r["regions"][s]["values"]["background"] == "waves",
@@ -169,14 +183,49 @@ def pct(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| strategy | images | both right | subject | bleed | no object | across | colour | style | background "
-             "| s/image | time vs merge |", "|" + "---|" * 12]
+    lines = ["| strategy | images | both right | subject | bleed | no object | across | noise | colour | style "
+             "| background | CPU s/image | time vs merge |", "|" + "---|" * 13]
     for r in rows:
         ratio = "n/a" if r.get("time_vs_merge") is None else f"{r['time_vs_merge']:.2f}x"
         lines.append(f"| {r['strategy']} | {r['images']} | {pct(r['both_right'])} | {pct(r['subject'])} | "
-                     f"{pct(r['bleed'])} | {pct(r['no_object'])} | {pct(r['crossing'])} | {pct(r['colour'])} | {pct(r['style'])} | "
+                     f"{pct(r['bleed'])} | {pct(r['no_object'])} | {pct(r['crossing'])} | {pct(r['noise'])} | {pct(r['colour'])} | {pct(r['style'])} | "
                      f"{pct(r['background'])} | {r['seconds_per_image']:.2f} | {ratio} |")
     return "\n".join(lines)
+
+
+GRID_ROWS = ("merge", "composite reduce=sum", "regional", "regional global=none", "clora")
+
+
+def write_grid(results: Path, work: Path, out: Path, rows=GRID_ROWS, seed: int = 0, scale: int = 3) -> None:
+    """A picture for the README: one row per strategy in ``rows`` (those measured), one column per scene, ``seed``'s
+    image, upscaled ``scale`` times (nearest), each half labelled with the region judge's shape reading ("?": the pixel test could not read the background)."""
+    from PIL import Image, ImageDraw
+
+    payload = json.loads(results.read_text())
+    rows = [r for r in rows if r in payload["images"]]
+    size, label_w, text_h = 64 * scale, 150, 14
+    grid = Image.new("RGB", (label_w + size * len(SCENES), (size + text_h) * len(rows) + text_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, scene in enumerate(SCENES):
+        draw.text((label_w + column * size + 4, 1), f"{scene.left} | {scene.right}"
+                  + (f" + {scene.extra.split('-')[1]}" if scene.extra else ""), fill="black")
+    for row, label in enumerate(rows):
+        y = text_h + row * (size + text_h)
+        draw.text((4, y + size // 2), label, fill="black")
+        for record in payload["images"][label]:
+            if record["seed"] != seed:
+                continue
+            column = next(i for i, sc in enumerate(SCENES) if (sc.left, sc.right, sc.extra) == (
+                record["scene"]["left"], record["scene"]["right"], record["scene"]["extra"]))
+            image = Image.open(work / record["file"]).convert("RGB").resize((size, size), Image.NEAREST)
+            grid.paste(image, (label_w + column * size, y))
+            regions = record["regions"]
+            words = [regions[s]["values"]["shape"] + ("?" if regions[s]["placement"] == "unknown" else "")
+                     if regions[s]["placement"] in ("inside", "unknown") else f"({regions[s]['placement']})"
+                     for s in ("left", "right")]
+            draw.text((label_w + column * size + 4, y + size + 1), " | ".join(words), fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
 
 
 def main(argv=None) -> None:
@@ -188,7 +237,12 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "two-subjects")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--grid-only", action="store_true", help="only (re)draw the picture from earlier results")
     args = ap.parse_args(argv)
+    stem = args.results / f"two-subjects-{args.family}"
+    if args.grid_only:
+        write_grid(stem.with_suffix(".json"), args.work / args.family, stem.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
 
     from pipelines.assets import assets_root
@@ -224,7 +278,7 @@ def main(argv=None) -> None:
             if name and (REGISTRY[name].max_loras or len(loras)) < len(loras):
                 continue
             for seed in args.seeds:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 try:
                     options = dict(params)
                     prompt = global_prompt(scene, options)
@@ -234,12 +288,13 @@ def main(argv=None) -> None:
                     notes.append(f"{label}: failed on scene {si}: {type(error).__name__}: {error}")
                     failed = True
                     break
-                seconds = time.perf_counter() - t0
+                seconds = time.process_time() - t0
                 file = work / f"{label.replace(' ', '_').replace('=', '-')}-s{si}-seed{seed}.png"
                 result.image.save(file)
                 verdict = judge_regions(judge, [result.image], HALVES)[0]
                 records.append({"scene": {"left": scene.left, "right": scene.right, "left_color": scene.left_color,
-                                          "right_color": scene.right_color, "extra": scene.extra},
+                                          "right_color": scene.right_color, "extra": scene.extra,
+                                          "background": scene.background},
                                 "seed": seed, "file": file.name, "seconds": seconds,
                                 "regions": {k: {"values": v.values, "placement": v.placement} for k, v in verdict.items()}})
         if not records:
@@ -262,12 +317,12 @@ def main(argv=None) -> None:
     for note in notes:
         print("note:", note)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"two-subjects-{args.family}"
     payload = {"family": args.family, "seeds": args.seeds, "device": device, "threads": torch.get_num_threads(),
                "scenes": [s.prompt() for s in SCENES], "base_scenes": [s.prompt() for s in BASE_SCENES],
                "notes": notes, "strategies": rows, "images": records_by_label}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"{header}\n\n{text}\n" + "".join(f"\nnote: {n}" for n in notes) + "\n")
+    write_grid(stem.with_suffix(".json"), work, stem.with_suffix(".png"))
 
 
 if __name__ == "__main__":
