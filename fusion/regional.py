@@ -53,6 +53,7 @@ class Regional(Strategy):
         self.global_words = [p.strip() for p, key in zip(prompts, keys) if key is None and p and p.strip()]
         self.group_words = [list(dict.fromkeys(p.strip() for p, key in zip(prompts, keys) if key == g and p and p.strip()))
                             for g in self.groups]
+        self._tokenizer = getattr(run.pipe, "tokenizer", None)  # CLIP: to say when a region prompt is cut off
         if not self.groups:
             return
         height, width, tokens = self._grid(run)
@@ -88,7 +89,20 @@ class Regional(Strategy):
     def lane_prompts(self, prompt: str) -> list[str]:
         base = ", ".join([prompt, *self.global_words]) if prompt else ", ".join(self.global_words)
         regional = [", ".join(w for w in [base, *words] if w) for words in self.group_words]
+        self._note_truncation(regional)
         return [base, *regional, base]
+
+    def _note_truncation(self, prompts: list[str]) -> None:
+        """CLIP reads 77 tokens: a region prompt after a long global prompt would be cut off without a word."""
+        tokenizer = getattr(self, "_tokenizer", None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+            return
+        cut = [p for p in prompts if len(tokenizer(p, truncation=False)["input_ids"]) > limit]
+        if cut:
+            self.info["truncated"] = (f"{len(cut)} region lane prompt(s) are longer than the text encoder's {limit} "
+                                      "tokens and were cut off at the end (global prompt first, region prompt last): "
+                                      "shorten the global prompt")
 
     def plan(self, ctx: StepContext) -> StepPlan:
         merge_lane = len(self.groups) + 1

@@ -279,3 +279,14 @@ def test_spatial_plan_checks_and_token_layout():
     assert torch.equal(out[0, :2], x[0, :2]) and torch.equal(out[0, 2:], x[1, 2:])
     with pytest.raises(ValueError, match="does not fit"):
         _reduce([x], 2, 1, torch.full((2, 5), 0.5), tokens_first=True)
+
+
+def test_a_cut_off_region_prompt_is_reported(sdxl_loras):
+    studio = Studio("tiny-sdxl-random")
+    long_prompt = " ".join(["a very detailed painting"] * 20)  # > 77 CLIP tokens
+    result = studio.compose(long_prompt, [f"{sdxl_loras[0]}:0.8:region=left:prompt=a red cube"], "regional",
+                            steps=1, output_type="np")
+    assert "cut off" in result.strategy_info["truncated"]
+    short = studio.compose(PROMPT, [f"{sdxl_loras[0]}:0.8:region=left:prompt=a red cube"], "regional", steps=1,
+                           output_type="np")
+    assert "truncated" not in short.strategy_info
