@@ -60,12 +60,7 @@ class Lora:
         if self.region is not None:
             from fusion.region_masks import check_region
 
-            try:
-                self.region = check_region(self.region, f"LoRA {self.label}")
-            except StudioError:
-                raise
-            except Exception as e:  # StrategyError is a StudioError; anything else is a bug worth its message
-                raise StudioError(f"LoRA {self.label}: bad region {self.region!r} ({e})") from None
+            self.region = check_region(self.region, f"LoRA {self.label}")  # StrategyError is a StudioError
         if self.prompt is not None:
             if not isinstance(self.prompt, str):
                 raise StudioError(f"LoRA {self.label}: prompt must be text, got {type(self.prompt).__name__}")

@@ -90,7 +90,6 @@ def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, st
 def test_sdxl_regions_equal_masked_plain_passes(sdxl_te_loras, sdxl_loras):
     """Two regions (left half; top-right quadrant), a global LoRA in every lane, the base lane in the rest."""
     files = [sdxl_te_loras[0], sdxl_te_loras[1], sdxl_loras[0]]
-    weights = [0.9, 0.8, 0.6]
     h = w = 32  # 64 px through the tiny VAE (scale 2)
     left, top_right, base = torch.zeros(h, w), torch.zeros(h, w), torch.ones(h, w)
     left[:, :16] = 1
