@@ -88,20 +88,22 @@ def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, st
 
 
 def test_sdxl_regions_equal_masked_plain_passes(sdxl_te_loras, sdxl_loras):
-    """Two regions (left half; top-right quadrant), a global LoRA in every lane, the base lane in the rest."""
+    """Two regions (left half; top-right quadrant), a global LoRA (with a per-block weight) in every lane, the base
+    lane in the rest."""
     files = [sdxl_te_loras[0], sdxl_te_loras[1], sdxl_loras[0]]
     h = w = 32  # 64 px through the tiny VAE (scale 2)
     left, top_right, base = torch.zeros(h, w), torch.zeros(h, w), torch.ones(h, w)
     left[:, :16] = 1
     top_right[:16, 16:] = 1
     base -= left + top_right
-    lanes = [([2], [0.6], PROMPT, base),
-             ([0, 2], [0.9, 0.6], f"{PROMPT}, a red cube", left),
-             ([1, 2], [0.8, 0.6], f"{PROMPT}, a blue ball", top_right)]
+    g = {"unet": {"down": 0.6, "mid": 0.3, "up": 0.6}}  # the global LoRA at 0.6 with per-block weight mid=0.5
+    lanes = [([2], [g], PROMPT, base),
+             ([0, 2], [0.9, g], f"{PROMPT}, a red cube", left),
+             ([1, 2], [0.8, g], f"{PROMPT}, a blue ball", top_right)]
     expected = masked_reference("sdxl", files, lanes, steps=3, guidance=5.0, seed=4)
     studio = Studio("tiny-sdxl-random")
     loras = [Lora(files[0], 0.9, region="left", prompt="a red cube"),
-             Lora(files[1], 0.8, region="0.5,0,1,0.5", prompt="a blue ball"), Lora(files[2], 0.6)]
+             Lora(files[1], 0.8, region="0.5,0,1,0.5", prompt="a blue ball"), Lora(files[2], 0.6, blocks={"mid": 0.5})]
     batches = []
     hook = studio.pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     result = studio.compose(PROMPT, loras, "regional", output_type="np", steps=3, seed=4, guidance=5.0,
@@ -115,7 +117,8 @@ def test_sdxl_regions_equal_masked_plain_passes(sdxl_te_loras, sdxl_loras):
     np.testing.assert_allclose(chunked.latents[0], expected, atol=ATOL, rtol=0)
     assert [r["coverage"] for r in result.strategy_info["regions"]] == [0.5, 0.25]
     # the region prompts reach their lanes: without them the image changes
-    plain = [Lora(files[0], 0.9, region="left"), Lora(files[1], 0.8, region="0.5,0,1,0.5"), Lora(files[2], 0.6)]
+    plain = [Lora(files[0], 0.9, region="left"), Lora(files[1], 0.8, region="0.5,0,1,0.5"),
+             Lora(files[2], 0.6, blocks={"mid": 0.5})]
     other = studio.compose(PROMPT, plain, "regional", output_type="np", steps=3, seed=4, guidance=5.0,
                            negative_prompt=NEGATIVE)
     assert np.abs(other.latents[0] - expected).max() > 10 * ATOL
