@@ -15,11 +15,12 @@ global. Strategies defined for fewer LoRAs than a scene has (``klora``: two) ski
 Each image is judged per half by :mod:`studio.world.regions` (the concept judge on each half, re-centred at
 native scale, plus a pixel test: is there an object inside the half, or one across the middle?). Per strategy:
 
-* *both right*: the left half shows the left subject and the right half the right subject;
+* *both right*: the left half shows the left subject and the right half the right subject (these columns, up to
+  *colour*, count the plain-background scenes only: on ``waves`` the pixel test cannot find objects, and the judge
+  alone reads shapes into an empty waves pattern; the waves scene counts for *background*);
 * *subject*: share of halves showing their own subject; *bleed*: share of halves showing the *other* subject;
   *no object*: share of halves with no object; *across*: share of halves cut by one object drawn across the
-  middle (neither counts as showing a subject; on the textured ``waves`` background the pixel test cannot tell,
-  and the judge's reading stands alone); *noise*: share of halves of plain-background scenes whose image did not
+  middle (neither counts as showing a subject); *noise*: share of halves of plain-background scenes whose image did not
   keep the plain background (noise or garbage; nothing counts as shown there); *colour*: share of halves with
   their own colour;
 * *style* / *background*: share of halves of the style / background scenes showing striped / waves;
@@ -151,26 +152,25 @@ def score(records: list[dict]) -> dict:
         return r["scene"]["right" if side == "left" else "left"]
 
     def shows(r, side, attribute, value):
-        """An object inside the half with that value; on the textured waves background, where the pixel test
-        cannot tell, the judge's reading alone. On a plain background an unreadable border means the image
-        did not draw the plain background it was asked for (noise): nothing is shown."""
+        """An object inside the half (pixel test) with that value (judge). On a plain background an unreadable
+        border means the image did not draw the plain background it was asked for (noise): nothing is shown."""
         v = r["regions"][side]
-        readable = v["placement"] == "inside" or (v["placement"] == "unknown" and r["scene"]["background"] not in PLAIN)
-        return readable and v["values"][attribute] == value
+        return v["placement"] == "inside" and v["values"][attribute] == value
 
     def plain(r):
         return r["scene"]["background"] in PLAIN
 
+    judged = [r for r in records if plain(r)]  # subjects are read where the pixel test works (plain backgrounds)
     return {
         "images": len(records),
         "both_right": float(np.mean([all(shows(r, s, "shape", own(r, s)) for s in ("left", "right"))
-                                     for r in records])),
-        "subject": share(lambda r, s: shows(r, s, "shape", own(r, s))),
-        "bleed": share(lambda r, s: shows(r, s, "shape", other(r, s)) and own(r, s) != other(r, s)),
-        "no_object": share(lambda r, s: r["regions"][s]["placement"] == "none"),
-        "crossing": share(lambda r, s: r["regions"][s]["placement"] == "crossing"),
+                                     for r in judged])) if judged else None,
+        "subject": share(lambda r, s: shows(r, s, "shape", own(r, s)), plain),
+        "bleed": share(lambda r, s: shows(r, s, "shape", other(r, s)) and own(r, s) != other(r, s), plain),
+        "no_object": share(lambda r, s: r["regions"][s]["placement"] == "none", plain),
+        "crossing": share(lambda r, s: r["regions"][s]["placement"] == "crossing", plain),
         "noise": share(lambda r, s: r["regions"][s]["placement"] == "unknown", plain),
-        "colour": share(lambda r, s: shows(r, s, "color", r["scene"][f"{s}_color"])),
+        "colour": share(lambda r, s: shows(r, s, "color", r["scene"][f"{s}_color"]), plain),
         "style": share(lambda r, s: shows(r, s, "texture", "striped"), lambda r: r["scene"]["extra"] == "style-striped"),
         "background": share(lambda r, s: r["regions"][s]["values"]["background"] == "waves",
                              lambda r: r["scene"]["extra"] == "background-waves"),
@@ -238,10 +238,15 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--grid-only", action="store_true", help="only (re)draw the picture from earlier results")
+    ap.add_argument("--rejudge", action="store_true", help="judge the earlier run's images again (after a change "
+                                                           "to the region judge) and rewrite its results")
     args = ap.parse_args(argv)
     stem = args.results / f"two-subjects-{args.family}"
     if args.grid_only:
         write_grid(stem.with_suffix(".json"), args.work / args.family, stem.with_suffix(".png"))
+        return
+    if args.rejudge:
+        rejudge(stem, args.work / args.family)
         return
     torch.set_num_threads(args.threads)
 
@@ -268,7 +273,7 @@ def main(argv=None) -> None:
     work = args.work / args.family
     work.mkdir(parents=True, exist_ok=True)
     runs = [(BASE_LABEL, None, {}, BASE_SCENES)] + [(label, name, params, SCENES) for label, name, params in choices]
-    rows, records_by_label = [], {}
+    records_by_label = {}
     for label, name, params, scenes in runs:
         records, failed = [], False
         for si, scene in enumerate(scenes):
@@ -300,29 +305,56 @@ def main(argv=None) -> None:
         if not records:
             continue
         records_by_label[label] = records
-        rows.append({"strategy": label, **score(records)})
-        print(f"{label}: {rows[-1]}", flush=True)
+        print(f"{label}: {score(records)}", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "CPU")
+    header = (f"tiny-{args.family}, {len(SCENES)} two-subject scenes (+{len(BASE_SCENES)} base-shape scenes without "
+              f"LoRAs) x seeds {args.seeds}, {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    payload = {"family": args.family, "seeds": args.seeds, "device": device, "threads": torch.get_num_threads(),
+               "header": header, "scenes": [s.prompt() for s in SCENES],
+               "base_scenes": [s.prompt() for s in BASE_SCENES], "notes": notes, "images": records_by_label}
+    write_results(stem, work, payload)
+
+
+def write_results(stem: Path, work: Path, payload: dict) -> None:
+    """Score every strategy's records, print the table, write ``stem``.json / .md / .png."""
+    rows = [{"strategy": label, **score(records)} for label, records in payload["images"].items()]
     merge = next((r["seconds_per_image"] for r in rows if r["strategy"] == "merge"), None)
     for r in rows:
         r["time_vs_merge"] = r["seconds_per_image"] / merge if merge and r["strategy"] != BASE_LABEL else None
     base_rows = [r for r in rows if r["strategy"] == BASE_LABEL]
     rows = base_rows + sorted((r for r in rows if r["strategy"] != BASE_LABEL),
-                              key=lambda r: (-r["both_right"], -r["subject"], r["bleed"]))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "CPU")
-    header = (f"tiny-{args.family}, {len(SCENES)} two-subject scenes (+{len(BASE_SCENES)} base-shape scenes without "
-              f"LoRAs) x seeds {args.seeds}, {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+                              key=lambda r: (-(r["both_right"] or 0), -(r["subject"] or 0), r["bleed"] or 0))
     text = table(rows)
-    print(header)
+    print(payload["header"])
     print(text)
-    for note in notes:
+    for note in payload["notes"]:
         print("note:", note)
-    args.results.mkdir(parents=True, exist_ok=True)
-    payload = {"family": args.family, "seeds": args.seeds, "device": device, "threads": torch.get_num_threads(),
-               "scenes": [s.prompt() for s in SCENES], "base_scenes": [s.prompt() for s in BASE_SCENES],
-               "notes": notes, "strategies": rows, "images": records_by_label}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(f"{header}\n\n{text}\n" + "".join(f"\nnote: {n}" for n in notes) + "\n")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({**payload, "strategies": rows}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(f"{payload['header']}\n\n{text}\n"
+                                       + "".join(f"\nnote: {n}" for n in payload["notes"]) + "\n")
     write_grid(stem.with_suffix(".json"), work, stem.with_suffix(".png"))
+
+
+def rejudge(stem: Path, work: Path) -> None:
+    """Judge the saved images of an earlier run again (render times kept) and rewrite its results."""
+    from PIL import Image
+
+    from pipelines.assets import assets_root
+    from studio.world.judge import load_judge
+
+    payload = json.loads(stem.with_suffix(".json").read_text())
+    judge = load_judge(assets_root() / "judges" / "concept-judge")
+    for records in payload["images"].values():
+        verdicts = judge_regions(judge, [Image.open(work / r["file"]).convert("RGB") for r in records], HALVES)
+        for record, verdict in zip(records, verdicts):
+            record["regions"] = {k: {"values": v.values, "placement": v.placement} for k, v in verdict.items()}
+    payload.setdefault("header", f"tiny-{payload['family']}, {len(payload['scenes'])} two-subject scenes "
+                                 f"(+{len(payload['base_scenes'])} base-shape scenes without LoRAs) x seeds "
+                                 f"{payload['seeds']}, {payload['device']}, {payload['threads']} torch threads, "
+                                 f"{os.cpu_count()} cores")
+    payload.pop("strategies", None)
+    write_results(stem, work, payload)
 
 
 if __name__ == "__main__":

@@ -87,14 +87,15 @@ def region_view(image, box: Box, view: str = "centre") -> np.ndarray:
 
 
 def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04, margin: float = 0.2,
-              textured: float = 0.15) -> str:
+              textured: float = 0.15, edge_share: float = 0.1) -> str:
     """Where an object lies relative to ``box``: ``"inside"``, ``"crossing"``, ``"none"`` or ``"unknown"``.
 
     Foreground = pixels farther than ``threshold`` (RGB distance, [0, 1] channels) from the image's border colour
     (median of its outermost rows and columns). Under ``min_share`` of the box's pixels in the foreground: ``none``.
     Else the foreground's centroid within the box must lie in its middle (``margin`` .. 1 − ``margin`` of its width
-    and height) for ``inside``; a centroid near an edge means an object cut by the box (one shape drawn across
-    the middle of a two-subject image reads as half a shape in each half): ``crossing``.
+    and height) for ``inside``; a centroid near an edge, or more than ``edge_share`` of the foreground along an
+    edge of the box that lies inside the image (where the box meets its neighbour), means an object cut by the box
+    (one shape drawn across the middle of a two-subject image reads as part of a shape in each half): ``crossing``.
 
     A plain pixel test, not a judge: a textured background (bricks, waves, grid) differs from its own median, so
     the test only works on plain backgrounds (``light`` / ``dark``). Where more than ``textured`` of the border
@@ -110,6 +111,10 @@ def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04,
     inside = foreground[y0:y1, x0:x1]
     if inside.mean() < min_share:
         return "none"
+    inner_edges = [line for line, on_border in ((inside[:, 0], x0 == 0), (inside[:, -1], x1 == w),
+                                                (inside[0], y0 == 0), (inside[-1], y1 == h)) if not on_border]
+    if any(line.mean() > edge_share for line in inner_edges):
+        return "crossing"
     ys, xs = np.nonzero(inside)
     cx, cy = (xs.mean() + 0.5) / (x1 - x0), (ys.mean() + 0.5) / (y1 - y0)
     return "inside" if margin <= cx <= 1 - margin and margin <= cy <= 1 - margin else "crossing"
