@@ -83,7 +83,7 @@ def test_placement_inside_none_and_crossing():
     centred = render(Scene("circle", position="center", **kw), rng)  # one shape across the middle
     assert [placement(centred, HALVES[s]) for s in ("left", "right")] == ["crossing", "crossing"]
     wide = pair.copy()
-    wide[28:36, 10:54] = (0.86, 0.16, 0.14)  # a bar across the middle, centred in each half
+    wide[24:40, 10:54] = (0.86, 0.16, 0.14)  # a bar across the middle, centred in each half
     assert [placement(wide, HALVES[s]) for s in ("left", "right")] == ["crossing", "crossing"]
     waves = render_pair(Scene("zorb", position="left", **{**kw, "background": "waves"}),
                         Scene("quix", position="right", **{**kw, "background": "waves"}), rng)

@@ -87,7 +87,7 @@ def region_view(image, box: Box, view: str = "centre") -> np.ndarray:
 
 
 def placement(image, box: Box, threshold: float = 0.25, min_share: float = 0.04, margin: float = 0.2,
-              textured: float = 0.15, edge_share: float = 0.1) -> str:
+              textured: float = 0.15, edge_share: float = 0.2) -> str:
     """Where an object lies relative to ``box``: ``"inside"``, ``"crossing"``, ``"none"`` or ``"unknown"``.
 
     Foreground = pixels farther than ``threshold`` (RGB distance, [0, 1] channels) from the image's border colour
