@@ -9,8 +9,9 @@ the judge was trained to read at one scale (``view="zoom"`` is kept to show this
 
 Boxes are fractions ``(x0, y0, x1, y1)`` of the image, as the ``regional`` strategy's presets (``left``, ``right``).
 Two-object ground truth comes from :func:`.render.render_pair`; :func:`pair_accuracy` measures how often the
-region judge names each half's shape, colour, texture and background, and ``tests/test_world_regions.py`` holds
-it to that.
+region judge names each half's shape, colour, texture and background (measured on 300 random two-object renders:
+98.3% / 100% / 100% / 99.0% clean, 92.0% / 97.2% / 98.7% / 97.8% through the world's VAE; ``zoom`` reads 45% of
+shapes), and ``tests/test_world_regions.py`` holds it to that.
 
 A region always gets a verdict: the judge has no "nothing here" class. :func:`placement` adds a plain pixel test
 (is there an object, and does it lie inside the region or across its edge?) so that an empty half, or half of one
