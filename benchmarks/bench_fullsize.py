@@ -21,7 +21,8 @@ Measured, in one run (ratios within the run, because absolute times on a shared 
 
 * loading the five LoRAs: the studio (``Studio.load``) vs diffusers (``load_lora_weights`` per file), and
   the peak memory of each (``--skip-diffusers-load`` to leave the diffusers side out);
-* per N in ``--counts``: every registered strategy's time per image vs merge and its peak memory
+* per N in ``--counts``: every registered strategy's process CPU time per image vs merge (wall times too, in
+  the JSON; on a shared machine CPU time with one torch thread is the steadier measure) and its peak memory
   (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set, reset before each render);
 * composite batched (all lanes in one call) vs N sequential passes (``max_lanes=1``: the same image);
 * ``--compile``: merge and composite eager vs ``Studio(compile=True)`` (first render = compile time, then one
@@ -252,15 +253,19 @@ def make_studio(pipe, family, name: str, **options):
 
 
 def render(studio, stack, strategy, params, args, **extra):
-    """One image; returns the result, its time per image (without loading and the strategy's one-off prepare,
-    ``Result.timings["per_image_s"]``) and the peak memory of the call."""
+    """One image; returns the result, its wall time per image (without loading and the strategy's one-off
+    prepare, ``Result.timings["per_image_s"]``), the process CPU time of the whole call (with one torch thread
+    the steadier measure on a shared machine; it includes a prepare that is not cached yet) and the peak
+    memory of the call."""
     device = studio.device
     sync(device)
     with PeakMemory(device) as mem:
+        c0 = time.process_time()
         result = studio.compose(PROMPT, stack, strategy, strategy_params=params, steps=args.steps, seed=0,
                                 width=args.size, height=args.size, output_type="np", **extra)
         sync(device)
-    return result, result.timings["per_image_s"], mem.peak_gb
+        cpu = time.process_time() - c0
+    return result, result.timings["per_image_s"], cpu, mem.peak_gb
 
 
 def time_loading(pipe, family, files, device) -> dict:
@@ -337,25 +342,33 @@ def bench(args) -> dict:
         per: dict[str, list] = {}
         for name, params_ in strategies(args.only):
             try:
-                warm, wall, peak = render(studio, stack, name, params_, args, **extra)
-                per[name] = [(wall, peak, warm.timings["prepare_s"])]
+                first, wall, cpu, peak = render(studio, stack, name, params_, args, **extra)
+                per[name] = [(wall, cpu, peak, first.timings["prepare_s"])]
                 for _ in range(args.rounds):
-                    _, wall, peak = render(studio, stack, name, params_, args, **extra)
-                    per[name].append((wall, peak, 0.0))
-                log(f"N={n} {name}: {[round(w, 1) for w, _, _ in per[name]]} s, peak {peak:.2f} GB")
+                    _, wall, cpu, peak = render(studio, stack, name, params_, args, **extra)
+                    per[name].append((wall, cpu, peak, 0.0))
+                log(f"N={n} {name}: wall {[round(s[0], 1) for s in per[name]]} s, CPU "
+                    f"{[round(s[1], 1) for s in per[name]]} s, peak {peak:.2f} GB")
             except (StudioError, NotImplementedError, ValueError) as e:
                 rows.setdefault(name, {})[n] = {"error": str(e).splitlines()[0][:160]}
                 log(f"N={n} {name}: n/a ({e})")
             drop_derived(studio)
-        merge = statistics.median(w for w, _, _ in per["merge"])
+        def timed(samples):  # after the first render (its CPU time includes an uncached prepare), if any
+            return samples[1:] or samples
+
+        merge_wall = statistics.median(s[0] for s in timed(per["merge"]))
+        merge_cpu = statistics.median(s[1] for s in timed(per["merge"]))
         for name, samples in per.items():
-            wall = statistics.median(w for w, _, _ in samples)
-            rows.setdefault(name, {})[n] = {"s": wall, "ratio": wall / merge, "peak_gb": max(p for _, p, _ in samples),
-                                            "prepare_s": samples[0][2]}
+            wall = statistics.median(s[0] for s in timed(samples))
+            cpu = statistics.median(s[1] for s in timed(samples))
+            rows.setdefault(name, {})[n] = {"s": wall, "cpu_s": cpu, "ratio": cpu / merge_cpu,
+                                            "wall_ratio": wall / merge_wall, "peak_gb": max(s[2] for s in samples),
+                                            "prepare_s": samples[0][3]}
         if "composite" in per:  # N sequential passes: one lane per denoiser call, the same image
-            _, wall, peak = render(studio, stack, "composite", {}, args, max_lanes=1, **extra)
-            rows.setdefault("composite[max_lanes=1]", {})[n] = {"s": wall, "ratio": wall / merge, "peak_gb": peak}
-            log(f"N={n} composite sequential: {wall:.1f} s, peak {peak:.2f} GB")
+            _, wall, cpu, peak = render(studio, stack, "composite", {}, args, max_lanes=1, **extra)
+            rows.setdefault("composite[max_lanes=1]", {})[n] = {"s": wall, "cpu_s": cpu, "ratio": cpu / merge_cpu,
+                                                               "wall_ratio": wall / merge_wall, "peak_gb": peak}
+            log(f"N={n} composite sequential: wall {wall:.1f} s, CPU {cpu:.1f} s, peak {peak:.2f} GB")
     result["rows"] = rows
     if args.compile:
         result["compile"] = bench_compile(pipe, family, files, args, extra)
@@ -371,13 +384,13 @@ def bench_compile(pipe, family, files, args, extra) -> dict:
     eager = make_studio(pipe, family, f"fullsize-{args.family}", max_lanes=args.max_lanes)
     for name in ("merge", "composite"):
         render(eager, stack, name, {}, args, **extra)  # warm-up (packing, first-touch allocations)
-        _, wall, _ = render(eager, stack, name, {}, args, **extra)
+        _, wall, _, _ = render(eager, stack, name, {}, args, **extra)
         out[f"{name}/eager"] = wall
     eager.unload()
     compiled = make_studio(pipe, family, f"fullsize-{args.family}", max_lanes=args.max_lanes, compile=True)
     for name in ("merge", "composite"):
-        _, first, _ = render(compiled, stack, name, {}, args, **extra)
-        _, wall, _ = render(compiled, stack, name, {}, args, **extra)
+        _, first, _, _ = render(compiled, stack, name, {}, args, **extra)
+        _, wall, _, _ = render(compiled, stack, name, {}, args, **extra)
         out[f"{name}/compiled_first"] = first
         out[f"{name}/compiled"] = wall
         log(f"compile {name}: eager {out[f'{name}/eager']:.1f} s, compiled first {first:.1f} s, then {wall:.1f} s")
@@ -401,7 +414,7 @@ def bench_quant(pipe, family, files, args, extra, rows) -> dict:
     out["runtime"] = str(studio.runtime)
     for name in ("merge", "composite"):
         render(studio, stack, name, {}, args, **extra)  # warm-up
-        _, wall, peak = render(studio, stack, name, {}, args, **extra)
+        _, wall, _, peak = render(studio, stack, name, {}, args, **extra)
         sixteen = rows.get(name, {}).get(n, {})
         out[name] = {"s": wall, "peak_gb": peak, "vs_16bit": wall / sixteen["s"] if "s" in sixteen else None,
                      "peak_16bit_gb": sixteen.get("peak_gb")}
@@ -428,7 +441,7 @@ def machine(device: torch.device) -> str:
 
 def table(args, result: dict) -> str:
     lines = [f"| strategy ({args.family.upper()}, {args.size}², {args.steps} steps, {args.dtype}) | "
-             + " | ".join(f"N={n}: time vs merge | peak GB" for n in args.counts) + " |",
+             + " | ".join(f"N={n}: CPU time vs merge | peak GB" for n in args.counts) + " |",
              "|---|" + "---:|---:|" * len(args.counts)]
     order = ["merge"] + [n for n in REGISTRY if n != "merge"]
     names = sorted(result["rows"], key=lambda k: (order.index(k.split("[")[0]) if k.split("[")[0] in order
@@ -443,7 +456,7 @@ def table(args, result: dict) -> str:
             elif not cell:
                 cells += ["", ""]
             else:
-                time_cell = f"1.00 ({cell['s']:.1f} s)" if name == "merge" else f"{cell['ratio']:.2f}"
+                time_cell = f"1.00 ({cell['cpu_s']:.1f} s)" if name == "merge" else f"{cell['ratio']:.2f}"
                 cells += [time_cell, f"{cell['peak_gb']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     load = result["loading"]
@@ -490,7 +503,8 @@ def main() -> None:
     result = bench(args)
     device = torch.device(args.device)
     head = (f"{args.family.upper()} full-size architecture (random weights), {machine(device)}, torch "
-            f"{torch.__version__}; one run, time per image (median of {1 + args.rounds}, without one-off prepare)")
+            f"{torch.__version__}; one run; process CPU time per image relative to merge (median of "
+            f"{max(1, args.rounds)} render(s){' after a first one' if args.rounds else ''})")
     if args.family == "flux":
         head += f"; FLUX blocks {args.flux_blocks} (double,single), T5 layers {args.t5_layers}"
     print("\n" + head + "\n")
