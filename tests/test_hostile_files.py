@@ -284,3 +284,29 @@ def test_every_error_is_a_studio_error(studio, tmp_path):
         except StudioError:
             pass
         studio.unload()
+
+
+def test_the_layer_norm_for_the_strength_check_is_cached_until_the_layer_changes():
+    """Each file of a stack is checked against the same layers: ‖W‖_F is computed once per layer, and again only
+    after the layer's weight is edited in place or swapped (reference: the norm computed directly)."""
+    from pipelines.adapters import parse
+
+    layer = torch.nn.Linear(8, 4)
+    direct = layer.weight.detach().double().pow(2).sum().sqrt().item()
+    calls = []
+    original = torch.linalg.vector_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parse.torch.linalg, "vector_norm", counting)
+        first = parse._weight_norm(layer)
+        assert parse._weight_norm(layer) == first and len(calls) == 1
+        assert first == pytest.approx(direct)
+        with torch.no_grad():
+            layer.weight.mul_(3.0)
+        assert parse._weight_norm(layer) == pytest.approx(3 * first, rel=1e-6) and len(calls) == 2
+        layer.weight = torch.nn.Parameter(torch.zeros(4, 8))
+        assert parse._weight_norm(layer) == pytest.approx(1e-3 * 32 ** 0.5) and len(calls) == 3

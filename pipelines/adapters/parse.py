@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -539,15 +540,38 @@ def frobenius(delta: LayerDelta) -> float:
     return 0.0
 
 
+# ‖W‖_F per layer, kept while the layer's own tensors are unchanged: every file of a stack is checked against the
+# same layers, and the norm of a full-size SDXL/FLUX layer set costs seconds (a float32 pass over every weight).
+_WEIGHT_NORMS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, float]]" = weakref.WeakKeyDictionary()
+
+
+def _weight_norm(module: nn.Module) -> float | None:
+    """‖W‖_F of ``module.weight`` (floored at 1e-3·sqrt(numel)), cached by the layer's own parameters and buffers
+    (their storage and version counters), so an in-place edit, a swapped tensor or a new module recomputes it."""
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if any(t.is_meta for t in own):
+        return None
+    stamp = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in own)
+    cached = _WEIGHT_NORMS.get(module)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+        return None
+    weight = weight.detach()
+    norm = max(torch.linalg.vector_norm(weight, dtype=torch.float32).item(), 1e-3 * math.sqrt(weight.numel()))
+    _WEIGHT_NORMS[module] = (stamp, norm)
+    return norm
+
+
 def _strength_problem(delta: LayerDelta, module: nn.Module) -> str | None:
     """A delta far larger than the layer it changes (``MAX_RELATIVE_DELTA`` × ‖W‖_F) is no trained LoRA: such a
     file (factors scaled by a tool or an attacker) only renders black or noise. Trained LoRAs stay below ~1
     (the tiny world's: at most 0.91)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+    base = _weight_norm(module)
+    if base is None:
         return None
     norm = frobenius(delta)
-    base = max(weight.detach().float().norm().item(), 1e-3 * math.sqrt(weight.numel()))
     if not math.isfinite(norm) or norm > MAX_RELATIVE_DELTA * base:
         return (f"its change has norm {norm:.3g}, {norm / base:.3g} times the layer's own weight (a trained LoRA "
                 f"stays below {MAX_RELATIVE_DELTA:g} times); a corrupted or tampered file?")
