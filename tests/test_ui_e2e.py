@@ -114,8 +114,11 @@ def test_generate_with_two_loras_from_the_library(page, server, tmp_path):
     choose(page, "strategy", "switch")
     page.wait_for_selector(".strategy-param")  # switch's declared parameter, generated from the registry
     assert "tau" in page.locator(".strategy-param").first.inner_text()
-    choose(page, "strategy", "composite")
+    choose(page, "strategy", "merge")
     page.wait_for_selector("#strategy-no-params")
+    choose(page, "strategy", "composite")  # its one parameter (reduce=mean|sum) replaces switch's tau
+    page.wait_for_function("[...document.querySelectorAll('.strategy-param')].some(e => e.innerText.includes('reduce'))"
+                           " && ![...document.querySelectorAll('.strategy-param')].some(e => e.innerText.includes('tau'))")
     set_number(page, "steps", 4)
     set_number(page, "seed", 7)
     page.click("#generate")
