@@ -292,3 +292,13 @@ def test_a_cut_off_region_prompt_is_reported(sdxl_loras):
     short = studio.compose(PROMPT, [f"{sdxl_loras[0]}:0.8:region=left:prompt=a red cube"], "regional", steps=1,
                            output_type="np")
     assert "truncated" not in short.strategy_info
+
+
+def test_the_demo_leaves_out_strategies_that_need_regions():
+    """The demo's stacks carry no regions: `regional` would only repeat merge there, every other strategy runs."""
+    from studio.strategies import REGISTRY
+    from studio.world.demo import all_strategies
+
+    names = all_strategies()
+    assert "regional" not in names and "merge" in names and "composite" in names
+    assert set(names) == {name for name, cls in REGISTRY.items() if not cls.uses_regions}

@@ -75,9 +75,11 @@ def composition_items(compositions, family: str, strategies, seeds, *, assets: P
 
 
 def all_strategies() -> list[str]:
+    """Every registered strategy that acts on a plain stack: the demo's stacks carry no regions, so a strategy that
+    reads regions (``regional``) would only repeat merge (its stated fallback)."""
     from studio.strategies import REGISTRY
 
-    return list(REGISTRY)
+    return [name for name, cls in REGISTRY.items() if not cls.uses_regions]
 
 
 def run_demo(out: Path, *, family: str = "sdxl", seeds=(0, 1), strategies=None, score: bool = True,
