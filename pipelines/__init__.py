@@ -12,6 +12,7 @@ from .errors import (
     StrategyError,
     StudioError,
 )
+from .lazy_exports import lazy_getattr
 
 # The torch-backed names load on first use (PEP 562): importing pipelines.errors for a listing command must
 # not import torch and diffusers.
@@ -19,16 +20,7 @@ _LAZY = {"Composer": ".composer", "FAMILIES": ".families", "FLUX": ".families", 
          "Family": ".families", "DEFAULT_MODEL": ".loading", "load_pipeline": ".loading", "MixState": ".mix_state",
          "DenoiserSeam": ".seam", "StepPlan": ".seam"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = [
     "Composer", "DEFAULT_MODEL", "DenoiserSeam", "FAMILIES", "FLUX", "Family", "IncompatibleLoraError",

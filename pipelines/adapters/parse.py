@@ -318,24 +318,20 @@ def _qr_route(tensors, metadata, pipe, family, label, folder: Path | None):
     deltas: dict[str, LayerDelta] = {}
     skipped = []
     for key, group in groups.items():
-        component, _, path = key.partition(".")
-        if component not in family.components():
-            component, path = family.denoiser, key
         try:
             delta = kinds.qr.build(group, alpha)
         except ValueError as e:
             raise IncompatibleLoraError(label, f"layer '{key}': {e}") from None
-        try:
-            module = getattr(pipe, component).get_submodule(path)
-        except AttributeError:
+        name, module = _sparse_route_layer(pipe, family, key)
+        if module is None:
             skipped.append(key)
             continue
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and not weight.is_meta:
             problem = kinds.qr.base_mismatch(group["q"], group["r"], weight, delta.scale)
             if problem:
-                raise IncompatibleLoraError(label, f"QR-LoRA layer '{component}.{path}': {problem}")
-        deltas[f"{component}.{path}"] = delta
+                raise IncompatibleLoraError(label, f"QR-LoRA layer '{name}': {problem}")
+        deltas[name] = delta
     if rest:
         more, more_skipped = _diffusers_route(rest, metadata, pipe, family, label)
         deltas.update(more)
@@ -350,26 +346,34 @@ def _shira_route(tensors, metadata, pipe, family, label):
     deltas: dict[str, LayerDelta] = {}
     skipped = []
     for key, group in groups.items():
-        component, _, path = key.partition(".")
-        if component not in family.components():
-            component, path = family.denoiser, key
-        try:
-            module = getattr(pipe, component).get_submodule(path)
-        except AttributeError:
+        name, module = _sparse_route_layer(pipe, family, key)
+        if module is None:
             skipped.append(key)
             continue
         if not isinstance(module, nn.Linear) and not hasattr(module, "in_features"):
-            raise IncompatibleLoraError(label, f"SHiRA layer '{component}.{path}' is a {type(module).__name__}; "
+            raise IncompatibleLoraError(label, f"SHiRA layer '{name}' is a {type(module).__name__}; "
                                                "SHiRA applies to linear layers only")
         try:
-            deltas[f"{component}.{path}"] = kinds.shira.build(group, (module.out_features, module.in_features))
+            deltas[name] = kinds.shira.build(group, (module.out_features, module.in_features))
         except ValueError as e:
-            raise IncompatibleLoraError(label, f"SHiRA layer '{component}.{path}': {e}") from None
+            raise IncompatibleLoraError(label, f"SHiRA layer '{name}': {e}") from None
     if rest:
         more, more_skipped = _diffusers_route(rest, metadata, pipe, family, label)
         deltas.update(more)
         skipped += more_skipped
     return deltas, skipped
+
+
+def _sparse_route_layer(pipe, family: Family, key: str) -> tuple[str, nn.Module | None]:
+    """The layer a QR-LoRA or SHiRA key names: ``"<component>.<path>"``, or a bare path in the denoiser; returns
+    the full ``component.path`` name and the module (None where the model has no such layer)."""
+    component, _, path = key.partition(".")
+    if component not in family.components():
+        component, path = family.denoiser, key
+    try:
+        return f"{component}.{path}", getattr(pipe, component).get_submodule(path)
+    except AttributeError:
+        return f"{component}.{path}", None
 
 
 def _fill_qr_bases(groups, metadata, label, folder: Path | None) -> None:
