@@ -46,23 +46,31 @@ class MergeReport:
                 f"mean {100 * sum(errors) / len(errors):.2f}% (--dense-rank N to choose the rank)")
 
 
+def parse_file_stack(loras: Sequence, empty_message: str) -> list:
+    """The :class:`~studio.lora.Lora` specs of a stack that is to become one LoRA file (merge, squeeze): at least
+    one, and no step windows (a file cannot hold them)."""
+    from .lora import Lora
+
+    specs = [Lora.parse(spec) for spec in loras]
+    if not specs:
+        raise StudioError(empty_message)
+    windowed = [str(s.source) for s in specs if s.start != 0.0 or s.end != 1.0]
+    if windowed:
+        raise StudioError(f"step windows cannot be stored in a LoRA file (given for {', '.join(windowed)}); "
+                          "render with them instead")
+    return specs
+
+
 def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any] | None,
                         dense_rank: int | None = None):
     """``(specs, strategy)`` for a merge to a file, or a :class:`StudioError` before any model is loaded."""
     from fusion import WeightMerge, make_strategy
     from fusion.weightspace import weight_merge_names
 
-    from .lora import Lora
 
     if dense_rank is not None and dense_rank < 1:
         raise StudioError(f"--dense-rank must be at least 1 (or left out for an automatic rank), got {dense_rank}")
-    specs = [Lora.parse(spec) for spec in loras]
-    if not specs:
-        raise StudioError("give at least one --lora to merge")
-    windowed = [str(s.source) for s in specs if s.start != 0.0 or s.end != 1.0]
-    if windowed:
-        raise StudioError(f"step windows cannot be stored in a LoRA file (given for {', '.join(windowed)}); "
-                          "render with them instead")
+    specs = parse_file_stack(loras, "give at least one --lora to merge")
     strat = make_strategy(strategy, params)
     if strat.values.get("rank") == -1:
         raise StudioError("--param rank=-1 keeps the merged delta dense, which a LoRA file cannot hold; leave it out "

@@ -178,7 +178,7 @@ def factor_dense_parts(deltas: Mapping[str, Any], rank: int | None = None,
 
 def check_squeeze_request(loras: Sequence, rank: int | None, energy: float | None, save_dtype: str = "fp32"):
     """The parsed LoRA specs, or a :class:`StudioError` before any model is loaded."""
-    from .lora import Lora
+    from .merging import parse_file_stack
 
     if save_dtype not in SAVE_DTYPES:
         raise StudioError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
@@ -188,14 +188,7 @@ def check_squeeze_request(loras: Sequence, rank: int | None, energy: float | Non
         raise StudioError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise StudioError(f"--energy must be in (0, 1], got {energy}")
-    specs = [Lora.parse(spec) for spec in loras]
-    if not specs:
-        raise StudioError("give at least one LoRA to squeeze")
-    windowed = [str(s.source) for s in specs if s.start != 0.0 or s.end != 1.0]
-    if windowed:
-        raise StudioError(f"step windows cannot be stored in a LoRA file (given for {', '.join(windowed)}); "
-                          "render with them instead")
-    return specs
+    return parse_file_stack(loras, "give at least one LoRA to squeeze")
 
 
 SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
