@@ -67,7 +67,6 @@ def check_merge_request(loras: Sequence, strategy: str, params: Mapping[str, Any
     from fusion import WeightMerge, make_strategy
     from fusion.weightspace import weight_merge_names
 
-
     if dense_rank is not None and dense_rank < 1:
         raise StudioError(f"--dense-rank must be at least 1 (or left out for an automatic rank), got {dense_rank}")
     specs = parse_file_stack(loras, "give at least one --lora to merge")
