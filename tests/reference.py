@@ -18,6 +18,30 @@ def load_adapters(pipe, files, names=None):
     return names
 
 
+def prompt_embedding_kwargs(family: str, rows: dict) -> dict:
+    """Pipeline call arguments that hand it one lane's precomputed text conditioning (the denoiser's own argument
+    names, ``[negative; positive]`` rows for SDXL's guidance)."""
+    if family == "sdxl":
+        npe, pe = rows["encoder_hidden_states"].chunk(2)
+        nppe, ppe = rows["text_embeds"].chunk(2)
+        return dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                    negative_pooled_prompt_embeds=nppe)
+    return dict(prompt_embeds=rows["encoder_hidden_states"], pooled_prompt_embeds=rows["pooled_projections"])
+
+
+def saved_lora_vs_studio(studio, build, path, loras, strategy, params, guidance):
+    """``(plain, studio)``: a fresh plain pipeline with the LoRA file at ``path`` loaded by diffusers'
+    ``load_lora_weights``, and ``studio.compose`` of the stack it was written from (same prompt, seed, 2 steps, 32²)."""
+    kw = dict(num_inference_steps=2, guidance_scale=guidance, height=32, width=32, output_type="np")
+    pipe = build()
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        expected = pipe("a corgi", generator=torch.Generator("cpu").manual_seed(1), **kw).images[0]
+    got = studio.compose("a corgi", loras, strategy, strategy_params=params, steps=2, seed=1, guidance=guidance,
+                         width=32, height=32, output_type="np").latents[0]
+    return expected, got
+
+
 def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, negative_prompt, steps, guidance, seed,
               size=64, shared_text_encoding=False, lane_context=None, pipeline_kwargs=None):
     """Run ``pipe`` where each step averages the denoiser predictions of ``lanes_for_step(step)``.
@@ -79,13 +103,7 @@ def run_lanes(pipe, family: str, lanes_for_step, *, names, weights, prompt, nega
         call |= pipeline_kwargs or {}
         if "height" not in inspect.signature(type(pipe).__call__).parameters:
             call.pop("height"), call.pop("width")
-        if family == "sdxl":
-            npe, pe = first["encoder_hidden_states"].chunk(2)
-            nppe, ppe = first["text_embeds"].chunk(2)
-            call |= dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
-                         negative_pooled_prompt_embeds=nppe)
-        else:
-            call |= dict(prompt_embeds=first["encoder_hidden_states"], pooled_prompt_embeds=first["pooled_projections"])
+        call |= prompt_embedding_kwargs(family, first)
         with torch.no_grad():
             return pipe(**call).images[0]
     finally:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from fusion import make_strategy, merge_stack
 from fusion.lego import kmeans, lego_factors
 from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
+from reference import saved_lora_vs_studio
 from studio import Studio
 from studio.merging import save_merge
 
@@ -138,13 +139,7 @@ def test_saved_lego_and_mcdropout_render_in_diffusers_as_in_the_studio(sdxl_stud
         path = tmp_path / f"{strategy}.safetensors"
         report = save_merge(studio, loras, strategy, params, path)
         assert report.layers > 0
-        kw = dict(num_inference_steps=2, guidance_scale=guidance, height=32, width=32, output_type="np")
-        pipe = build()
-        pipe.load_lora_weights(str(path))
-        with torch.no_grad():
-            expected = pipe("a corgi", generator=torch.Generator("cpu").manual_seed(1), **kw).images[0]
-        got = studio.compose("a corgi", loras, strategy, strategy_params=params, steps=2, seed=1, guidance=guidance,
-                             width=32, height=32, output_type="np").latents[0]
+        expected, got = saved_lora_vs_studio(studio, build, path, loras, strategy, params, guidance)
         base = studio.compose("a corgi", [], "merge", steps=2, seed=1, guidance=guidance, width=32, height=32,
                               output_type="np").latents[0]
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)

@@ -18,6 +18,7 @@ import writers
 from fusion import make_strategy, merge_stack
 from fusion.dare import layer_seed
 from pipelines.errors import StudioError
+from reference import saved_lora_vs_studio
 from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
 from studio import Studio
 from studio.cli import app
@@ -203,13 +204,7 @@ def test_saved_merges_load_in_diffusers_and_render_the_same(sdxl_studio, flux_st
         with safe_open(str(path), framework="pt") as f:
             provenance = json.loads(f.metadata()["studio.merge"])
         assert provenance["strategy"] == strategy and len(provenance["loras"][0]["sha256"]) == 64
-        kw = dict(num_inference_steps=2, guidance_scale=guidance, height=32, width=32, output_type="np")
-        pipe = build()
-        pipe.load_lora_weights(str(path))
-        with torch.no_grad():
-            expected = pipe("a corgi", generator=torch.Generator("cpu").manual_seed(1), **kw).images[0]
-        got = studio.compose("a corgi", loras, strategy, strategy_params=params, steps=2, seed=1, guidance=guidance,
-                             width=32, height=32, output_type="np").latents[0]
+        expected, got = saved_lora_vs_studio(studio, build, path, loras, strategy, params, guidance)
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
         studio.unload()
 

@@ -16,7 +16,7 @@ from fusion import make_strategy
 from fusion.region_masks import lane_weights, rasterise
 from pipelines.errors import StudioError
 from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
-from reference import load_adapters
+from reference import load_adapters, prompt_embedding_kwargs
 from studio import Lora, Studio
 
 ATOL = 2e-4
@@ -76,13 +76,7 @@ def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, st
     call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                 callback_on_step_end=lambda p, i, t, kw: step.update(i=i + 1) or {})
-    if family == "sdxl":
-        npe, pe = first["encoder_hidden_states"].chunk(2)
-        nppe, ppe = first["text_embeds"].chunk(2)
-        call |= dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
-                     negative_pooled_prompt_embeds=nppe)
-    else:
-        call |= dict(prompt_embeds=first["encoder_hidden_states"], pooled_prompt_embeds=first["pooled_projections"])
+    call |= prompt_embedding_kwargs(family, first)
     with torch.no_grad():
         return pipe(**call).images[0]
 
