@@ -159,11 +159,14 @@ def resolve_source(source: str | Path, lora_dir: str | Path | None = None) -> Pa
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+\.safetensors)?", text) and not text.endswith(".safetensors") or (
-        text.count("/") >= 2 and text.endswith(".safetensors") and not path.parent.exists()
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or "\\" in text
+    if not looks_local and (
+        re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+\.safetensors)?", text) and not text.endswith(".safetensors")
+        or (text.count("/") >= 2 and text.endswith(".safetensors") and not path.parent.exists())
     ):
         return _download(text)
-    raise LoraFileError(text, "file not found")
+    where = "no such folder" if not path.parent.exists() else "no such file in that folder"
+    raise LoraFileError(text, f"file not found ({where}: {path.parent})" if looks_local else "file not found")
 
 
 def _download(hub_id: str) -> Path:
@@ -174,4 +177,5 @@ def _download(hub_id: str) -> Path:
     try:
         return Path(hf_hub_download(repo, filename))
     except Exception as e:  # offline, missing repo or file
-        raise LoraFileError(hub_id, f"cannot fetch from the Hugging Face Hub ({e.__class__.__name__}: {e})") from None
+        raise LoraFileError(hub_id, f"is not a local file, and fetching it as Hugging Face Hub id {repo!r} (file "
+                                    f"{filename!r}) failed ({e.__class__.__name__}: {e})") from None

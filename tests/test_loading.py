@@ -64,3 +64,22 @@ def test_bfloat16_composite_runs(sdxl_loras):
     result = studio.compose("a corgi", [f"{sdxl_loras[0]}:0.8", sdxl_loras[1]], "composite", steps=2)
     assert result.image.size == (64, 64)
     assert next(studio.pipe.unet.parameters()).dtype == torch.bfloat16
+
+
+def test_a_missing_local_lora_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
+    """A path that can only be local (absolute, ./, ~) says which folder is missing instead of a Hub error;
+    an ``owner/name`` id still goes to the Hub."""
+    import studio.lora as lora_module
+    from pipelines.errors import LoraFileError
+
+    asked = []
+    monkeypatch.setattr(lora_module, "_download", lambda text: asked.append(text) or tmp_path / "x.safetensors")
+    for text, where in [("/nonexistent/dir/foo.safetensors", "no such folder: /nonexistent/dir"),
+                        (f"{tmp_path}/foo.safetensors", "no such file in that folder"),
+                        ("./nowhere/a/b.safetensors", "no such folder")]:
+        with pytest.raises(LoraFileError, match=where):
+            lora_module.resolve_source(text)
+    assert asked == []
+    lora_module.resolve_source("someone/some-lora")
+    lora_module.resolve_source("someone/some-lora/sub/file.safetensors")
+    assert asked == ["someone/some-lora", "someone/some-lora/sub/file.safetensors"]
