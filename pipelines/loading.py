@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -181,6 +183,28 @@ def base_model_name(model: str) -> str:
     return model
 
 
+@contextmanager
+def _loading_bars_only_on_a_terminal():
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars, written into a log file
+    or CI output, are many lines of carriage-return noise: switch them off while loading when stderr is not a
+    terminal, and put both libraries' setting back afterwards."""
+    if sys.stderr.isatty():
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    was = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in was:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in was:
+            if enabled:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
@@ -193,10 +217,12 @@ def load_pipeline(
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     path = Path(model).expanduser()
-    if is_quantized_folder(path):
-        pipe = load_quantized_pipeline(path, torch_dtype, lambda base, parts: _load(base, torch_dtype, config, parts))
-    else:
-        pipe = _load(model, torch_dtype, config)
+    with _loading_bars_only_on_a_terminal():
+        if is_quantized_folder(path):
+            pipe = load_quantized_pipeline(path, torch_dtype,
+                                           lambda base, parts: _load(base, torch_dtype, config, parts))
+        else:
+            pipe = _load(model, torch_dtype, config)
     family = family_of(pipe)
     if offload and device.type != "cpu":
         pipe.enable_model_cpu_offload(device=device)

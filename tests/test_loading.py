@@ -83,3 +83,17 @@ def test_a_missing_local_lora_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatc
     lora_module.resolve_source("someone/some-lora")
     lora_module.resolve_source("someone/some-lora/sub/file.safetensors")
     assert asked == ["someone/some-lora", "someone/some-lora/sub/file.safetensors"]
+
+
+def test_loading_writes_no_progress_bars_into_a_log(capfd):
+    """stderr is not a terminal under pytest (as in a log file): no diffusers/transformers loading bars, and both
+    libraries' progress-bar setting is as it was afterwards."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    from pipelines.loading import load_pipeline
+
+    load_pipeline("tiny-sdxl")
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
