@@ -13,7 +13,8 @@ A strategy sees the stack of K LoRAs in the user's order and answers three quest
   ``run.stack`` to their names; ``plan`` and ``text_lanes`` then address those columns instead of the K LoRAs.
 
 What a strategy measures about a run (e.g. the interference between LoRAs before and after an orthogonal merge)
-goes into ``strategy.info``; the studio returns it as ``Result.strategy_info``.
+goes into ``strategy.info``; the studio returns it as ``Result.strategy_info``. The masks of a regional render
+(``strategy.region_masks``: lane label -> ``[h, w]`` map on the denoiser's grid) come back as ``Result.region_masks``.
 
 ``ctx.weights`` already holds each LoRA's weight at this step (0 outside its step window); per-block weights
 are applied inside the layers. Like k-diffusion's samplers, each strategy is a short class with the paper's
@@ -131,6 +132,8 @@ class Strategy:
             raise StrategyError(f"strategy '{self.name}' has no parameter {', '.join(map(repr, unknown))} (valid: {valid})")
         self.values = {p.name: p.parse(values.get(p.name, p.default)) for p in self.params}
         self.info: dict[str, Any] = {}
+        # masks a regional render used, for the user to see (Result.region_masks): lane label -> [h, w] in [0, 1]
+        self.region_masks: dict[str, torch.Tensor] = {}
 
     def __getattr__(self, item: str) -> Any:
         values = self.__dict__.get("values", {})

@@ -45,6 +45,7 @@ class Regional(Strategy):
         keys = [None if r is None else str(r).strip() for r in regions]
         self.groups = list(dict.fromkeys(r for r in keys if r is not None))
         self.info.clear()
+        self.region_masks = {}
         if not self.groups:  # nothing regional: every step is the merge lane (stated in the result's info)
             self.info["fallback"] = ("no LoRA has a region (e.g. 'subject.safetensors:region=left:prompt=a red "
                                      "cube'): rendered as merge")
@@ -68,6 +69,8 @@ class Regional(Strategy):
              "shape": describe_region(g), "grid": [height, width], "coverage": round(float(m.mean()), 4)}
             for g, m in zip(self.groups, masks)]
         self.info["grid"] = f"{height}x{width} {'tokens' if tokens else 'latent pixels'}"
+        lane_maps = maps[1:] if self.keep_base else maps  # the regions' lane weights, as the reduce applies them
+        self.region_masks = {self._label(run, keys, g): m.clone() for g, m in zip(self.groups, lane_maps)}
 
     @staticmethod
     def _label(run: RunContext, keys: list, group: str) -> str:
