@@ -101,10 +101,10 @@ def run_pipeline(
     seam = seam_factory(pipe, family, state, plan_in_schedule, conditioning, max_lanes=max_lanes)
 
     def on_step_end(p, step, timestep, callback_kwargs):
-        seam.on_step_end(p, step, timestep, callback_kwargs)
+        changed = seam.on_step_end(p, step, timestep, callback_kwargs)  # e.g. latents a strategy updated
         if callback is not None:
-            callback(step, num_inference_steps, callback_kwargs)
-        return {}
+            callback(step, num_inference_steps, {**callback_kwargs, **changed})
+        return changed
 
     call.update(
         num_inference_steps=num_inference_steps,

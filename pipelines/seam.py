@@ -25,8 +25,11 @@ The step index comes from ``callback_on_step_end`` (see :meth:`DenoiserSeam.on_s
 Two optional parts of a plan reach deeper: ``block_gains`` (a per-step ``[blocks, N]`` multiplier of the
 denoiser blocks, for time-varying block schedules) and ``extras["feature_cache"]`` (``{"keys": [...],
 "reuse": [...]}``, one entry per lane: lanes that reuse skip the deep blocks and take cached deep features,
-see :mod:`pipelines.feature_cache`). The seam also publishes the denoiser's timestep, normalised to [0, 1],
-as ``MixState.timestep`` for timestep-aware layers and gates.
+see :mod:`pipelines.feature_cache`). ``extras["attention_capture"]`` (a
+:class:`~pipelines.attention_maps.AttentionCapture`) records the step's cross-attention maps without changing the
+output; ``extras["between_steps"]`` runs after the step and may hand the pipeline new latents (see
+:meth:`DenoiserSeam.on_step_end`, :meth:`DenoiserSeam.replay`). The seam also publishes the denoiser's timestep,
+normalised to [0, 1], as ``MixState.timestep`` for timestep-aware layers and gates.
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ class DenoiserSeam:
         self.budget = LaneBudget(max_lanes, execution_device(pipe, self.denoiser))
         self._signature = inspect.signature(type(self.denoiser).forward)
         self._original: Callable | None = None
+        self.last_call: dict | None = None
 
     # -------------------------------------------------------------------------------------------- plumbing
     def __enter__(self) -> "DenoiserSeam":
@@ -197,6 +201,7 @@ class DenoiserSeam:
         else:
             denoiser.__dict__.pop("forward", None)
         self._original = self._saved_forward = None
+        self.last_call = None
         if self.feature_cache is not None:
             self.feature_cache.remove()
         self.state.set_gains(denoiser=self._saved_gains)
@@ -205,9 +210,14 @@ class DenoiserSeam:
         self.state.timestep = None
 
     def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """Use as (part of) ``callback_on_step_end``: advances the step the next plan is made for."""
+        """Use as (part of) ``callback_on_step_end``: advances the step the next plan is made for.
+
+        A plan may carry ``extras["between_steps"]``, a callable ``(seam, pipe, callback_kwargs) -> dict`` run after
+        its step; what it returns (e.g. ``{"latents": ...}``) goes back to the pipeline as the callback's output."""
         self.step = step + 1
-        return {}
+        plan = self.plans.get(step)
+        hook = None if plan is None else plan.extras.get("between_steps")
+        return dict(hook(self, pipe, callback_kwargs) or {}) if hook is not None else {}
 
     def plan(self, step: int) -> StepPlan:
         plan = self.plan_for_step(step) if step not in self.plans else self.plans[step]
@@ -219,10 +229,29 @@ class DenoiserSeam:
         """The denoiser's forward while the seam is open: lanes in, one reduced prediction out."""
         plan = self.plan(self.step)
         self.calls += 1
-        self.state.set_layer_weights(plan.layer_weights)
-        self.state.set_step_block_weights(plan.block_gains)
         bound = self._signature.bind_partial(self.denoiser, *args, **kwargs).arguments
         bound.pop(next(iter(bound)))  # self
+        self.last_call = dict(bound)  # what :meth:`replay` repeats between steps (latent updates)
+        return self._run_plan(plan, bound)
+
+    def replay(self, plan: StepPlan, **changes):
+        """The last denoiser call again with ``changes`` (e.g. new ``sample``/``hidden_states`` and ``timestep``),
+        run as ``plan``'s lanes: for strategies that change the latents between steps (CLoRA's latent update,
+        called from :meth:`on_step_end`). Runs with whatever grad mode the caller set."""
+        if self.last_call is None:
+            raise RuntimeError("replay needs a denoiser call of this render first")
+        return self._run_plan(plan, {**self.last_call, **changes})
+
+    def _run_plan(self, plan: StepPlan, bound: dict):
+        capture = plan.extras.get("attention_capture")  # pipelines.attention_maps.AttentionCapture
+        if capture is None:
+            return self._run_bound(plan, bound)
+        with capture.recording(self.denoiser):
+            return self._run_bound(plan, bound)
+
+    def _run_bound(self, plan: StepPlan, bound: dict):
+        self.state.set_layer_weights(plan.layer_weights)
+        self.state.set_step_block_weights(plan.block_gains)
         batch = _get(bound, self.family.batched_args[0]).shape[0]
         substitute = self.conditioning is not None and plan.text_lanes is not None
         self._plan_feature_cache(plan, batch)
