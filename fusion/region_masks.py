@@ -7,7 +7,9 @@ A region is one of
   (columns) and ``top-third``/``center-third``/``bottom-third`` (rows);
 * fractions of the image ``x0,y0,x1,y1`` (0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1; origin top left);
 * a mask image file (white = inside; any mode, converted to grey), resized to the latent grid with box
-  averaging, so its grey levels become soft weights.
+  averaging, so its grey levels become soft weights;
+* ``auto``: a mask made during the render from the cross-attention of the LoRA's concept tokens
+  (:func:`concept_map`, :func:`auto_masks`; CLoRA's masking, Meral et al., ICCV 2025).
 
 Masks live on the grid the denoiser predicts on: latent pixels for the SDXL UNet, packed 2×2 tokens for FLUX
 (MultiDiffusion's ε = Σ_i M_i ⊙ ε_i needs M on the prediction's own grid). :func:`lane_weights` turns the
@@ -25,7 +27,9 @@ import torch.nn.functional as F
 
 from pipelines.errors import StrategyError
 
-__all__ = ["PRESETS", "check_region", "describe_region", "is_mask_file", "lane_weights", "rasterise"]
+__all__ = ["AUTO", "PRESETS", "auto_masks", "check_region", "concept_map", "describe_region", "is_auto",
+           "is_mask_file", "lane_weights", "rasterise"]
+AUTO = "auto"
 
 PRESETS: dict[str, tuple[float, float, float, float]] = {
     "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
@@ -38,6 +42,11 @@ PRESETS: dict[str, tuple[float, float, float, float]] = {
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_REGION_TEXT = 4096
+
+
+def is_auto(region: str | None) -> bool:
+    """Whether ``region`` asks for an automatic mask (``auto``)."""
+    return region is not None and str(region).strip().lower() == AUTO
 
 
 def _box(text: str) -> tuple[float, float, float, float] | None:
@@ -66,7 +75,7 @@ def _box(text: str) -> tuple[float, float, float, float] | None:
 def is_mask_file(region: str | None) -> bool:
     """Whether ``region`` names a mask image file (not a preset or fractions)."""
     try:
-        return region is not None and _box(str(region)) is None
+        return region is not None and not is_auto(region) and _box(str(region)) is None
     except StrategyError:  # bad fractions: reported where the region is checked
         return False
 
@@ -91,9 +100,8 @@ def check_region(region: str, label: str = "region") -> str:
     if not isinstance(region, (str, Path)):
         raise StrategyError(f"{label}: a region is text (preset, x0,y0,x1,y1 or a mask file), got {type(region).__name__}")
     text = str(region).strip()
-    if text.lower() == "auto":
-        raise StrategyError(f"{label}: region 'auto' (masks from cross-attention maps) is not built yet; give a "
-                            f"preset ({', '.join(PRESETS)}), fractions x0,y0,x1,y1 or a mask image file")
+    if is_auto(text):
+        return AUTO
     if not text or len(text) > MAX_REGION_TEXT:
         raise StrategyError(f"{label}: region must be a preset ({', '.join(PRESETS)}), fractions x0,y0,x1,y1 or a "
                             "mask image file")
@@ -157,8 +165,43 @@ def lane_weights(masks: list[torch.Tensor], sigma: float = 0.0) -> torch.Tensor:
     return every / every.sum(0, keepdim=True)
 
 
+def concept_map(call_maps: torch.Tensor, lane: int, lanes: int, positions: list[int], conditional_half: bool) -> torch.Tensor:
+    """``[h, w]``: one lane's attention to a concept's tokens in one captured denoiser call.
+
+    ``call_maps`` is :class:`~pipelines.attention_maps.AttentionCapture`'s ``[rows, h, w, T]`` (rows lane-major, as
+    the seam ran them); with classifier-free guidance (``conditional_half``) a lane's rows are ``[uncond; cond]`` and
+    only the conditional half is read. The token maps at ``positions`` are summed (CLoRA's released code sums a
+    concept's token maps) and the lane's rows averaged."""
+    per_lane = call_maps.shape[0] // lanes
+    rows = call_maps[lane * per_lane:(lane + 1) * per_lane]
+    if conditional_half and per_lane % 2 == 0:
+        rows = rows[per_lane // 2:]
+    return rows[..., positions].sum(-1).mean(0)
+
+
+def auto_masks(maps: torch.Tensor, grid: tuple[int, int], threshold: float) -> torch.Tensor:
+    """``[R, H, W]`` disjoint 0/1 masks from ``R`` concepts' attention maps ``[R, h, w]`` (CLoRA's masking).
+
+    Each map is resized to the ``grid`` (bilinear) and min-max normalised to [0, 1] (as CLoRA's loss normalises
+    its maps); a position goes to the concept whose normalised map is largest there, if that value exceeds
+    ``threshold``, so each position has at most one concept; :func:`lane_weights` gives the rest to the base lane.
+    CLoRA's released code binarises each map at ``threshold · max`` (default 0.3) and lets masks overlap (averaged
+    where they do). Min-max instead of max: a concept whose attention is nearly flat (measured in the tiny world:
+    a subject token's map spans only 0.014-0.033) would otherwise pass the threshold everywhere and take the image."""
+    if maps.dim() != 3 or maps.shape[0] == 0:
+        raise ValueError(f"auto masks need [R, h, w] concept maps, got {tuple(maps.shape)}")
+    resized = F.interpolate(maps[None].float(), size=tuple(grid), mode="bilinear", align_corners=False)[0]
+    low = resized.flatten(1).amin(1)[:, None, None]
+    span = (resized.flatten(1).amax(1)[:, None, None] - low).clamp_min(1e-12)
+    normalised = (resized - low) / span
+    winner = normalised.argmax(0)
+    return torch.stack([((winner == i) & (normalised[i] > threshold)).float() for i in range(maps.shape[0])])
+
+
 def describe_region(region: str) -> str:
     """How a region reads in a log line or recipe note."""
+    if is_auto(region):
+        return "automatic (cross-attention of the LoRA's concept tokens)"
     box = _box(region)
     if box is None:
         return f"mask {region}"

@@ -7,6 +7,7 @@ references here are written out by hand: box masks, partitions of the grid, the 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from studio import Lora
@@ -138,3 +139,109 @@ def test_concept_token_positions_clip():
     assert concept_token_positions(tok, prompt, ["quix", "blue"]) == sorted(
         concept_token_positions(tok, prompt, ["quix"]) + concept_token_positions(tok, prompt, ["blue"]))
     assert concept_token_positions(tok, prompt, ["dog"]) == []
+
+
+def test_auto_masks_partition_by_hand():
+    """Each position goes to the concept whose min-max-normalised map is largest there, if above the threshold;
+    with the base lane the lane weights sum to one."""
+    from fusion.region_masks import auto_masks, lane_weights
+
+    a = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])  # normalised: 0, 1/3, 2/3, 1 per row
+    b = torch.tensor([[3.0, 2.0, 0.5, 0.0], [6.0, 4.0, 1.0, 0.0]])  # normalised: 1, 2/3, 1/6, 0 (min 0, max 6)
+    masks = auto_masks(torch.stack([a, b]), (2, 4), threshold=0.3)
+    expected_a = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    expected_b = torch.tensor([[0, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.float32)  # b at (0,0) is 0.5: below a? no
+    # by hand: b normalised = [[.5, 1/3, 1/12, 0], [1, 2/3, 1/6, 0]]; a = [[0, 1/3, 2/3, 1]] in both rows
+    expected_b[0, 0] = 1.0  # 0.5 > 0 and > 0.3
+    expected_b[0, 1] = 0.0  # a tie 1/3 = 1/3 goes to the first concept (argmax), and 1/3 > 0.3
+    expected_a[0, 1] = 1.0
+    torch.testing.assert_close(masks, torch.stack([expected_a, expected_b]))
+    assert float(masks.sum(0).max()) <= 1.0  # at most one concept per position
+    high = auto_masks(torch.stack([a, b]), (2, 4), threshold=0.9)  # only the peaks survive
+    assert int(high.sum()) == 3 and float(high.sum(0).max()) <= 1.0
+    weights = lane_weights(list(high))
+    assert torch.allclose(weights.sum(0), torch.ones(2, 4)) and torch.equal(weights[0], 1 - high.sum(0))
+
+
+WORLD_PROMPT = "a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"
+
+
+def _world(family, name):
+    from pipelines.assets import assets_root
+
+    return str(assets_root() / "loras" / f"tiny-{family}" / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def world():
+    """``world(family)``: one Studio on the trained tiny world per family, shared by this module's tests."""
+    from studio import Studio
+
+    made = {}
+
+    def get(family: str) -> "Studio":
+        if family not in made:
+            made[family] = Studio(f"tiny-{family}")
+        return made[family]
+
+    return get
+
+
+def test_regional_auto_masks_render_and_recipe(world):
+    """region=auto on both subject LoRAs of the trained tiny world: disjoint 0/1 masks on the grid, the same image
+    as regional:auto=true over boxes, the region string round-trips through the recipe; no hook stays."""
+    from studio import Recipe
+
+    for family in ("sdxl", "flux"):
+        studio = world(family)
+        auto = [Lora(_world(family, "subject-zorb"), region="auto", name="zorb"),
+                Lora(_world(family, "subject-quix"), region="auto", name="quix")]
+        result = studio.compose(WORLD_PROMPT, auto, "regional", seed=0, steps=6, output_type="np")
+        masks = torch.stack([result.region_masks["zorb"], result.region_masks["quix"]])
+        assert set(masks.unique().tolist()) <= {0.0, 1.0} and float(masks.sum(0).max()) <= 1.0
+        assert all(0 < float(m.mean()) < 1 for m in masks)
+        assert [r["region"] for r in result.strategy_info["regions"]] == ["auto", "auto"]
+        boxes = [Lora(_world(family, "subject-zorb"), region="left", name="zorb"),
+                 Lora(_world(family, "subject-quix"), region="right", name="quix")]
+        via_param = studio.compose(WORLD_PROMPT, boxes, "regional", strategy_params={"auto": True}, seed=0, steps=6,
+                                   output_type="np")
+        assert (result.latents[0] == via_param.latents[0]).all()
+        assert not any(m._forward_hooks for m in getattr(studio.pipe, studio.family.denoiser).modules())
+        recipe = Recipe.from_toml(result.recipes[0].to_toml())
+        assert [entry.region for entry in recipe.loras] == ["auto", "auto"]
+
+
+def test_auto_without_a_concept_fails_before_rendering(sdxl_loras, studio_for):
+    """A LoRA with no trigger words (diffusers/PEFT files declare none) and no region prompt cannot get an automatic
+    mask: a clear error before the first step; with a region prompt it works."""
+    from pipelines.errors import StrategyError
+
+    studio = studio_for("sdxl")
+    steps, before = [], set(studio.composer.adapters)
+    with pytest.raises(StrategyError, match="declares no trigger words and it has no region prompt"):
+        studio.compose(PROMPT, [Lora(sdxl_loras[0], region="auto"), Lora(sdxl_loras[1], region="left")],
+                       "regional", steps=2, callback=lambda *a: steps.append(a))
+    assert steps == [] and set(studio.composer.adapters) == before  # nothing rendered, nothing left attached
+    ok = studio.compose(PROMPT, [Lora(sdxl_loras[0], region="auto", prompt="a corgi", name="c"),
+                                 Lora(sdxl_loras[1], region="left", name="d")], "regional", steps=2, output_type="np")
+    assert len(ok.region_masks) == 2 and ok.strategy_info["regions"][1]["region"] == "auto"
+
+
+def test_failing_render_during_capture_leaves_nothing_attached(world):
+    """An error inside a warm-up step (while the capture hooks are on) leaves no hook and the stock forward."""
+    studio = world("sdxl")
+    unet = studio.pipe.unet
+    forward_before = unet.forward
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    handle = unet.conv_out.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            studio.compose(WORLD_PROMPT, [Lora(_world("sdxl", "subject-zorb"), region="auto", name="z")],
+                           "regional", steps=3)
+    finally:
+        handle.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+    assert unet.forward == forward_before and "forward" not in unet.__dict__

@@ -170,8 +170,7 @@ def test_bad_regions_fail_before_rendering(tmp_path, flux_loras):
         Lora(f, region="0.5,0,0.5,1")
     with pytest.raises(StudioError, match="whole image"):
         Lora(f, region="0,0,1,1")
-    with pytest.raises(StudioError, match="not built yet"):
-        Lora.parse(f"{f}:0.5:region=auto")
+    assert Lora.parse(f"{f}:0.5:region=AUTO").region == "auto"  # automatic regions: tests/test_auto_regions.py
     with pytest.raises(StudioError, match="not found"):
         Lora(f, region=str(tmp_path / "nope.png"))
     (tmp_path / "fake.png").write_bytes(b"not a png at all")
