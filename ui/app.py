@@ -23,7 +23,7 @@ import gradio as gr
 from studio import Studio
 from studio.library import Library
 
-from . import strategy_form
+from . import regions, strategy_form
 from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
 from .handlers import Handlers, card_markdown, md_escape, user_errors
 from .model_switch import model_choices, switch_model
@@ -67,6 +67,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         library_rev = gr.State(0)
         gallery_items = gr.State([])
         compare_items = gr.State([])
+        image_size = gr.State((defaults.width, defaults.height))  # the drawing canvases' aspect ratio
 
         gr.Markdown("## LoRA Composition Studio")
         with gr.Row(equal_height=True):
@@ -121,8 +122,41 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             "the denoising steps; block weights from the model's presets or custom</small>")
                 stack_status = gr.Markdown(elem_id="stack-status")
 
-                @gr.render(inputs=[stack], triggers=[stack_rev.change, demo.load])
-                def stack_rows(entries):
+                def region_controls(uid, entry, size):
+                    """The row's region: preset / box / mask drawn on a canvas or uploaded, and a region prompt."""
+                    with gr.Row():
+                        kind = gr.Dropdown(regions.kind_choices(), value=entry.region_kind, label="region",
+                                           interactive=True, elem_classes=["stack-region"])
+                        box = gr.Textbox(entry.region_box, label="box x0,y0,x1,y1", placeholder="0,0,0.5,1",
+                                         visible=entry.region_kind == regions.BOX, interactive=True,
+                                         elem_classes=["stack-region-box"])
+                        text = gr.Textbox(entry.region_prompt, label="region prompt", interactive=True,
+                                          placeholder="what this LoRA's region shows", elem_classes=["stack-region-prompt"])
+                    canvas_size = regions.canvas_size(*size)
+                    with gr.Column(visible=entry.region_kind == regions.MASK, elem_classes=["stack-mask"]) as mask_area:
+                        canvas = gr.ImageEditor(
+                            regions.editor_value(entry.region_mask, canvas_size), sources=(), type="numpy",
+                            image_mode="RGBA", format="png", layers=False, transforms=(), height=240,
+                            label="region mask: paint where the LoRA acts",
+                            brush=gr.Brush(colors=["#e6194b"], default_color="#e6194b", color_mode="fixed",
+                                           default_size=max(4, canvas_size[0] // 10)),
+                            interactive=True, elem_classes=["stack-canvas"])
+                        upload_mask = gr.UploadButton("Upload a mask image (white = inside)", file_types=["image"],
+                                                      size="sm", elem_classes=["stack-mask-upload"])
+                    kind.change(functools.partial(h.set_region_kind, uid), [stack, kind, strategy],
+                                [stack, box, mask_area, strategy, stack_status], **LIGHT)
+                    for event, name, field in ((box.blur, "region_box", box), (box.submit, "region_box", box),
+                                               (text.blur, "region_prompt", text)):
+                        event(functools.partial(h.set_region_text, uid, name), [stack, field, strategy],
+                              [stack, strategy, stack_status], **LIGHT)
+                    canvas.input(functools.partial(h.set_region_mask, uid), [stack, canvas, strategy],
+                                 [stack, strategy, stack_status], **LIGHT)
+                    upload_mask.upload(functools.partial(h.upload_region_mask, uid),
+                                       [stack, upload_mask, image_size, strategy],
+                                       [stack, canvas, strategy, stack_status], **LIGHT)
+
+                @gr.render(inputs=[stack, image_size], triggers=[stack_rev.change, demo.load])
+                def stack_rows(entries, size):
                     if not entries:
                         gr.Markdown("Empty: add LoRAs from the library. Order matters for switch-like strategies.",
                                     elem_id="stack-empty")
@@ -155,6 +189,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                                     info="blocks: " + ", ".join(cb.block_names()),
                                                     visible=entry.preset == "custom", interactive=True,
                                                     elem_classes=["stack-custom"])
+                            region_controls(uid, entry, size)
                         for component, name in ((weight, "weight"), (start, "start"), (end, "end"),
                                                 (enabled, "enabled"), (custom, "custom_blocks")):
                             event = component.blur if component is custom else component.change
@@ -165,6 +200,10 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                         drop.click(functools.partial(h.remove, uid), [stack, stack_rev], [stack, stack_rev], **LIGHT)
 
                 clear = gr.Button("Clear stack", size="sm", elem_id="stack-clear")
+                region_view = gr.Image(label="Regions before rendering: what each LoRA covers, on the model's grid",
+                                       visible=False, interactive=False, height=220, format="png", buttons=[],
+                                       elem_id="region-preview")
+                region_legend = gr.Markdown(elem_id="region-legend")
 
                 gr.Markdown("### Strategy")
                 strategy = gr.Dropdown(strategies, value=_default_strategy(), label="Strategy", elem_id="strategy")
@@ -218,6 +257,11 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             gallery = gr.Gallery(label="Images (click one for its recipe)", columns=2, height=300,
                                                  elem_id="gallery", format="png", buttons=["download", "fullscreen"],
                                                  min_width=200)
+                        with gr.Row(equal_height=False):
+                            masks_view = gr.Image(label="Region masks the selected image used", visible=False,
+                                                  interactive=False, height=220, format="png", buttons=[],
+                                                  elem_id="region-masks")
+                            masks_legend = gr.Markdown(elem_id="region-masks-legend")
                         recipe = gr.Code(label="Recipe of the selected image (TOML)", language=None, lines=8,
                                          max_lines=16, interactive=False, elem_id="recipe")
                         with gr.Row():
@@ -265,6 +309,17 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
             [live, progress_text, gallery, gallery_items, recipe, png_download, toml_download, seed],
             api_name="generate", show_progress="minimal", **GPU)
         gallery.select(h.select, [gallery_items], [recipe, png_download, toml_download], **LIGHT)
+        # regions: the overlay before rendering follows every edit; after a job, the masks its first image used
+        # (and those of the image the user picks)
+        preview_inputs = [stack, width, height, strategy, params]
+        for change in (stack.change, width.change, height.change, strategy.change, params.change):
+            change(h.region_preview, preview_inputs, [region_view, region_legend], api_visibility="private", **LIGHT)
+        for size_change in (width.change, height.change):
+            size_change(lambda w, h_: (w, h_), [width, height], [image_size], api_visibility="private", **LIGHT)
+        generate.click(lambda: (gr.update(value=None, visible=False), ""), None, [masks_view, masks_legend],
+                       api_visibility="private", **LIGHT)
+        job.then(h.masks_of, [gallery_items], [masks_view, masks_legend], api_visibility="private", **LIGHT)
+        gallery.select(h.select_masks, [gallery_items], [masks_view, masks_legend], **LIGHT)
         comparison = compare.click(
             h.compare, [compare_strategies, include_base, *settings_inputs, params, stack],
             [compare_gallery, compare_items, scores, compare_text, compare_recipe, compare_png, compare_toml],

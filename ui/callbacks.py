@@ -27,6 +27,7 @@ from studio import Recipe, Studio, StudioError
 from studio.library import Library, LibraryEntry
 from studio.preview import LatentPreview
 
+from . import regions
 from . import stack as stk
 from . import strategy_form
 from .jobs import stream
@@ -111,6 +112,8 @@ class Item:
     recipe: str
     label: str = ""
     scores: dict[str, Any] = field(default_factory=dict)
+    masks: Any = None       # the region masks the render used, drawn over the image (ui.regions.overlay); or None
+    masks_legend: str = ""
 
 
 class Callbacks:
@@ -230,6 +233,12 @@ class Callbacks:
             value = str(value or "").strip()
             if value:
                 self.studio.block_weights(value)  # raises a StudioError naming the bad block or value
+        elif name == "region_kind":
+            value = regions.check_kind(value)
+        elif name == "region_box":
+            value = regions.check_box(value, stack[stk.find(stack, uid)].label)
+        elif name == "region_prompt":
+            value = regions.check_region_prompt(value, stack[stk.find(stack, uid)].label)
         else:
             raise StudioError(f"a stack entry has no field '{name}'")
         entry = stack[stk.find(stack, uid)]
@@ -239,6 +248,86 @@ class Callbacks:
                 raise StudioError(f"{entry.label}: the step window must satisfy 0 <= start < end <= 1 "
                                   f"(start {start:g}, end {end:g})")
         return stk.update(stack, uid, **{name: value})
+
+    # ------------------------------------------------------------------------------------------ regions
+    @property
+    def masks_dir(self) -> Path:
+        """Where drawn and uploaded region masks are saved (inside the output folder, named by their hash)."""
+        return self.out_dir / "masks"
+
+    def set_region_mask(self, stack: list[stk.StackEntry], uid: int, value: Any) -> tuple[list[stk.StackEntry], str]:
+        """Take the mask painted on an entry's canvas (a Gradio ``ImageEditor`` value); returns the stack and a
+        note. An empty or all-covering drawing detaches the entry's mask (the render then asks for one)."""
+        entry = stack[stk.find(stack, uid)]
+        mask = regions.mask_from_editor(value)
+        if mask is None and not entry.region_mask:
+            return stack, ""  # an empty canvas appearing is not an edit
+        mask, problem = regions.mask_from_editor_checked(value, entry.label)
+        if problem:
+            return stk.update(stack, uid, region_mask=""), problem
+        path = regions.save_mask(mask, self.masks_dir)
+        if str(path) == entry.region_mask and entry.region_kind == regions.MASK:
+            return stack, ""
+        coverage = float(mask.mean()) / 255
+        return (stk.update(stack, uid, region_kind=regions.MASK, region_mask=str(path)),
+                f"{entry.label}: drawn mask set ({coverage:.0%} of the image).")
+
+    def upload_region_mask(self, stack: list[stk.StackEntry], uid: int, file: Any,
+                           size: tuple[int, int]) -> tuple[list[stk.StackEntry], str]:
+        """An uploaded mask image becomes the entry's region (checked first: an image, not too large, neither
+        empty nor covering everything; on any problem nothing is attached)."""
+        entry = stack[stk.find(stack, uid)]
+        mask, note = regions.read_mask_upload(file, entry.label, regions.canvas_size(*size))
+        path = regions.save_mask(mask, self.masks_dir)
+        return stk.update(stack, uid, region_kind=regions.MASK, region_mask=str(path)), note + "."
+
+    @staticmethod
+    def region_strategy(stack: list[stk.StackEntry], strategy: str) -> tuple[str, str]:
+        """The strategy to use once an entry has a region: a strategy that reads regions is kept; any other is
+        switched to ``regional`` (an artist who draws a region wants it to act), with a note saying so."""
+        if not any(e.enabled and e.has_region for e in stack) or strategy_form.strategy_class(strategy).uses_regions:
+            return strategy, ""
+        return "regional", (f"Strategy switched from {strategy} to regional: only strategies that read regions use "
+                            "them (choose another strategy to render without regions; Compare runs the others "
+                            "without them).")
+
+    def region_preview(self, stack: list[stk.StackEntry], width: int, height: int, strategy: str,
+                       params_store: Mapping | None, background: Image.Image | None = None):
+        """The regions of the enabled entries as the render will use them, drawn over the image area (or over
+        ``background``); returns ``(image or None, legend markdown)``."""
+        try:
+            width, height = int(width), int(height)
+        except (TypeError, ValueError):
+            return None, ""
+        entries = [e for e in stack if e.enabled]
+        if not any(e.region_kind != regions.NONE for e in entries):
+            return None, "No regions: every LoRA acts on the whole image."
+        names, chosen, prompts, notes = [], [], [], []
+        for entry in entries:
+            try:
+                region = entry.region
+            except StudioError as e:
+                notes.append(str(e))
+                region = None
+            if region == regions.AUTO:
+                notes.append(f"{entry.label}: auto: its mask comes from the cross-attention while rendering "
+                             "(shown next to the image afterwards)")
+                region = None
+            names.append(entry.label)
+            chosen.append(region)
+            prompts.append(entry.region_prompt.strip() or None)
+        params = strategy_form.values_for(strategy, params_store) if strategy in strategy_form.strategy_names() else {}
+        if params.get("auto") is True:  # the strategy makes every region automatic
+            return None, regions.legend([], [f"{strategy}: auto is on, so every region's mask comes from the "
+                                             "cross-attention while rendering (shown next to the image afterwards)"])
+        try:
+            masks = regions.planned_masks(self.studio, names, chosen, prompts, width, height, params)
+        except StudioError as e:
+            return None, regions.legend([], [str(e), *notes])
+        if not masks:
+            return None, regions.legend([], notes)
+        image = background if background is not None else regions.plain_canvas(width, height)
+        return regions.overlay(image, masks), regions.legend(masks, notes)
 
     def remove(self, stack, uid, rev):
         return stk.remove(stack, uid), rev + 1
@@ -296,6 +385,13 @@ class Callbacks:
             height=settings.height, count=1, callback=callback, image=settings.image,
             mask_image=settings.mask_image, strength=settings.strength)
 
+    @staticmethod
+    def _attach_masks(item: Item, result) -> None:
+        """The region masks the render used (``Result.region_masks``), drawn over its image, on the item."""
+        masks = list((getattr(result, "region_masks", None) or {}).items())
+        if masks:
+            item.masks, item.masks_legend = regions.overlay(result.image, masks), regions.legend(masks)
+
     def generate_events(self, settings: Settings, strategy: str, params_store: Mapping, stack) -> Iterator[Any]:
         """Render ``settings.count`` images (seeds ``seed``, ``seed+1``, ...).
 
@@ -315,6 +411,7 @@ class Callbacks:
                                        index=k, total=settings.count)
                 caption = f"{strategy} · seed {one.seed} · {result.timings['render_s']:.2f} s"
                 items.append(self._save(result.image, result.recipe, strategy, caption))
+                self._attach_masks(items[-1], result)
                 emit(Finished(items[-1], result.image))
             emit(items)
 
@@ -334,8 +431,16 @@ class Callbacks:
         loras = stk.to_loras(stack, self.library)
         if runs and not loras:
             raise StudioError("the stack is empty: add LoRAs from the library to compare strategies")
-        plans = [(name, loras, name, strategy_form.values_for(name, params_store)) for name in runs]
-        for name, _, _, params in plans:
+        # a strategy that does not read regions runs the stack without them (labelled so), so a region stack can
+        # be compared with merge & co.
+        plain = stk.to_loras(stack, self.library, regions=False)
+        has_regions = any(e.enabled and e.has_region for e in stack)
+        plans = []
+        for name in runs:
+            reads = strategy_form.strategy_class(name).uses_regions
+            label = name if reads or not has_regions else f"{name} (no regions)"
+            plans.append((label, loras if reads else plain, name, strategy_form.values_for(name, params_store)))
+        for _, _, name, params in plans:
             strategy_form.strategy_class(name)(**params)
         if include_base:
             plans.insert(0, (NO_LORAS, [], "merge", {}))
@@ -356,6 +461,7 @@ class Callbacks:
                 shown = "n/a" if score is None else f"{score:.2f}"
                 item = self._save(result.image, result.recipe, label, f"{label} · CLIPScore {shown} · {render_s:.2f} s")
                 item.scores = {"clipscore": score, "render_s": render_s}
+                self._attach_masks(item, result)
                 items.append(item)
             emit(items)
 
@@ -410,8 +516,13 @@ class Callbacks:
                 continue
             if any(s.lora_id == entry.id for s in stack):
                 continue
+            region = regions.fields_for(lora.region, self.masks_dir, entry.id)
+            if region.note:
+                notes.append(region.note)
             stack.append(stk.new_entry(entry.id, entry.info.name, weight=float(lora.weight), start=float(lora.start),
-                                       end=float(lora.end), **stk.blocks_fields(lora.blocks, presets)))
+                                       end=float(lora.end), **stk.blocks_fields(lora.blocks, presets),
+                                       region_kind=region.kind, region_box=region.box, region_mask=region.mask,
+                                       region_prompt=lora.prompt or ""))
         defaults = self.studio.render_defaults()  # a setting the recipe leaves out means the model's default
         settings = Settings(prompt=recipe.prompt, negative_prompt=recipe.negative_prompt, seed=recipe.seed,
                             steps=defaults.steps if recipe.steps is None else recipe.steps,

@@ -150,6 +150,61 @@ class Handlers:
     def set_param(self, strategy, name, store, value):
         return self.cb.set_param(store, strategy, name, value)
 
+    # ------------------------------------------------------------------------------------------ regions
+    def _with_strategy(self, stack, strategy, note=""):
+        """``(stack, strategy update, status)``: a region on a strategy that does not read regions switches it
+        to ``regional`` (:meth:`Callbacks.region_strategy`), said in the status line."""
+        new, switched = self.cb.region_strategy(stack, strategy)
+        status = " ".join(md_escape(n) for n in (note, switched) if n)
+        return stack, (new if new != strategy else gr.skip()), status if status else gr.skip()
+
+    @user_errors
+    def set_region_kind(self, uid, stack, kind, strategy):
+        """Outputs: stack, box field, mask area (canvas and upload), strategy, status."""
+        stack = self.cb.set_field(stack, uid, "region_kind", kind)
+        stack, strategy, status = self._with_strategy(stack, strategy)
+        return (stack, gr.update(visible=kind == "box"), gr.update(visible=kind == "mask"), strategy, status)
+
+    @user_errors
+    def set_region_text(self, uid, name, stack, value, strategy):
+        """The box or the region prompt. Outputs: stack, strategy, status."""
+        return self._with_strategy(self.cb.set_field(stack, uid, name, value), strategy)
+
+    @user_errors
+    def set_region_mask(self, uid, stack, value, strategy):
+        """A stroke on the canvas. Outputs: stack, strategy, status."""
+        stack, note = self.cb.set_region_mask(stack, uid, value)
+        return self._with_strategy(stack, strategy, note)
+
+    @user_errors
+    def upload_region_mask(self, uid, stack, file, size, strategy):
+        """Outputs: stack, canvas (showing the uploaded mask), strategy, status."""
+        from . import regions, stack as stk
+
+        stack, note = self.cb.upload_region_mask(stack, uid, file, tuple(size))
+        entry = stack[stk.find(stack, uid)]
+        stack, strategy, status = self._with_strategy(stack, strategy, note)
+        return stack, regions.editor_value(entry.region_mask, regions.canvas_size(*size)), strategy, status
+
+    def region_preview(self, stack, width, height, strategy, params):
+        """Outputs: the overlay of the regions before rendering, its legend."""
+        try:
+            image, legend = self.cb.region_preview(stack or [], width, height, strategy, params)
+        except StudioError as e:  # a preview never blocks editing; the render reports the problem
+            return gr.update(value=None, visible=False), md_escape(str(e))
+        return gr.update(value=image, visible=image is not None), legend
+
+    @staticmethod
+    def masks_of(items: list[Item], index: int = 0):
+        """Outputs: the region masks a gallery item's render used, and their legend (hidden when it has none)."""
+        item = items[index] if items and 0 <= index < len(items) else None
+        if item is None or item.masks is None:
+            return gr.update(value=None, visible=False), ""
+        return gr.update(value=item.masks, visible=True), item.masks_legend
+
+    def select_masks(self, items: list[Item], evt: gr.SelectData):
+        return self.masks_of(items, int(evt.index) if evt.index is not None else -1)
+
     # ------------------------------------------------------------------------------------------ generate
     @user_errors
     def generate(self, prompt, negative, seed, steps, guidance, width, height, count, strategy, params, stack,

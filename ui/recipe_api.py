@@ -1,8 +1,8 @@
 """The web app's one endpoint for programs: render a whole recipe (``/render_recipe``).
 
 A client sends a recipe as TOML or JSON text (the same fields as ``studio render --recipe`` and the PNG chunk:
-prompt, negative prompt, strategy and its parameters, LoRAs with weight, step window and block weights, seed,
-steps, guidance, size) and gets the rendered images and the recipe of each, exactly as the studio recorded it::
+prompt, negative prompt, strategy and its parameters, LoRAs with weight, step window, block weights, region and
+region prompt, seed, steps, guidance, size) and gets the rendered images and the recipe of each, exactly as the studio recorded it::
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
@@ -25,7 +25,7 @@ from pathlib import Path
 from pipelines.errors import StudioError
 from studio import Lora, Recipe
 
-from . import strategy_form
+from . import regions, strategy_form
 from .callbacks import Callbacks, Settings
 
 MAX_IMAGES = 16
@@ -60,8 +60,26 @@ def library_loras(callbacks: Callbacks, recipe: Recipe) -> list[Lora]:
         if not entry.fits(callbacks.family):
             raise StudioError(f"LoRA #{i + 1} '{entry.id}' was made for {entry.info.base_name}, not this model")
         loras.append(Lora(source=entry.path, weight=lora.weight, name=lora.name, blocks=lora.blocks,
-                          start=lora.start, end=lora.end))
+                          start=lora.start, end=lora.end, region=_library_region(callbacks, lora.region, entry.id),
+                          prompt=lora.prompt))
     return loras
+
+
+def _library_region(callbacks: Callbacks, region: str | None, label: str) -> str | None:
+    """A recipe's region as the app may use it: presets, boxes and ``auto`` as sent; a mask only when it names one
+    of the app's saved masks (by its hash name; a client's path is never opened)."""
+    fields = regions.fields_for(region, callbacks.masks_dir, label)
+    if fields.kind == regions.MASK and not fields.mask:
+        raise StudioError(f"LoRA '{label}': region {str(region)[:200]!r} is not one of the app's saved masks "
+                          "(masks/mask-<hash>.png in its output folder; paths a client sends are never opened); send "
+                          "a preset or an x0,y0,x1,y1 box")
+    if fields.note:
+        raise StudioError(fields.note.removesuffix("; left without a region"))
+    if fields.kind == regions.MASK:
+        return fields.mask
+    if fields.kind == regions.BOX:
+        return fields.box
+    return None if fields.kind == regions.NONE else fields.kind
 
 
 def render_recipe(callbacks: Callbacks, text: str, count: int = 1) -> tuple[list[str], list[str]]:

@@ -32,6 +32,11 @@ class StackEntry:
     custom_blocks: str = ""           # "down=0,mid=1" when preset is CUSTOM_BLOCKS
     enabled: bool = True
     uid: int = 0
+    # region (ui.regions): "none", a preset box, "box" (region_box), "mask" (region_mask, a saved PNG) or "auto"
+    region_kind: str = "none"
+    region_box: str = ""              # "x0,y0,x1,y1" when region_kind is "box"
+    region_mask: str = ""             # the app's saved mask file when region_kind is "mask"
+    region_prompt: str = ""           # the region's own prompt ("" = none)
 
     @property
     def blocks(self) -> str | None:
@@ -39,6 +44,30 @@ class StackEntry:
         if self.preset == CUSTOM_BLOCKS:
             return self.custom_blocks.strip() or None
         return None if self.preset == ALL_BLOCKS else self.preset
+
+    @property
+    def region(self) -> str | None:
+        """The region handed to :class:`studio.Lora` (``None``: the whole image); a box or mask that is not set
+        yet is refused here, naming the LoRA, so nothing renders with a half-made region."""
+        kind = self.region_kind or "none"
+        if kind == "none":
+            return None
+        if kind == "box":
+            if not self.region_box.strip():
+                raise StudioError(f"{self.label}: type the region's box as fractions x0,y0,x1,y1 (e.g. 0,0,0.5,1), "
+                                  "or choose another region")
+            return self.region_box.strip()
+        if kind == "mask":
+            if not self.region_mask:
+                raise StudioError(f"{self.label}: its region is a mask, but none is drawn yet: paint the region on "
+                                  "the row's canvas or upload a mask image (white = inside)")
+            return self.region_mask
+        return kind
+
+    @property
+    def has_region(self) -> bool:
+        """Whether the entry has a region or a region prompt (only strategies with ``uses_regions`` read them)."""
+        return (self.region_kind or "none") != "none" or bool(self.region_prompt.strip())
 
 
 def new_entry(lora_id: str, label: str, **fields: Any) -> StackEntry:
@@ -73,14 +102,17 @@ def move(stack: list[StackEntry], uid: int, offset: int) -> list[StackEntry]:
     return out
 
 
-def to_loras(stack: list[StackEntry], library: Library) -> list[Lora]:
-    """The enabled entries as :class:`studio.Lora` objects with files resolved through ``library``."""
+def to_loras(stack: list[StackEntry], library: Library, *, regions: bool = True) -> list[Lora]:
+    """The enabled entries as :class:`studio.Lora` objects with files resolved through ``library``; with
+    ``regions=False`` without their regions and region prompts (for a strategy that does not read them)."""
     loras = []
     for entry in stack:
         if not entry.enabled:
             continue
         path = library.path(entry.lora_id)
-        loras.append(Lora(source=path, weight=entry.weight, blocks=entry.blocks, start=entry.start, end=entry.end))
+        region = dict(region=entry.region, prompt=entry.region_prompt.strip() or None) if regions else {}
+        loras.append(Lora(source=path, weight=entry.weight, blocks=entry.blocks, start=entry.start, end=entry.end,
+                          **region))
     return loras
 
 

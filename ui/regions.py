@@ -1,0 +1,344 @@
+"""Regions in the web app: the per-LoRA region control, drawn or uploaded masks, and the region overlays.
+
+A stack entry's region (for the ``regional`` strategy, and any other strategy that declares ``uses_regions``) is
+one of: none (the LoRA acts on the whole image), a preset box of :data:`fusion.region_masks.PRESETS`, a box of
+fractions ``x0,y0,x1,y1``, a mask drawn on the row's canvas (or uploaded and then edited there), or ``auto``
+(masks from cross-attention, where the studio offers it). A mask becomes a grey PNG (white = inside) in the app's
+``masks/`` folder, named by its SHA-256, and is handed to :class:`studio.Lora` as ``region=<that file>``; the
+recipe records that file, and a recipe's mask is restored only from that folder (by its hash name: a path from a
+PNG or a client is never opened).
+
+The overlay before rendering (:func:`preview`) runs the ``regional`` strategy's own ``prepare`` on the stack's
+regions, so it shows the per-lane weights the render will use (MultiDiffusion's masks ``M_i``, Bar-Tal et al.
+2023, Eq. 3-5, normalised to sum to one with the base lane), on the denoiser's own grid, upsampled without
+smoothing. After a render, :func:`overlay` draws ``Result.region_masks`` (boxes and masks, or the automatic masks
+of ``region=auto`` / ``clora``) over the image the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from fusion.region_masks import PRESETS, check_region, is_mask_file
+from pipelines.errors import StudioError
+
+NONE, BOX, MASK, AUTO = "none", "box", "mask", "auto"
+# the preset boxes the dropdown offers ("left-half" & co. are the same boxes as "left" & co.)
+PRESET_CHOICES = [name for name in PRESETS if not name.endswith("-half")]
+MASK_NAME = re.compile(r"mask-[0-9a-f]{16}\.png")
+MAX_MASK_BYTES = 20_000_000
+MAX_MASK_PIXELS = 4096 * 4096       # a mask is resized to the latent grid (128x128 for SDXL at 1024²) anyway
+CANVAS_SIDE = 256                   # the longer side of a row's drawing canvas, in canvas pixels
+OVERLAY_SIDE = 256                  # the longer side of the overlays, in display pixels
+OVERLAY_ALPHA = 0.6
+# distinct colours for region lanes, in lane order (the preview and the masks after a render use the same order)
+COLOURS = (("red", (230, 25, 75)), ("blue", (67, 99, 216)), ("green", (60, 180, 75)), ("orange", (245, 130, 49)),
+           ("purple", (145, 30, 180)), ("cyan", (66, 212, 244)), ("magenta", (240, 50, 230)), ("olive", (128, 128, 0)))
+
+
+def auto_supported() -> bool:
+    """Whether the studio accepts ``region=auto`` (masks from cross-attention) in this version."""
+    try:
+        check_region(AUTO)
+        return True
+    except StudioError:
+        return False
+
+
+def kind_choices() -> list[tuple[str, str]]:
+    """The region dropdown's (label, value) pairs."""
+    choices = [("none: whole image", NONE), *[(name, name) for name in PRESET_CHOICES],
+               ("box: x0,y0,x1,y1", BOX), ("mask: draw or upload", MASK)]
+    if auto_supported():
+        choices.append(("auto: from attention", AUTO))
+    return choices
+
+
+def check_kind(kind: Any) -> str:
+    values = [value for _, value in kind_choices()]
+    if kind not in values:
+        raise StudioError(f"unknown region '{str(kind)[:60]}'; choose one of {', '.join(values)}")
+    return kind
+
+
+def check_box(text: Any, label: str) -> str:
+    """A box ``x0,y0,x1,y1`` of fractions in [0, 1] (empty: not typed yet); errors name the LoRA."""
+    text = str(text or "").strip()
+    if not text:
+        return ""
+    if len(text) > 200 or is_mask_file(text) or text.lower() in PRESETS:
+        raise StudioError(f"{label}: a box is four fractions x0,y0,x1,y1 of the image (origin top left), e.g. "
+                          f"0.1,0.2,0.6,0.9; got '{text[:60]}'")
+    try:
+        return check_region(text, f"{label}: box")
+    except StudioError as e:  # a box's own errors say "region '...'": name the LoRA too
+        message = str(e)
+        raise StudioError(message if message.startswith(label) else f"{label}: {message}") from None
+
+
+def check_region_prompt(text: Any, label: str) -> str:
+    text = str(text or "")
+    if len(text) > 20_000:
+        raise StudioError(f"{label}: region prompt has {len(text)} characters; at most 20000")
+    return text.strip()
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def canvas_size(width: int, height: int) -> tuple[int, int]:
+    """``(w, h)`` of a drawing canvas with the image's aspect ratio and the longer side ``CANVAS_SIDE``."""
+    width, height = max(int(width or 1), 1), max(int(height or 1), 1)
+    scale = CANVAS_SIDE / max(width, height)
+    return max(8, round(width * scale)), max(8, round(height * scale))
+
+
+def _coverage_problem(mask: np.ndarray, label: str, what: str) -> str | None:
+    if mask.max() < 1:
+        return f"{label}: the {what} is empty: paint the LoRA's region on the canvas (or upload a mask, white = inside)"
+    if mask.min() > 254:
+        return (f"{label}: the {what} covers the whole image; set the region to 'none' to make the LoRA act "
+                "everywhere")
+    return None
+
+
+def save_mask(mask: np.ndarray, masks_dir: Path) -> Path:
+    """Write a ``uint8`` ``[h, w]`` mask as ``masks_dir/mask-<sha256[:16]>.png`` (same mask, same file)."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    data = buffer.getvalue()
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    path = masks_dir / f"mask-{hashlib.sha256(data).hexdigest()[:16]}.png"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def mask_from_editor(value: Any) -> np.ndarray | None:
+    """The mask painted on a Gradio ``ImageEditor``: the alpha of its layers (any colour paints), ``uint8``
+    ``[h, w]``; ``None`` when nothing is there to read (no layers)."""
+    if not isinstance(value, Mapping):
+        return None
+    layers = [np.asarray(layer) for layer in (value.get("layers") or []) if layer is not None]
+    layers = [layer for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
+    if not layers:
+        return None
+    shape = layers[0].shape[:2]
+    if any(layer.shape[:2] != shape for layer in layers):
+        raise StudioError("the canvas layers have different sizes; clear the canvas and draw again")
+    return np.max(np.stack([layer[..., 3] for layer in layers]), axis=0).astype(np.uint8)
+
+
+def editor_value(mask_path: str | None, size: tuple[int, int]) -> dict[str, Any]:
+    """The ``ImageEditor`` value showing a saved mask as a red layer on a white canvas of ``size`` ``(w, h)``."""
+    w, h = size
+    background = np.full((h, w, 4), 255, np.uint8)
+    layers = []
+    if mask_path and Path(mask_path).is_file():
+        with Image.open(mask_path) as image:
+            alpha = np.asarray(image.convert("L").resize((w, h), Image.BOX))
+        layer = np.zeros((h, w, 4), np.uint8)
+        layer[..., 0], layer[..., 1], layer[..., 2] = COLOURS[0][1]
+        layer[..., 3] = alpha
+        layers.append(layer)
+    return {"background": background, "layers": layers, "composite": None}
+
+
+def mask_from_editor_checked(value: Any, label: str) -> tuple[np.ndarray | None, str | None]:
+    """``(mask, problem)``: the drawn mask, or ``None`` and why it cannot be used (empty, covers everything)."""
+    mask = mask_from_editor(value)
+    if mask is None:
+        return None, f"{label}: nothing is drawn yet: paint the LoRA's region on the canvas"
+    problem = _coverage_problem(mask, label, "drawn mask")
+    return (None, problem) if problem else (mask, None)
+
+
+def read_mask_upload(file: Any, label: str, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """An uploaded mask image (white = inside; any mode, read as grey like the CLI reads mask files), resized to
+    the canvas ``size`` ``(w, h)``; returns the mask and a note saying what was done. Not an image, too large, or
+    empty / covering everything: a :class:`StudioError` naming the file."""
+    path = Path(str(getattr(file, "name", file) or ""))
+    name = path.name or "upload"
+    if not path.is_file():
+        raise StudioError(f"{label}: the upload {name} did not arrive; try again")
+    size_bytes = path.stat().st_size
+    if size_bytes > MAX_MASK_BYTES:
+        raise StudioError(f"{label}: mask {name} has {size_bytes / 1e6:.1f} MB; a mask may have at most "
+                          f"{MAX_MASK_BYTES / 1e6:.0f} MB")
+    too_large = (f"{label}: mask {name} is larger than {MAX_MASK_PIXELS / 1e6:.1f} megapixels (4096x4096), the "
+                 "most a mask may have (it is resized to the latent grid anyway)")
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            if w * h > MAX_MASK_PIXELS:
+                raise StudioError(f"{too_large}: it is {w}x{h}")
+            grey = image.convert("L")
+    except StudioError:
+        raise
+    except Image.DecompressionBombError:  # Pillow refuses to open it at all: far over the limit
+        raise StudioError(too_large) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise StudioError(f"{label}: {name} is not a readable image ({e.__class__.__name__}); upload a PNG, JPEG or "
+                          "WebP mask, white = inside the region") from None
+    mask = np.asarray(grey.resize(size, Image.BOX) if grey.size != size else grey, dtype=np.uint8)
+    problem = _coverage_problem(mask, label, f"mask {name}")
+    if problem:
+        raise StudioError(problem)
+    note = f"{label}: mask {name} ({w}x{h})" + (f" resized to the canvas ({size[0]}x{size[1]})"
+                                                if (w, h) != size else "") + "; edit it on the canvas"
+    return mask, note
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class RegionFields:
+    """The stack entry's region fields for a recipe's ``region`` text, and a note when something was left out."""
+
+    kind: str = NONE
+    box: str = ""
+    mask: str = ""
+    note: str | None = None
+
+
+def fields_for(region: str | None, masks_dir: Path, label: str) -> RegionFields:
+    """Map a recipe's region onto the control: presets, boxes and ``auto`` as they are; a mask file only when it
+    is one of the app's own saved masks (looked up by its hash name in ``masks_dir``; the recorded path itself is
+    never opened)."""
+    if region is None or not str(region).strip():
+        return RegionFields()
+    text = str(region).strip()
+    key = text.lower()
+    if key == AUTO:
+        if auto_supported():
+            return RegionFields(kind=AUTO)
+        return RegionFields(note=f"LoRA '{label}': region 'auto' is not available here; left without a region")
+    if key in PRESETS:
+        plain = key.removesuffix("-half")
+        return RegionFields(kind=plain if plain in PRESET_CHOICES else BOX,
+                            box="" if plain in PRESET_CHOICES else ",".join(f"{v:g}" for v in PRESETS[key]))
+    if not is_mask_file(text):
+        try:
+            return RegionFields(kind=BOX, box=check_box(text, f"LoRA '{label}'"))
+        except StudioError as e:
+            return RegionFields(note=f"{e}; left without a region")
+    name = re.split(r"[\\/]", text)[-1]
+    saved = masks_dir / name
+    if MASK_NAME.fullmatch(name) and saved.is_file():
+        return RegionFields(kind=MASK, mask=str(saved))
+    return RegionFields(kind=MASK, note=f"LoRA '{label}': its mask file {name} is not one of this app's saved masks "
+                                        "(only those are opened); draw or upload the region again")
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def planned_masks(studio: Any, names: Sequence[str], regions: Sequence[str | None],
+                  prompts: Sequence[str | None], width: int, height: int,
+                  params: Mapping[str, Any] | None = None) -> list[tuple[str, Any]]:
+    """The region lanes' weights a ``regional`` render of this stack will use: ``(label, [h, w])`` per lane, from
+    the strategy's own ``prepare`` (same rasterising, grouping, feathering and normalisation as the render; the
+    base lane, which fills what no region covers, is left out). ``params``: the regional strategy's parameters
+    (unknown ones are ignored, so the current strategy's values can be passed)."""
+    import torch
+
+    from fusion.base import RunContext
+    from studio.strategies import strategy_class
+
+    cls = strategy_class("regional")
+    declared = {p.name for p in cls.params}
+    strategy = cls(**{k: v for k, v in (params or {}).items() if k in declared})
+    run = RunContext(names=list(names), weights=torch.ones(len(names)), num_steps=1, family=studio.family.name,
+                     pipe=studio.pipe, settings={"width": int(width), "height": int(height)}, regions=list(regions),
+                     region_prompts=list(prompts))
+    strategy.prepare(run)
+    masks = getattr(strategy, "region_masks", None)
+    if masks is None:  # a regional without region_masks: its lane maps, unflattened
+        if not strategy.groups:
+            return []
+        h, w = strategy.info["regions"][0]["grid"]
+        maps = strategy.maps.reshape(-1, h, w)
+        maps = maps[1:] if strategy.keep_base else maps
+        masks = {", ".join(n for n, r in zip(names, regions) if r is not None and str(r).strip() == g): m
+                 for g, m in zip(strategy.groups, maps)}
+    return list(masks.items())
+
+
+# ---------------------------------------------------------------------------------------------- overlays
+def _display_size(width: int, height: int) -> tuple[int, int]:
+    scale = OVERLAY_SIDE / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def overlay(background: Image.Image, masks: Sequence[tuple[str, Any]]) -> Image.Image:
+    """``masks`` (label, ``[h, w]`` map in [0, 1] on any grid) drawn over ``background`` in distinct colours (in
+    order, :data:`COLOURS`), each cell a flat block (no smoothing: what the grid holds), with each label at its
+    map's centre of mass. The result's longer side is ``OVERLAY_SIDE``."""
+    size = _display_size(*background.size)
+    base = np.asarray(background.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32)
+    tint = np.zeros_like(base)
+    cover = np.zeros(base.shape[:2], np.float32)
+    upsampled = []
+    for i, (_, grid) in enumerate(masks):
+        grid = np.asarray(grid.detach().float().cpu() if hasattr(grid, "detach") else grid, dtype=np.float32)
+        cells = np.clip(np.nan_to_num(grid), 0.0, 1.0)
+        big = np.asarray(Image.fromarray(cells, mode="F").resize(size, Image.NEAREST), dtype=np.float32)
+        upsampled.append(big)
+        tint += big[..., None] * np.array(COLOURS[i % len(COLOURS)][1], np.float32)
+        cover += big
+    # each pixel: the maps' colours mixed by weight, as opaque as the maps cover it (attention masks of several
+    # LoRAs may overlap beyond one; the mixture stays a colour)
+    mixed = tint / np.maximum(cover, 1e-6)[..., None]
+    alpha = OVERLAY_ALPHA * np.minimum(cover, 1.0)[..., None]
+    out = base * (1 - alpha) + mixed * alpha
+    image = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    font = _font(max(9, min(size) // 16))
+    for (label, _), big in zip(masks, upsampled):
+        total = float(big.sum())
+        if total <= 0:
+            continue
+        ys, xs = np.indices(big.shape)
+        cx, cy = float((xs * big).sum() / total), float((ys * big).sum() / total)
+        draw.text((cx, cy), str(label)[:40], fill=(255, 255, 255), font=font, anchor="mm", stroke_width=2,
+                  stroke_fill=(0, 0, 0))
+    return image
+
+
+def legend(masks: Sequence[tuple[str, Any]], notes: Sequence[str] = ()) -> str:
+    """One line per region: its colour, its LoRAs and how much of the image it holds."""
+    from .handlers import md_escape
+
+    lines = []
+    for i, (label, grid) in enumerate(masks):
+        grid = np.asarray(grid.detach().float().cpu() if hasattr(grid, "detach") else grid, dtype=np.float32)
+        lines.append(f"**{COLOURS[i % len(COLOURS)][0]}**: {md_escape(label)} ({float(np.clip(grid, 0, 1).mean()):.0%} "
+                     f"of the image, {grid.shape[0]}x{grid.shape[1]} grid)")
+    lines += [md_escape(note) for note in notes]
+    return "  \n".join(lines)
+
+
+def plain_canvas(width: int, height: int) -> Image.Image:
+    """The neutral image area the preview draws on before anything was rendered (a light checkerboard)."""
+    w, h = _display_size(width, height)
+    cell = max(4, max(w, h) // 16)
+    ys, xs = np.indices((h, w))
+    board = np.where(((xs // cell) + (ys // cell)) % 2 == 0, 236, 214).astype(np.uint8)
+    return Image.fromarray(np.stack([board] * 3, axis=-1))
+
+
+__all__ = ["AUTO", "BOX", "MASK", "NONE", "PRESET_CHOICES", "RegionFields", "auto_supported", "canvas_size",
+           "check_box", "check_kind", "check_region_prompt", "editor_value", "fields_for", "kind_choices", "legend",
+           "mask_from_editor", "mask_from_editor_checked", "overlay", "plain_canvas", "planned_masks", "read_mask_upload", "save_mask"]
