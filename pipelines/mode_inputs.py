@@ -19,8 +19,8 @@ from typing import Any
 
 from .errors import StudioError
 from .families import Family
-from .modes import CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, INPAINT, TEXT2IMG, \
-    default_conditioning_scale, default_strength
+from .modes import CONTROL_LORA, CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, \
+    INPAINT, TEXT2IMG, default_conditioning_scale, default_strength
 
 IN_MEMORY = "<image>"
 MASK_MODES = ("L", "1")
@@ -51,6 +51,7 @@ class ModeInputs:
     controlnet: Any = None  # ControlNet mode: the model, where it came from, and its conditioning scale
     controlnet_source: str | None = None
     controlnet_scale: float | None = None
+    control_lora: dict[str, Any] | None = None  # control-lora mode: {source, sha256, weight} for the recipe
 
     def call_kwargs(self) -> dict[str, Any]:
         """The studio-vocabulary pipeline arguments (see :mod:`pipelines.modes`)."""
@@ -60,6 +61,8 @@ class ModeInputs:
         if self.mode in CONTROLNET_MODES:
             out["controlnet"] = self.controlnet
             out["controlnet_conditioning_scale"] = self.controlnet_scale
+        if self.mode == CONTROL_LORA:
+            out["control_lora"] = True  # the marker pipelines.modes.mode_of reads
         return out
 
     def merge_into(self, pipeline_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -164,10 +167,15 @@ def requested_mode(image: Any, mask_image: Any, control_image: Any) -> str:
 def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = None, strength: Any = None,
                         width: int, height: int, control_image: Any = None, controlnet: Any = None,
                         controlnet_conditioning_scale: Any = None, pipe: Any = None,
-                        controlnet_cache: dict | None = None) -> ModeInputs:
-    """Check and size the inputs of one render (``width`` x ``height``); the mode follows from them."""
+                        controlnet_cache: dict | None = None, control_lora: bool = False) -> ModeInputs:
+    """Check and size the inputs of one render (``width`` x ``height``); the mode follows from them
+    (``control_lora``: a control LoRA is given, see :func:`prepare_control_lora`)."""
     from .modes import check_dedicated
 
+    if control_lora:
+        return prepare_control_lora(family, pipe, image=image, mask_image=mask_image, strength=strength,
+                                    control_image=control_image, controlnet=controlnet,
+                                    scale=controlnet_conditioning_scale, width=width, height=height)
     mode = requested_mode(image, mask_image, control_image)
     if pipe is not None:  # a FLUX Fill pipeline does inpainting only
         check_dedicated(pipe, family, mode)
@@ -181,6 +189,36 @@ def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = 
     return prepare_control(family, pipe, inputs, control_image=control_image, controlnet=controlnet,
                            scale=controlnet_conditioning_scale, width=width, height=height,
                            cache={} if controlnet_cache is None else controlnet_cache)
+
+
+def prepare_control_lora(family: Family, pipe, *, image: Any, mask_image: Any, strength: Any, control_image: Any,
+                         controlnet: Any, scale: Any, width: int, height: int) -> ModeInputs:
+    """The inputs of the control-lora mode (FluxControlPipeline): a control image (RGB, sized) and nothing of the
+    other modes."""
+    from PIL import Image
+
+    if family.name != "flux":
+        raise ModeInputError(f"control LoRAs (FluxControlPipeline) are made for FLUX.1, not {family.name.upper()}")
+    if control_image is None:
+        raise ModeInputError("a control LoRA needs a control image (control_image / --control-image: the edges or "
+                             "depth map it was trained on)")
+    given = [name for name, value in (("image", image), ("mask_image", mask_image), ("strength", strength),
+                                      ("controlnet", controlnet), ("controlnet_conditioning_scale", scale))
+             if value is not None]
+    if given:
+        raise ModeInputError(f"a control LoRA runs diffusers' FluxControlPipeline (text-to-image from a control "
+                             f"image); {', '.join(given)} cannot be combined with it")
+    if pipe is not None:
+        from .modes import check_dedicated
+
+        check_dedicated(pipe, family, CONTROL_LORA)
+    notes: list[str] = []
+    raw, source, digest = read_image(control_image, "control_image")
+    rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
+    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", notes,
+                   Image.Resampling.LANCZOS)
+    return ModeInputs(mode=CONTROL_LORA, images={"control_image": InputImage("control_image", sized, source, digest)},
+                      notes=notes)
 
 
 def prepare_images(family: Family, mode: str, *, image: Any, mask_image: Any, strength: Any, width: int,

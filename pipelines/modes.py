@@ -17,7 +17,13 @@ inputs           SDXL                                     FLUX.1
 ``control_image`` ``StableDiffusionXLControlNetPipeline`` ``FluxControlNetPipeline``
 ``control_image`` ``StableDiffusionXLControlNetImg2ImgPipeline``, ``FluxControlNetImg2ImgPipeline``, ... inpaint
 + ``image`` (+ ``mask_image``)
+``control_image`` (refused)                               ``FluxControlPipeline``
++ control LoRA
 ===============  =======================================  ==========================================
+
+A FLUX control LoRA (BFL Canny/Depth, :mod:`pipelines.control_lora`) changes the base model: while one is
+applied the transformer takes image and control latents concatenated, so the ``control-lora`` mode
+(``FluxControlPipeline``) is the only one that can run, and it runs only while one is applied.
 
 ControlNet mode takes its model from the call (``controlnet``, see :mod:`pipelines.controlnets`) or from the
 wrapped pipeline's own ``controlnet`` component. The ControlNet runs outside the denoiser, once per step, with
@@ -43,7 +49,8 @@ from .families import FLUX, SDXL, Family
 TEXT2IMG, IMG2IMG, INPAINT, CONTROLNET = "text2img", "img2img", "inpaint", "controlnet"
 CONTROLNET_IMG2IMG, CONTROLNET_INPAINT = "controlnet-img2img", "controlnet-inpaint"
 CONTROLNET_MODES = (CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT)
-MODES = (TEXT2IMG, IMG2IMG, INPAINT, *CONTROLNET_MODES)
+CONTROL_LORA = "control-lora"  # FluxControlPipeline, with a control LoRA applied (pipelines.control_lora)
+MODES = (TEXT2IMG, IMG2IMG, INPAINT, *CONTROLNET_MODES, CONTROL_LORA)
 
 # (family, mode) -> diffusers pipeline class name
 PIPELINE_CLASSES: dict[tuple[str, str], str] = {
@@ -60,13 +67,16 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
     ("sdxl", CONTROLNET_INPAINT): "StableDiffusionXLControlNetInpaintPipeline",
     ("flux", CONTROLNET_INPAINT): "FluxControlNetInpaintPipeline",
 }
+# the mode of a control LoRA: not a class from_pipe wraps (its transformer may be widened for good)
+CONTROL_LORA_CLASSES: dict[tuple[str, str], str] = {("flux", CONTROL_LORA): "FluxControlPipeline"}
 # pipelines whose denoiser serves one mode only (FLUX.1-Fill-dev's transformer also takes the masked image and
 # the mask as input channels): wrapped with from_pipe, used as they are for that mode, refused for the others
 DEDICATED: dict[str, tuple[str, str]] = {"FluxFillPipeline": ("flux", INPAINT)}
 _FAMILIES = {"sdxl": SDXL, "flux": FLUX}
 
 # the studio's names for the inputs that choose a mode (they travel in ``pipeline_kwargs``)
-MODE_INPUTS = ("image", "mask_image", "strength", "control_image", "controlnet_conditioning_scale", "controlnet")
+MODE_INPUTS = ("image", "mask_image", "strength", "control_image", "controlnet_conditioning_scale", "controlnet",
+               "control_lora")
 
 
 def supported_classes() -> list[str]:
@@ -123,6 +133,8 @@ def check_dedicated(pipe, family: Family, mode: str) -> None:
 
 def mode_of(kwargs: dict[str, Any]) -> str:
     """The mode the inputs in ``kwargs`` choose (studio vocabulary, see the module docstring)."""
+    if kwargs.get("control_lora"):  # a marker set by the studio's checked inputs (pipelines.mode_inputs)
+        return CONTROL_LORA
     if kwargs.get("controlnet_conditioning_scale") is not None and kwargs.get("control_image") is None:
         raise StudioError("controlnet_conditioning_scale applies to ControlNet; give a control image with it")
     image_mode = _image_mode(kwargs)
@@ -154,10 +166,18 @@ def mode_pipeline(pipe, family: Family, mode: str, controlnet=None):
     """
     import diffusers
 
+    from .control_lora import applied_control_lora
+
+    applied = applied_control_lora(pipe)
+    if (applied is not None) != (mode == CONTROL_LORA):
+        raise StudioError(f"the control LoRA {applied.source} is applied: its transformer takes control latents, "
+                          f"so only the {CONTROL_LORA} mode runs; remove it (Studio.unload()) for {mode}"
+                          if applied is not None else
+                          f"the {CONTROL_LORA} mode needs a control LoRA applied (control_lora= / --control-lora)")
     if dedicated_mode(pipe) is not None:
         check_dedicated(pipe, family, mode)
         return pipe
-    cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
+    cls = getattr(diffusers, {**PIPELINE_CLASSES, **CONTROL_LORA_CLASSES}[(family.name, mode)])
     components = dict(pipe.components)
     if mode in CONTROLNET_MODES:
         controlnet = controlnet if controlnet is not None else components.get("controlnet")
@@ -195,7 +215,8 @@ def fit_call(target, call: dict[str, Any]) -> dict[str, Any]:
     Unset mode inputs are dropped, and the size where the mode's pipeline takes it from the input image (SDXL
     img2img; the studio has already resized the image to the requested size).
     """
-    out = {k: v for k, v in call.items() if not (k in MODE_INPUTS and v is None) and k != "controlnet"}
+    out = {k: v for k, v in call.items()
+           if not (k in MODE_INPUTS and v is None) and k not in ("controlnet", "control_lora")}
     if "control_image" in out and "control_image" not in inspect.signature(type(target).__call__).parameters:
         out["image"] = out.pop("control_image")  # SDXL's ControlNet pipeline calls it image
     for size in ("width", "height"):
@@ -207,7 +228,7 @@ def fit_call(target, call: dict[str, Any]) -> dict[str, Any]:
 def default_strength(family: Family, mode: str, pipe=None) -> float | None:
     """The ``strength`` the diffusers pipeline that runs ``mode`` on ``pipe`` uses when none is given (``None``
     for text-to-image and ControlNet)."""
-    if mode in (TEXT2IMG, CONTROLNET):
+    if mode in (TEXT2IMG, CONTROLNET, CONTROL_LORA):
         return None  # no input image: the whole schedule runs
     import diffusers
 

@@ -31,6 +31,8 @@ from pipelines.adapters import ParsedLora, parse_lora
 from pipelines.errors import OutOfMemoryError, StudioError
 from pipelines.families import parse_block_spec, resolve_block_weights
 from pipelines.compiled import CompiledDenoiser, compile_backend
+from pipelines.control_lora import ControlLoraFile, applied_control_lora, apply_control_lora, read_control_lora, \
+    remove_control_lora
 from pipelines.lane_memory import parse_max_lanes
 from pipelines.loading import DEFAULT_MODEL, base_model_name, model_defaults
 from pipelines.mode_inputs import prepare_mode_inputs, size_of_image
@@ -41,7 +43,7 @@ from pipelines.tiny import TINY_BUILDERS, TINY_IMAGE_SIZE
 
 from .lora import Lora, resolve_source
 from .recipe import LoraRecipe, Recipe
-from .recipe_inputs import recipe_controlnet, recipe_inputs, record_mode
+from .recipe_inputs import recipe_control_lora, recipe_controlnet, recipe_inputs, record_mode
 from .settings import DEFAULT_LIMITS, Limits, RenderDefaults, check_settings, render_defaults
 
 LoraLike = str | Path | Lora | Mapping[str, Any]
@@ -96,10 +98,14 @@ def _transaction(method):
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         adapters_before, scheduler = set(self.composer.adapters), self.pipe.scheduler
+        control_before = applied_control_lora(self.pipe)
         try:
             return method(self, *args, **kwargs)
         except BaseException:
             self._roll_back(adapters_before, scheduler)
+            if applied_control_lora(self.pipe) is not control_before:  # the control LoRA as it was, too
+                self._set_control_lora(None if control_before is None else control_before.file,
+                                       None if control_before is None else control_before.scale)
             raise
 
     return run
@@ -247,8 +253,10 @@ class Studio:
         return resolve_block_weights(self.family, self.block_names(), parse_block_spec(spec, self.family))
 
     def unload(self, names: Sequence[str] | None = None) -> None:
-        """Detach adapters (all by default); with none left, the pipeline is bit-for-bit the base model (and a
-        pipeline given to :meth:`from_pipe` has its own scheduler back)."""
+        """Detach adapters (all by default, and the control LoRA); with none left, the pipeline is bit-for-bit the
+        base model (and a pipeline given to :meth:`from_pipe` has its own scheduler back)."""
+        if names is None and applied_control_lora(self.pipe) is not None:
+            self._set_control_lora(None, None)
         names = list(self.composer.adapters) if names is None else list(names)
         for name in names:
             if name in self.composer.adapters:  # derived adapters leave with their sources
@@ -256,6 +264,39 @@ class Studio:
         self._loaded = {k: v for k, v in self._loaded.items() if v not in names}
         if not self.composer.adapters and getattr(self, "_user_scheduler", None) is not None:
             self.pipe.scheduler = self._user_scheduler
+
+    # ------------------------------------------------------------------------------------------ control LoRA
+    def _control_lora_file(self, control_lora: LoraLike) -> tuple[ControlLoraFile, float]:
+        """Read and check a control LoRA (``path`` or ``"path:weight"``) against this model; nothing changes."""
+        spec = Lora.parse(control_lora)
+        if isinstance(spec.source, dict) or spec.blocks is not None or (spec.start, spec.end) != (0.0, 1.0) \
+                or spec.region is not None or spec.prompt is not None:
+            raise StudioError(f"control LoRA {spec.label}: give a file and a weight only (it is applied to the model "
+                              "as a whole: no state dicts, blocks, step windows or regions)")
+        if self.compiled is not None:
+            raise StudioError("control LoRAs change the transformer's input width; they are not supported with "
+                              "compile=")
+        path = resolve_source(spec.source, self.lora_dir)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        files = self.__dict__.setdefault("_control_files", {})
+        if key not in files:
+            files.clear()  # one kept: switching back and forth reads again
+            files[key] = read_control_lora(path, self.pipe, self.family)
+        return files[key], spec.weight
+
+    def _set_control_lora(self, file: ControlLoraFile | None, scale: float | None) -> None:
+        """Make ``file`` at ``scale`` the applied control LoRA (``None``: none). A change of the base model: the
+        attached LoRAs are detached first and parsed again on the next compose, against the new model."""
+        applied = applied_control_lora(self.pipe)
+        if applied is None and file is None:
+            return
+        if applied is not None and file is not None and applied.file is file and applied.scale == scale:
+            return
+        self.unload(list(self.composer.adapters))
+        remove_control_lora(self.pipe)
+        if file is not None:
+            apply_control_lora(self.pipe, file, float(scale))
 
     def _unique_name(self, base: str) -> str:
         name, i = base, 2
@@ -290,6 +331,7 @@ class Studio:
         control_image: Any = None,
         controlnet: Any = None,
         controlnet_conditioning_scale: float | None = None,
+        control_lora: LoraLike | None = None,
     ) -> Result:
         """Render ``count`` images (seeds ``seed``, ``seed+1``, ...) of ``prompt`` with ``loras`` fused by ``strategy``.
 
@@ -299,6 +341,9 @@ class Studio:
         ``width``/``height`` the size is the image's (rounded down to the model's multiple). ``control_image``
         makes it ControlNet, with ``controlnet`` (a diffusers ControlNet model or folder; default: the pipeline's own
         from :meth:`from_pipe`) at ``controlnet_conditioning_scale`` (default: the diffusers pipeline's, recorded).
+        ``control_lora`` (a FLUX control LoRA file, ``"file:weight"``; BFL Canny/Depth) with ``control_image`` runs
+        diffusers' ``FluxControlPipeline``: the control LoRA is applied to the model (pipelines.control_lora) and
+        the LoRAs compose on top with any strategy; it stays applied until a compose without it or :meth:`unload`.
         """
         t0 = time.perf_counter()
         checked = check_settings(  # one validation of every setting, before anything loads (studio.settings)
@@ -341,8 +386,13 @@ class Studio:
         mode_inputs = prepare_mode_inputs(  # checked, sized and hashed (pipelines.modes)
             self.family, image=image, mask_image=mask_image, strength=strength, width=width, height=height,
             control_image=control_image, controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
-            pipe=self.pipe, controlnet_cache=self.__dict__.setdefault("_controlnets", {}))
+            pipe=self.pipe, controlnet_cache=self.__dict__.setdefault("_controlnets", {}),
+            control_lora=control_lora is not None)
+        control = self._control_lora_file(control_lora) if control_lora is not None else (None, None)
+        if control[0] is not None:
+            mode_inputs.control_lora = {"source": control[0].source, "sha256": control[0].sha256, "weight": control[1]}
         pipeline_kwargs = mode_inputs.merge_into(pipeline_kwargs)
+        self._set_control_lora(*control)  # a base-model change (pipelines.control_lora); undone if this call fails
         names = self.load(specs)
         t_load = time.perf_counter()
         self._set_block_weights(names, specs)
@@ -477,6 +527,9 @@ class Studio:
         )
         given = {role: overrides.pop(role, None) for role in ("image", "mask_image", "control_image")}
         kwargs.update(recipe_inputs(recipe, given, input_policy), strength=recipe.strength)
+        control_lora = recipe_control_lora(recipe, overrides.pop("control_lora", None), input_policy)
+        if control_lora is not None:
+            kwargs["control_lora"] = control_lora
         if (recipe.mode or "").startswith("controlnet"):
             kwargs.update(controlnet=recipe_controlnet(recipe, overrides.pop("controlnet", None), input_policy),
                           controlnet_conditioning_scale=recipe.controlnet_conditioning_scale)

@@ -136,6 +136,10 @@ def render(
                                              "diffusers folder or Hub id made for this base model."),
     controlnet_scale: Optional[float] = typer.Option(None, "--controlnet-scale", help="ControlNet conditioning "
                                                      "scale, 0 to 10 (default 1)."),
+    control_lora: Optional[str] = typer.Option(None, "--control-lora", help="FLUX control LoRA PATH[:WEIGHT] (BFL "
+                                               "Canny/Depth, BFL or diffusers layout) with --control-image: runs "
+                                               "FluxControlPipeline; the --lora stack composes on top. With "
+                                               "--recipe: the recipe's control LoRA, if it moved (same file)."),
 ) -> None:
     """Render images with a stack of LoRAs (img2img with --image, inpainting with --image and --mask)."""
     from pipelines.quant.runtime import describe, recipe_runtime
@@ -172,7 +176,8 @@ def render(
                                                             rec.strength))
             with progress:
                 result = studio.reproduce(rec, callback=callback, image=image, mask_image=mask,
-                                          control_image=control_image, controlnet=controlnet, input_policy=policy)
+                                          control_image=control_image, controlnet=controlnet, input_policy=policy,
+                                          control_lora=control_lora)
         else:
             if not prompt:
                 raise StudioError("give a PROMPT or --recipe")
@@ -204,6 +209,7 @@ def render(
                     seed=seed, steps=steps, guidance=guidance, width=width, height=height, count=count,
                     scheduler=scheduler, callback=callback, image=image, mask_image=mask, strength=strength,
                     control_image=control_image, controlnet=controlnet, controlnet_conditioning_scale=controlnet_scale,
+                    control_lora=control_lora,
                 )
         paths = result.save(out)
     except StudioError as e:

@@ -80,6 +80,7 @@ class Recipe:
     inputs: dict[str, dict[str, str]] | None = None
     controlnet: str | None = None  # ControlNet mode: a folder / Hub id, "<pipeline>" (from_pipe's) or "<ControlNet>"
     controlnet_conditioning_scale: float | None = None
+    control_lora: dict[str, Any] | None = None  # control-lora mode: {source, sha256, weight} (pipelines.control_lora)
     studio_version: str = __version__
 
     # ------------------------------------------------------------------------------------------ dict / TOML

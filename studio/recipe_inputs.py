@@ -18,19 +18,20 @@ from pipelines.errors import RecipeError
 from pipelines.controlnets import IN_MEMORY as CONTROLNET_IN_MEMORY
 from pipelines.controlnets import OWN
 from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_conditioning_scale, check_strength
-from pipelines.modes import CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, INPAINT, \
-    MODES, TEXT2IMG
+from pipelines.modes import CONTROL_LORA, CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, \
+    IMG2IMG, INPAINT, MODES, TEXT2IMG
 
 ROLES = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
 _NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image"), CONTROLNET: ("control_image",),
-          CONTROLNET_IMG2IMG: ("image", "control_image"), CONTROLNET_INPAINT: ("image", "mask_image", "control_image")}
+          CONTROLNET_IMG2IMG: ("image", "control_image"), CONTROLNET_INPAINT: ("image", "mask_image", "control_image"),
+          CONTROL_LORA: ("control_image",)}
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def check_mode_fields(recipe) -> None:
     """Types and consistency of ``mode``, ``strength`` and ``inputs``; ``ValueError`` naming the field."""
     if recipe.mode is None and recipe.strength is None and not recipe.inputs and recipe.controlnet is None \
-            and recipe.controlnet_conditioning_scale is None:
+            and recipe.controlnet_conditioning_scale is None and recipe.control_lora is None:
         return
     mode = recipe.mode or TEXT2IMG
     if mode not in MODES:
@@ -51,7 +52,8 @@ def check_mode_fields(recipe) -> None:
     if sorted(inputs) != sorted(_NEEDS[mode]):
         raise ValueError(f"mode {mode} needs the inputs {list(_NEEDS[mode]) or 'none'}, the recipe has "
                          f"{sorted(inputs) or 'none'}")
-    if mode in (TEXT2IMG, CONTROLNET):
+    _check_control_lora_field(recipe, mode)
+    if mode in (TEXT2IMG, CONTROLNET, CONTROL_LORA):
         if recipe.strength is not None:
             raise ValueError(f"strength applies to img2img and inpainting, not {mode}")
     elif recipe.strength is not None:
@@ -67,6 +69,27 @@ def check_mode_fields(recipe) -> None:
         recipe.controlnet_conditioning_scale = check_conditioning_scale(recipe.controlnet_conditioning_scale)
 
 
+def _check_control_lora_field(recipe, mode: str) -> None:
+    """``control_lora = {source, sha256, weight}`` exactly in the control-lora mode."""
+    entry = recipe.control_lora
+    if mode != CONTROL_LORA:
+        if entry is not None:
+            raise ValueError(f"control_lora applies to the {CONTROL_LORA} mode, not {mode}")
+        return
+    if not isinstance(entry, dict) or set(entry) != {"source", "sha256", "weight"}:
+        raise ValueError("a control-lora recipe needs control_lora = {source, sha256, weight}")
+    if not isinstance(entry["source"], str) or not entry["source"] or len(entry["source"]) > 4096:
+        raise ValueError("control_lora.source must be the control LoRA's file path")
+    if not isinstance(entry["sha256"], str) or not _HEX.fullmatch(entry["sha256"]):
+        raise ValueError("control_lora.sha256 must be 64 lowercase hex digits")
+    weight = entry["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -10.0 <= float(weight) <= 10.0:
+        raise ValueError(f"control_lora.weight must be a number from -10 to 10, got {str(weight)[:40]!r}")
+    recipe.control_lora = {**entry, "weight": float(weight)}
+    if recipe.controlnet is not None or recipe.controlnet_conditioning_scale is not None:
+        raise ValueError(f"controlnet settings apply to the controlnet mode, not {mode}")
+
+
 def record_mode(recipe, inputs: ModeInputs) -> None:
     """Write the mode, strength and input images of one render into its recipe (text-to-image: nothing)."""
     if inputs.mode == TEXT2IMG:
@@ -77,6 +100,8 @@ def record_mode(recipe, inputs: ModeInputs) -> None:
     if inputs.mode in CONTROLNET_MODES:
         recipe.controlnet = inputs.controlnet_source
         recipe.controlnet_conditioning_scale = inputs.controlnet_scale
+    if inputs.mode == CONTROL_LORA:
+        recipe.control_lora = dict(inputs.control_lora)
 
 
 def _digests(value: Any) -> set[str]:
@@ -137,3 +162,27 @@ def recipe_controlnet(recipe, given: Any = None, policy=None, origin: str = "rec
         raise RecipeError(f"{origin}: the ControlNet {source} is outside the folders the recipe may read; pass it "
                           "with --controlnet or --allow-path its folder")
     return source
+
+
+def recipe_control_lora(recipe, given: Any = None, policy=None, origin: str = "recipe") -> str | None:
+    """``"file:weight"`` of the control LoRA that reproduces a control-lora recipe: ``given`` (a file) where passed,
+    else the recorded file (allowed by ``policy``); either must have the recorded SHA-256. ``None`` for the other
+    modes."""
+    from pipelines.adapters.parse import file_sha256
+
+    entry = recipe.control_lora
+    if entry is None:
+        if given is not None:
+            raise RecipeError(f"{origin}: the recipe is {recipe.mode or TEXT2IMG} and takes no control LoRA")
+        return None
+    path = Path(given if given is not None else entry["source"]).expanduser()
+    if given is None and policy is not None and not policy.permits(path):
+        raise RecipeError(f"{origin}: the control LoRA {entry['source']} is outside the folders the recipe may read; "
+                          "pass it with --control-lora or --allow-path its folder")
+    if not path.is_file():
+        raise RecipeError(f"{origin}: the control LoRA {path} is missing; pass the same file with --control-lora "
+                          f"(sha256 {entry['sha256'][:12]}...)")
+    if file_sha256(path) != entry["sha256"]:
+        raise RecipeError(f"{origin}: {path} is not the control LoRA the recipe was made with (sha256 "
+                          f"{entry['sha256'][:12]}... recorded); reproducing needs the same file")
+    return f"{path}:{entry['weight']}"

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..control_lora import control_lora_problem
+from ..control_lora import control_lora_problem, pad_embedder_delta
 from ..errors import IncompatibleLoraError, LoraFileError
 from ..families import Family
 from ..safetensors_io import read_safetensors
@@ -149,6 +149,7 @@ def parse_lora(
         raise IncompatibleLoraError(label, f"no LoRA/LyCORIS keys recognised (first keys: {sample})")
     else:
         deltas, skipped = _kohya_route(tensors, pipe, family, label)
+    deltas = pad_embedder_delta(deltas, pipe)  # x_embedder widened by an applied control LoRA (diffusers pads too)
     _check_fit(deltas, skipped, pipe, family, label, info)
     return ParsedLora(name=info.name, source=label, sha256=sha, info=info, deltas=deltas, skipped=skipped)
 
