@@ -292,6 +292,8 @@ def ui(
     clip_model: Optional[str] = typer.Option(None, help="CLIPScore model for Compare (open_clip name, folder or file)."),
     clip_pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file."),
     no_score: bool = typer.Option(False, "--no-score", help="Do not compute CLIPScores in Compare."),
+    controlnet: list[Path] = typer.Option([], "--controlnet", help="A diffusers ControlNet folder for this model, "
+                                          "offered in the input panel with a control image; repeatable."),
 ) -> None:
     """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
     from studio.scoring import LazyClipScorer, default_clip_model
@@ -304,7 +306,7 @@ def ui(
     try:
         demo, callbacks = make_app(model, list(lora_dir), out_dir=out, scorer=scorer, device=device, dtype=dtype,
                                    offload=offload, config=config, max_upload_mb=max_upload_mb,
-                                   preview_every=preview_every)
+                                   preview_every=preview_every, controlnets=list(controlnet))
     except StudioError as e:
         _fail(e)
     launch(demo, callbacks, host=host, port=port)

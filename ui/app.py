@@ -25,6 +25,8 @@ from studio.library import Library
 
 from . import regions, strategy_form
 from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
+from .controlnets import NONE as NO_CONTROLNET
+from .controlnets import find_controlnets
 from .handlers import Handlers, card_markdown, md_escape, user_errors
 from .model_switch import model_choices, switch_model
 from .recipe_api import render_recipe_endpoint
@@ -233,7 +235,8 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                 with gr.Row():
                     width = gr.Slider(16, 2048, value=defaults.width, step=16, label="width", elem_id="width")
                     height = gr.Slider(16, 2048, value=defaults.height, step=16, label="height", elem_id="height")
-                with gr.Accordion("Input image: img2img, inpainting (optional)", open=False, elem_id="input-panel"):
+                with gr.Accordion("Input image: img2img, inpainting, ControlNet (optional)", open=False,
+                                  elem_id="input-panel"):
                     with gr.Row():
                         init_image = gr.Image(label="image (resized to width x height)", type="pil",
                                               image_mode="RGB", sources=["upload", "clipboard"], height=160,
@@ -242,6 +245,18 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                              sources=["upload", "clipboard"], height=160, elem_id="init-mask")
                     strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, elem_id="strength",
                                          label="strength: the part of the steps that runs (1: all)")
+                    # ControlNet: a control image and one of the ControlNets the app was started with (ui.controlnets)
+                    with gr.Row():
+                        control_image = gr.Image(label="control image (edges, depth, pose ...)", type="pil",
+                                                 image_mode="RGB", sources=["upload", "clipboard"], height=160,
+                                                 elem_id="control-image")
+                        with gr.Column():
+                            controlnet = gr.Dropdown(
+                                [NO_CONTROLNET, *cb.controlnets], value=next(iter(cb.controlnets), NO_CONTROLNET),
+                                label="ControlNet" + ("" if cb.controlnets else " (start the app with --controlnet DIR)"),
+                                elem_id="controlnet")
+                            controlnet_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, elem_id="controlnet-scale",
+                                                         label="ControlNet conditioning scale")
 
             # ---------------------------------------------------------------------------------- outputs
             with gr.Column(scale=4, min_width=420):
@@ -305,7 +320,8 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         # the clearing cannot land after the job's images)
         job = generate.click(lambda: ([], [], None), None, [gallery, gallery_items, live], api_visibility="private",
                              **LIGHT).then(
-            h.generate, [*settings_inputs, count, strategy, params, stack, init_image, init_mask, strength],
+            h.generate, [*settings_inputs, count, strategy, params, stack, init_image, init_mask, strength,
+                         control_image, controlnet, controlnet_scale],
             [live, progress_text, gallery, gallery_items, recipe, png_download, toml_download, seed],
             api_name="generate", show_progress="minimal", **GPU)
         gallery.select(h.select, [gallery_items], [recipe, png_download, toml_download], **LIGHT)
@@ -361,12 +377,14 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
 def make_app(model: str, lora_dirs: list[str | Path], *, out_dir: str | Path = "outputs/ui",
              scorer: Scorer | None = None, device: str | None = None, dtype: str | None = None,
              offload: bool = False, config: str | None = None, max_upload_mb: float = 1024,
-             preview_every: int | None = None) -> tuple[gr.Blocks, Callbacks]:
-    """Load ``model``, scan ``lora_dirs`` and build the app (not launched yet)."""
+             preview_every: int | None = None, controlnets: list[str | Path] = ()) -> tuple[gr.Blocks, Callbacks]:
+    """Load ``model``, scan ``lora_dirs`` and build the app (not launched yet); ``controlnets``: ControlNet folders
+    the input panel offers."""
+    offered_controlnets = find_controlnets(controlnets)  # checked before the model loads
     library = Library(lora_dirs)
     studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config)
     callbacks = Callbacks(studio, library, out_dir=out_dir, scorer=scorer, max_upload_bytes=int(max_upload_mb * 1e6),
-                          preview_every=preview_every)
+                          preview_every=preview_every, controlnets=offered_controlnets)
     callbacks.model_choices = model_choices(model)  # what the Model menu offers (ui.model_switch)
     callbacks.studio_options = dict(device=device, dtype=dtype, offload=offload, config=config)
     return build_app(callbacks), callbacks

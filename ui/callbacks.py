@@ -30,6 +30,7 @@ from studio.preview import LatentPreview
 from . import regions
 from . import stack as stk
 from . import strategy_form
+from .controlnets import resolve_choice
 from .jobs import stream
 
 Scorer = Callable[[list[Image.Image], list[str]], list[float]]
@@ -57,6 +58,11 @@ class Settings:
     image: Any = None
     mask_image: Any = None
     strength: float | None = None
+    # ControlNet (pipelines.controlnets): the control image (PIL), the name of one of the app's ControlNets
+    # (ui.controlnets) and the conditioning scale
+    control_image: Any = None
+    controlnet: str | None = None
+    controlnet_scale: float | None = None
 
     def checked(self, limits=None) -> "Settings":
         """The settings checked by the one validation the API, CLI and batch share (:mod:`studio.settings`);
@@ -118,8 +124,10 @@ class Item:
 
 class Callbacks:
     def __init__(self, studio: Studio, library: Library, *, out_dir: str | Path, scorer: Scorer | None = None,
-                 max_upload_bytes: int = 1 << 30, preview_every: int | None = None, preview_max_side: int = 384):
+                 max_upload_bytes: int = 1 << 30, preview_every: int | None = None, preview_max_side: int = 384,
+                 controlnets: Mapping[str, Path] | None = None):
         self.studio, self.library, self.scorer = studio, library, scorer
+        self.controlnets = dict(controlnets or {})  # name -> folder (ui.controlnets.find_controlnets)
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_bytes)
@@ -383,7 +391,9 @@ class Callbacks:
             settings.prompt, loras, strategy, strategy_params=params, negative_prompt=settings.negative_prompt,
             seed=settings.seed, steps=settings.steps, guidance=settings.guidance, width=settings.width,
             height=settings.height, count=1, callback=callback, image=settings.image,
-            mask_image=settings.mask_image, strength=settings.strength)
+            mask_image=settings.mask_image, strength=settings.strength, control_image=settings.control_image,
+            controlnet=resolve_choice(settings.controlnet, self.controlnets, settings.control_image is not None),
+            controlnet_conditioning_scale=settings.controlnet_scale if settings.control_image is not None else None)
 
     @staticmethod
     def _attach_masks(item: Item, result) -> None:
@@ -399,6 +409,7 @@ class Callbacks:
         finally the list of saved :class:`Item`.
         """
         settings = settings.checked(self.studio.limits)
+        resolve_choice(settings.controlnet, self.controlnets, settings.control_image is not None)  # before queuing
         loras = stk.to_loras(stack, self.library)
         params = strategy_form.values_for(strategy, params_store)
         strategy_form.strategy_class(strategy)(**params)  # validate before the job queues

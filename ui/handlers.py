@@ -208,13 +208,16 @@ class Handlers:
     # ------------------------------------------------------------------------------------------ generate
     @user_errors
     def generate(self, prompt, negative, seed, steps, guidance, width, height, count, strategy, params, stack,
-                 image=None, mask=None, strength=None, progress=gr.Progress()):
+                 image=None, mask=None, strength=None, control_image=None, controlnet=None, controlnet_scale=None,
+                 progress=gr.Progress()):
         """Outputs: preview image, progress text, gallery, gallery items, recipe, PNG download, TOML download, seed.
 
-        ``image`` (and ``mask``, white = repaint) make it img2img (inpainting) at ``strength``."""
+        ``image`` (and ``mask``, white = repaint) make it img2img (inpainting) at ``strength``; ``control_image``
+        adds the ControlNet named ``controlnet`` (one the app was started with) at ``controlnet_scale``."""
         settings = Settings(prompt=prompt or "", negative_prompt=negative or "", seed=seed, steps=steps,
                             guidance=guidance, width=width, height=height, count=count, image=image,
-                            mask_image=mask, strength=strength if image is not None else None)
+                            mask_image=mask, strength=strength if image is not None else None,
+                            control_image=control_image, controlnet=controlnet, controlnet_scale=controlnet_scale)
         skip = gr.skip()
         done: list[tuple[Any, str]] = []
         for event in self.cb.generate_events(settings, strategy, params, stack or []):
