@@ -12,6 +12,7 @@ from pipelines.errors import StrategyError
 
 from .base import Param, RunContext, StepContext, StepPlan, Strategy
 from .cat import Cat
+from .clora import CLoRA
 from .cmlora import CMLoRA
 from .composite import Composite
 from .dare import Dare
@@ -28,7 +29,7 @@ from .ties import Ties
 from .weightspace import WeightMerge, merge_stack
 
 _BUILTIN: tuple[type[Strategy], ...] = (Merge, Switch, Composite, CMLoRA, Gated, QRMerge, Cat, SVD, Ties, Dare,
-                                        KLora, Lego, MCDropout, MCDropoutRuntime, Regional)
+                                        KLora, Lego, MCDropout, MCDropoutRuntime, Regional, CLoRA)
 
 REGISTRY: dict[str, type[Strategy]] = {}
 

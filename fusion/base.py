@@ -103,7 +103,7 @@ class RunContext:
     model: str = ""
     hashes: list[str | None] = field(default_factory=list)
     cache_dir: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)  # width, height, guidance, negative_prompt of render
+    settings: dict[str, Any] = field(default_factory=dict)  # width, height, guidance, (negative_)prompt of render
     step_weights: torch.Tensor | None = None  # [num_steps, K]: each LoRA's weight at each step (0 outside window)
     stack: list[str] | None = None  # the adapter columns plan() addresses; prepare() may replace it
     regions: list[str | None] = field(default_factory=list)  # per LoRA: its region (fusion.region_masks) or None

@@ -182,6 +182,7 @@ class DenoiserSeam:
         self._signature = inspect.signature(type(self.denoiser).forward)
         self._original: Callable | None = None
         self.last_call: dict | None = None
+        self._last_call_step: int | None = None
 
     # -------------------------------------------------------------------------------------------- plumbing
     def __enter__(self) -> "DenoiserSeam":
@@ -201,7 +202,7 @@ class DenoiserSeam:
         else:
             denoiser.__dict__.pop("forward", None)
         self._original = self._saved_forward = None
-        self.last_call = None
+        self.last_call = self._last_call_step = None
         if self.feature_cache is not None:
             self.feature_cache.remove()
         self.state.set_gains(denoiser=self._saved_gains)
@@ -231,13 +232,14 @@ class DenoiserSeam:
         self.calls += 1
         bound = self._signature.bind_partial(self.denoiser, *args, **kwargs).arguments
         bound.pop(next(iter(bound)))  # self
-        self.last_call = dict(bound)  # what :meth:`replay` repeats between steps (latent updates)
+        if self._last_call_step != self.step:  # the step's first call (FLUX true CFG: the positive prompt's)
+            self.last_call, self._last_call_step = dict(bound), self.step  # what :meth:`replay` repeats
         return self._run_plan(plan, bound)
 
     def replay(self, plan: StepPlan, **changes):
-        """The last denoiser call again with ``changes`` (e.g. new ``sample``/``hidden_states`` and ``timestep``),
-        run as ``plan``'s lanes: for strategies that change the latents between steps (CLoRA's latent update,
-        called from :meth:`on_step_end`). Runs with whatever grad mode the caller set."""
+        """The latest step's first denoiser call again with ``changes`` (e.g. new ``sample``/``hidden_states`` and
+        ``timestep``), run as ``plan``'s lanes: for strategies that change the latents between steps (CLoRA's
+        latent update, called from :meth:`on_step_end`). Runs with whatever grad mode the caller set."""
         if self.last_call is None:
             raise RuntimeError("replay needs a denoiser call of this render first")
         return self._run_plan(plan, {**self.last_call, **changes})

@@ -426,7 +426,8 @@ class Studio:
                          model=self.model, hashes=[loaded[n].sha256 for n in names],
                          cache_dir=str(self.cache_dir) if self.cache_dir else None,
                          settings={"width": width, "height": height, "guidance": guidance,
-                                   "negative_prompt": negative_prompt, "seed": seed, "steps": steps},
+                                   "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+                                   "prompt": prompt},
                          step_weights=step_weights, regions=[s.region for s in specs],
                          region_prompts=[s.prompt for s in specs])
         try:

@@ -1,0 +1,225 @@
+"""The ``clora`` strategy (Meral et al., ICCV 2025) against its formulas and against plain diffusers passes.
+
+* the InfoNCE loss equals the formula written out with Python loops on hand-made maps;
+* the latent update equals ``z − α ∇L`` with the gradient taken by hand (autograd through a replay of the step
+  with the model input scaled by hand and the loss written out);
+* with the masks frozen (no latent update), the image equals plain diffusers/PEFT passes per lane (base lane
+  without LoRAs, lane c with LoRA c) averaged in the warm-up step and combined with the masks by hand afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from fusion.clora import CLoRA, info_nce
+from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
+from reference import load_adapters, prompt_embedding_kwargs
+from studio import Lora, Studio
+from test_regional import _encode
+from writers import write_state_dict
+
+PROMPT, NEGATIVE = "a corgi and a cat in a garden", "blurry"
+WORLD_PROMPT = "a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"
+
+
+def _formula(embeddings: list[list[float]], groups: list[int], tau: float) -> float:
+    """InfoNCE written out: cosine similarities, every ordered positive pair, negatives from other groups."""
+    def cos(u, v):
+        return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+
+    terms = []
+    for a in range(len(embeddings)):
+        for p in range(len(embeddings)):
+            if p == a or groups[p] != groups[a]:
+                continue
+            pos = math.exp(cos(embeddings[a], embeddings[p]) / tau)
+            neg = sum(math.exp(cos(embeddings[a], embeddings[n]) / tau)
+                      for n in range(len(embeddings)) if groups[n] != groups[a])
+            terms.append(-math.log(pos / (pos + neg)))
+    return sum(terms) / len(terms)
+
+
+def test_info_nce_equals_the_formula_on_hand_made_maps():
+    maps = [[1.0, 0.0, 0.0, 0.2], [0.9, 0.1, 0.0, 0.3], [0.8, 0.2, 0.1, 0.0],  # group 0 (three maps)
+            [0.0, 0.1, 1.0, 0.7], [0.1, 0.0, 0.8, 0.9]]  # group 1
+    groups = [0, 0, 0, 1, 1]
+    for tau in (0.5, 0.1):
+        got = info_nce(torch.tensor(maps), torch.tensor(groups), tau)
+        assert abs(float(got) - _formula(maps, groups, tau)) < 1e-6
+    assert float(info_nce(torch.tensor(maps[:2]), torch.tensor([0, 0]))) == 0.0  # no negatives: nothing to push
+
+
+def test_clora_loss_groups_base_and_own_lane_token_maps():
+    """CLoRA.loss on hand-made captured maps [lanes·rows, h, w, T]: group c = c's token maps in the base lane and
+    in lane c (conditional rows of guidance), each min-max normalised, InfoNCE τ = 0.5."""
+    strategy = CLoRA()
+    strategy.concepts, strategy.positions, strategy.guidance, strategy.temperature = [0, 1], [[2], [4, 5]], True, 0.5
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(3 * 2, 2, 3, 7, generator=gen)  # 3 lanes x [uncond, cond], 2x3 grid, 7 tokens
+
+    def embedding(lane, token):
+        flat = maps[2 * lane + 1, :, :, token].flatten()  # the conditional row
+        return ((flat - flat.min()) / (flat.max() - flat.min() + 1e-6)).tolist()
+
+    embeddings = [embedding(0, 2), embedding(1, 2), embedding(0, 4), embedding(0, 5), embedding(2, 4), embedding(2, 5)]
+    expected = _formula(embeddings, [0, 0, 1, 1, 1, 1], 0.5)
+    assert abs(float(strategy.loss(maps)) - expected) < 1e-6
+
+
+def _world(family, name):
+    from pipelines.assets import assets_root
+
+    return str(assets_root() / "loras" / f"tiny-{family}" / f"{name}.safetensors")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_latent_update_equals_z_minus_alpha_grad_by_hand(family, monkeypatch):
+    """Each update the strategy makes is z − α_t ∇_z L, with the model input (SDXL: z / √(σ²+1), rows doubled for
+    guidance; FLUX: t / 1000), the loss and the gradient computed here by hand on the same step."""
+    import fusion.clora as clora_module
+    from pipelines.attention_maps import AttentionCapture
+
+    studio = Studio(f"tiny-{family}")
+    checked = []
+    real = clora_module.gradient_step
+
+    def checking(seam, plan, latents, loss_of, step_size):
+        new, loss = real(seam, plan, latents, loss_of, step_size)
+        scheduler = seam.pipe.scheduler
+        t = scheduler.timesteps[scheduler.step_index]
+        z = latents.detach().clone().requires_grad_(True)
+
+        def inputs(z):
+            if family == "sdxl":
+                sigma = scheduler.sigmas[scheduler.step_index]
+                return {"sample": torch.cat([z, z]) / (sigma ** 2 + 1) ** 0.5, "timestep": t}
+            return {"hidden_states": z, "timestep": torch.full((z.shape[0],), float(t) / 1000)}
+
+        capture = AttentionCapture(family, plan.extras["attention_capture"].grid)
+        by_hand = type(plan)(gains=plan.gains, weights=plan.weights, text_lanes=plan.text_lanes,
+                             extras={"attention_capture": capture})
+        with torch.enable_grad():
+            seam.replay(by_hand, **inputs(z))
+            strategy = checked_strategy[0]
+            hand_loss = strategy.loss(capture.calls[0])
+            (grad,) = torch.autograd.grad(hand_loss, z)
+        assert abs(float(hand_loss) - loss) < 1e-5
+        torch.testing.assert_close(new, latents - step_size * grad, atol=1e-6, rtol=1e-5)
+        assert float(grad.abs().max()) > 0
+        checked.append(step_size)
+        return new, loss
+
+    monkeypatch.setattr(clora_module, "gradient_step", checking)
+    strategy = CLoRA(refine_iters=2)
+    checked_strategy = [strategy]
+    loras = [Lora(_world(family, "subject-zorb"), name="zorb"), Lora(_world(family, "subject-quix"), name="quix")]
+    result = studio.compose(WORLD_PROMPT, loras, strategy, steps=6, seed=1, output_type="np")
+    # steps 1 and 2 updated (update_until 0.5 of 6 steps), both refinement steps (round(0 or 0.2·6) = 1,
+    # round(0.4·6) = 2): 2 + 2 updates, α_t = 20·√(1 − 0.5·i/5)
+    assert result.strategy_info["updates"] == {"steps": [1, 2], "iterations": 4} and len(checked) == 4
+    assert checked[0] == checked[1] == pytest.approx(20 * math.sqrt(1 - 0.5 * 1 / 5))
+    assert checked[3] == pytest.approx(20 * math.sqrt(1 - 0.5 * 2 / 5))
+    # params were frozen only during the updates; nothing stays attached
+    denoiser = getattr(studio.pipe, studio.family.denoiser)
+    assert not any(m._forward_hooks for m in denoiser.modules())
+
+
+def _with_trigger(path, out, trigger):
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata() or {})
+    return write_state_dict(out, tensors, {**metadata, "modelspec.trigger_phrase": trigger})
+
+
+def _frozen_mask_reference(family, files, masks, *, steps, guidance, seed, warmup):
+    """Plain diffusers: lanes (no LoRA; LoRA 0; LoRA 1), each with the prompt encoded under its own adapters;
+    warm-up steps average the three predictions, later steps combine them with ``masks`` ([3, h, w] lane weights)."""
+    pipe = build_tiny_sdxl() if family == "sdxl" else build_tiny_flux()
+    names = load_adapters(pipe, files)
+    lanes = [[], [0], [1]]
+
+    def activate(indices):
+        pipe.set_adapters([names[i] for i in indices] or [names[0]], [1.0] * len(indices) or [0.0])
+
+    embeds = []
+    for indices in lanes:
+        activate(indices)
+        embeds.append(_encode(pipe, family, PROMPT))
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    original = denoiser.forward
+    step = {"i": 0}
+
+    def combined(*args, **kwargs):
+        out = 0
+        for lane, (indices, embed) in enumerate(zip(lanes, embeds)):
+            activate(indices)
+            kw = dict(kwargs, encoder_hidden_states=embed["encoder_hidden_states"])
+            if family == "sdxl":
+                kw["added_cond_kwargs"] = {**kw["added_cond_kwargs"], "text_embeds": embed["text_embeds"]}
+                weight = masks[lane][None, None]
+            else:
+                kw["pooled_projections"] = embed["pooled_projections"]
+                weight = masks[lane].reshape(1, -1, 1)
+            if step["i"] < warmup:
+                weight = 1.0 / len(lanes)
+            out = out + weight * original(*args, **kw)[0]
+        return (out,)
+
+    denoiser.forward = combined
+    call = dict(num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                callback_on_step_end=lambda p, i, t, kw: step.update(i=i + 1) or {})
+    call |= prompt_embedding_kwargs(family, embeds[0])
+    with torch.no_grad():
+        return pipe(**call).images[0]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_frozen_mask_fusion_equals_masked_plain_passes(family, tmp_path, sdxl_te_loras, flux_loras):
+    files = sdxl_te_loras if family == "sdxl" else flux_loras
+    files = [_with_trigger(files[0], tmp_path / "a.safetensors", "corgi"),
+             _with_trigger(files[1], tmp_path / "b.safetensors", "cat")]
+    guidance = 5.0 if family == "sdxl" else 3.5
+    studio = Studio(f"tiny-{family}-random")
+    kw = dict(steps=3, seed=2, guidance=guidance, output_type="np", negative_prompt=NEGATIVE if family == "sdxl" else "")
+    loras = [Lora(files[0], name="corgi"), Lora(files[1], name="cat")]
+    result = studio.compose(PROMPT, loras, "clora", strategy_params={"update_until": 0.0}, **kw)
+    masks = torch.stack([result.region_masks["corgi"], result.region_masks["cat"]])
+    assert result.strategy_info["updates"] == {"steps": [], "iterations": 0}
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and 0 < float(masks.sum()) < masks[0].numel()
+    lanes = torch.cat([(1 - masks.sum(0))[None], masks])
+    expected = _frozen_mask_reference(family, files, lanes, steps=3, guidance=guidance, seed=2, warmup=1)
+    np.testing.assert_allclose(result.latents[0], expected, atol=2e-4, rtol=0)
+    updated = studio.compose(PROMPT, loras, "clora", **kw)  # with the latent updates (step 1 of 3): another image
+    assert np.abs(updated.latents[0] - result.latents[0]).max() > 1e-3
+
+
+def test_clora_without_a_trigger_in_the_prompt_says_it_rendered_merge(sdxl_loras, studio_for):
+    studio = studio_for("sdxl")
+    got = studio.compose(PROMPT, [sdxl_loras[0], sdxl_loras[1]], "clora", steps=2, output_type="np")
+    assert "rendered as merge" in got.strategy_info["fallback"] and got.region_masks == {}
+    merged = studio.compose(PROMPT, [sdxl_loras[0], sdxl_loras[1]], "merge", steps=2, output_type="np")
+    np.testing.assert_array_equal(got.latents[0], merged.latents[0])
+
+
+def test_failing_update_leaves_nothing_attached(monkeypatch):
+    """An error inside the latent update (gradients on, capture hooks on, parameters frozen) leaves the denoiser's
+    hooks, forward and requires_grad flags as they were."""
+    studio = Studio("tiny-flux")
+    denoiser = studio.pipe.transformer
+    flags = [p.requires_grad for p in denoiser.parameters()]
+
+    def broken(self, call_maps):
+        raise RuntimeError("loss failed")
+
+    monkeypatch.setattr(CLoRA, "loss", broken)
+    loras = [Lora(_world("flux", "subject-zorb"), name="zorb"), Lora(_world("flux", "subject-quix"), name="quix")]
+    with pytest.raises(RuntimeError, match="loss failed"):
+        studio.compose(WORLD_PROMPT, loras, "clora", steps=4)
+    assert not any(m._forward_hooks for m in denoiser.modules()) and "forward" not in denoiser.__dict__
+    assert [p.requires_grad for p in denoiser.parameters()] == flags and studio.composer.adapters == {}
