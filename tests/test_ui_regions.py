@@ -54,6 +54,11 @@ def with_regions(cb, box="0.5,0.25,1,0.75"):
     return cb.set_field(stack, stack[1].uid, "region_box", box)
 
 
+def adapter_name(label: str) -> str:
+    """The studio names a file loaded again from another folder (each test has its own library) ``name#k``."""
+    return label.split("#")[0]
+
+
 def api_loras(cb, style_region="0.5,0.25,1,0.75"):
     return [Lora(cb.library.path(SUBJECT), region="left", prompt="a big zorb"),
             Lora(cb.library.path(STYLE), region=style_region)]
@@ -197,7 +202,8 @@ def test_the_preview_shows_exactly_what_the_render_uses(cb, studio):
     assert np.array_equal(pixels(item.png), pixels(reference.image))
     planned = regions.planned_masks(studio, ["random-subject", "random-style"], ["left", "0.5,0.25,1,0.75"],
                                     ["a big zorb", None], 64, 64, {"feather": 2.0})
-    assert [label for label, _ in planned] == list(reference.region_masks) == ["random-subject", "random-style"]
+    assert [label for label, _ in planned] == ["random-subject", "random-style"]
+    assert [adapter_name(label) for label in reference.region_masks] == ["random-subject", "random-style"]
     for (_, mask), used in zip(planned, reference.region_masks.values()):
         assert torch.equal(mask, used)
     assert np.array_equal(np.asarray(image), np.asarray(regions.overlay(regions.plain_canvas(64, 64), planned)))
@@ -302,7 +308,7 @@ def test_auto_regions_are_announced_before_and_shown_after_the_render(cb, studio
                                                     Lora(cb.library.path(STYLE), region="right")],
                                "regional", seed=3, steps=3, width=64, height=64)
     assert np.array_equal(pixels(item.png), pixels(reference.image))
-    assert set(reference.region_masks) == {"random-subject", "random-style"}
+    assert {adapter_name(label) for label in reference.region_masks} == {"random-subject", "random-style"}
     assert np.array_equal(np.asarray(item.masks),
                           np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
     assert "random\\-subject" in item.masks_legend

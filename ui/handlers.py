@@ -151,39 +151,40 @@ class Handlers:
         return self.cb.set_param(store, strategy, name, value)
 
     # ------------------------------------------------------------------------------------------ regions
-    def _with_strategy(self, stack, strategy, note=""):
-        """``(stack, strategy update, status)``: a region on a strategy that does not read regions switches it
-        to ``regional`` (:meth:`Callbacks.region_strategy`), said in the status line."""
-        new, switched = self.cb.region_strategy(stack, strategy)
+    def _with_strategy(self, before, stack, strategy, note=""):
+        """``(stack, strategy update, status)``: an edit that gives a LoRA a region while the strategy does not
+        read regions switches it to ``regional`` (:meth:`Callbacks.region_strategy`), said in the status line. A
+        control that reports without a change (a canvas appearing, a field losing focus) switches nothing."""
+        new, switched = self.cb.region_strategy(stack, strategy) if stack != before else (strategy, "")
         status = " ".join(md_escape(n) for n in (note, switched) if n)
         return stack, (new if new != strategy else gr.skip()), status if status else gr.skip()
 
     @user_errors
     def set_region_kind(self, uid, stack, kind, strategy):
         """Outputs: stack, box field, mask area (canvas and upload), strategy, status."""
-        stack = self.cb.set_field(stack, uid, "region_kind", kind)
-        stack, strategy, status = self._with_strategy(stack, strategy)
+        stack, strategy, status = self._with_strategy(stack, self.cb.set_field(stack, uid, "region_kind", kind),
+                                                      strategy)
         return (stack, gr.update(visible=kind == "box"), gr.update(visible=kind == "mask"), strategy, status)
 
     @user_errors
     def set_region_text(self, uid, name, stack, value, strategy):
         """The box or the region prompt. Outputs: stack, strategy, status."""
-        return self._with_strategy(self.cb.set_field(stack, uid, name, value), strategy)
+        return self._with_strategy(stack, self.cb.set_field(stack, uid, name, value), strategy)
 
     @user_errors
     def set_region_mask(self, uid, stack, value, strategy):
         """A stroke on the canvas. Outputs: stack, strategy, status."""
-        stack, note = self.cb.set_region_mask(stack, uid, value)
-        return self._with_strategy(stack, strategy, note)
+        new, note = self.cb.set_region_mask(stack, uid, value)
+        return self._with_strategy(stack, new, strategy, note)
 
     @user_errors
     def upload_region_mask(self, uid, stack, file, size, strategy):
         """Outputs: stack, canvas (showing the uploaded mask), strategy, status."""
         from . import regions, stack as stk
 
-        stack, note = self.cb.upload_region_mask(stack, uid, file, tuple(size))
-        entry = stack[stk.find(stack, uid)]
-        stack, strategy, status = self._with_strategy(stack, strategy, note)
+        new, note = self.cb.upload_region_mask(stack, uid, file, tuple(size))
+        entry = new[stk.find(new, uid)]
+        stack, strategy, status = self._with_strategy(stack, new, strategy, note)
         return stack, regions.editor_value(entry.region_mask, regions.canvas_size(*size)), strategy, status
 
     def region_preview(self, stack, width, height, strategy, params):
