@@ -312,3 +312,15 @@ def test_auto_regions_are_announced_before_and_shown_after_the_render(cb, studio
     assert np.array_equal(np.asarray(item.masks),
                           np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
     assert "random\\-subject" in item.masks_legend
+
+
+def test_clora_masks_are_shown_after_the_render(cb, studio):
+    """CLoRA finds its masks from attention (no region controls): the app shows them next to the image."""
+    settings = dict(SETTINGS, prompt="a zorb, inkwash", steps=3)
+    (item,) = list(cb.generate_events(Settings(**settings), "clora", {}, two(cb)))[-1]
+    reference = studio.compose(settings["prompt"], [cb.library.path(SUBJECT), cb.library.path(STYLE)], "clora",
+                               seed=3, steps=3, width=64, height=64)
+    assert np.array_equal(pixels(item.png), pixels(reference.image))
+    assert reference.region_masks and item.masks is not None
+    assert np.array_equal(np.asarray(item.masks),
+                          np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
