@@ -6,7 +6,7 @@ arXiv 2403.19776, Sec. 3.3 "masked fusion"; the released code's ``attention_map_
 1. during the *warm-up* steps (the first ``mask_after`` fraction of the schedule; CLoRA's released example
    starts masking after 8 of 50 steps) every lane runs and the lanes' predictions are averaged (the released
    code blends with all-ones masks before ``apply_mask_after``); the seam captures each step's cross-attention
-   (:mod:`pipelines.attention_maps`: SDXL ``attn2`` at the 16×16-or-coarser level, FLUX double-stream joint
+   (:mod:`pipelines.attention_maps`: SDXL ``attn2`` at the coarsest level with ≥ 16 cells a side, FLUX double-stream joint
    attention), and for each concept its lane's conditional rows' attention to the concept's token positions
    (summed over the tokens) is averaged over the warm-up steps;
 2. at the first step after the warm-up the maps become masks (:func:`fusion.region_masks.auto_masks`: resize to

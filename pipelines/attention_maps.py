@@ -9,7 +9,8 @@ one without (tested); hooks are attached for one denoiser call and removed in a 
 * **SDXL UNet** (``attn2``, the cross-attention of every transformer block): ``softmax(q kᵀ · scale)`` over the
   77 CLIP tokens, averaged over heads and over the layers of one resolution: the coarsest attention level with at
   least 16 cells on the shorter side (SD1.5 at 512² and SDXL at 512²: 16×16; SDXL at 1024²: 32×32, the level
-  CLoRA's released SDXL code reads; the tiny UNet at 64²: 16×16), else the finest level there is.
+  CLoRA's released SDXL code reads; the random tiny UNet's 32² latents: 16×16), else the finest level there is
+  (the trained tiny world's 16² latents: 8×8).
 * **FLUX** (the joint attention of the double-stream blocks): the image-token rows' attention over the T5 text
   keys, ``softmax(q_img k_txtᵀ / √d)`` after the blocks' q/k RMS norms and rotary embedding, renormalised over
   the text keys (as SDXL's cross-attention is), averaged over heads and double-stream blocks. The single-stream
