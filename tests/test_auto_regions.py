@@ -7,6 +7,7 @@ references here are written out by hand: box masks, partitions of the grid, the 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,6 +207,10 @@ def test_regional_auto_masks_render_and_recipe(world):
         via_param = studio.compose(WORLD_PROMPT, boxes, "regional", strategy_params={"auto": True}, seed=0, steps=6,
                                    output_type="np")
         assert (result.latents[0] == via_param.latents[0]).all()
+        # lanes in chunks of one: the capture joins the chunks' rows, same masks, same image
+        chunked = studio.compose(WORLD_PROMPT, auto, "regional", seed=0, steps=6, output_type="np", max_lanes=1)
+        assert torch.equal(chunked.region_masks["zorb"], result.region_masks["zorb"])
+        np.testing.assert_allclose(chunked.latents[0], result.latents[0], atol=1e-5, rtol=0)
         assert not any(m._forward_hooks for m in getattr(studio.pipe, studio.family.denoiser).modules())
         recipe = Recipe.from_toml(result.recipes[0].to_toml())
         assert [entry.region for entry in recipe.loras] == ["auto", "auto"]

@@ -223,3 +223,20 @@ def test_failing_update_leaves_nothing_attached(monkeypatch):
         studio.compose(WORLD_PROMPT, loras, "clora", steps=4)
     assert not any(m._forward_hooks for m in denoiser.modules()) and "forward" not in denoiser.__dict__
     assert [p.requires_grad for p in denoiser.parameters()] == flags and studio.composer.adapters == {}
+
+
+def test_out_of_memory_in_the_update_is_named(monkeypatch):
+    """An out-of-memory error in the gradient forward becomes the studio's OutOfMemoryError saying what to lower;
+    the studio is left as it was."""
+    from pipelines.errors import OutOfMemoryError
+    from pipelines.seam import DenoiserSeam
+
+    def no_memory(self, plan, **changes):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(DenoiserSeam, "replay", no_memory)
+    studio = Studio("tiny-sdxl")
+    loras = [Lora(_world("sdxl", "subject-zorb"), name="zorb"), Lora(_world("sdxl", "subject-quix"), name="quix")]
+    with pytest.raises(OutOfMemoryError, match="latent update.*max_lanes"):
+        studio.compose(WORLD_PROMPT, loras, "clora", steps=4)
+    assert studio.composer.adapters == {} and "forward" not in studio.pipe.unet.__dict__
