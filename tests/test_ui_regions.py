@@ -324,3 +324,31 @@ def test_clora_masks_are_shown_after_the_render(cb, studio):
     assert reference.region_masks and item.masks is not None
     assert np.array_equal(np.asarray(item.masks),
                           np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
+
+
+def test_flux_preview_is_on_the_token_grid_and_matches_the_render(tmp_path):
+    """FLUX predicts on 2x2-patch tokens: the preview shows that grid, and the render uses the same masks."""
+    from studio import Studio
+    from studio.library import Library
+    from ui.callbacks import Callbacks
+    from ui_support import build_library
+
+    flux = Studio("tiny-flux-random")
+    fcb = Callbacks(flux, Library(build_library(tmp_path / "loras")), out_dir=tmp_path / "out")
+    stack, _, _ = fcb.add("flux/flux-style.safetensors", [], 0)
+    stack = fcb.set_field(stack, stack[0].uid, "region_kind", "left-third")
+    image, legend = fcb.region_preview(stack, 64, 64, "regional", {})
+    scale = int(flux.pipe.vae_scale_factor) * 2
+    grid = 64 // scale
+    assert f"{grid}x{grid} grid" in legend
+    (item,) = list(fcb.generate_events(Settings(**SETTINGS), "regional", {}, stack))[-1]
+    reference = flux.compose(SETTINGS["prompt"], [Lora(fcb.library.path("flux/flux-style.safetensors"),
+                                                       region="left-third")], "regional", seed=3, steps=2,
+                             guidance=5.0, width=64, height=64)
+    assert np.array_equal(pixels(item.png), pixels(reference.image))
+    ((_, planned),) = regions.planned_masks(flux, ["flux-style"], ["left-third"], [None], 64, 64)
+    ((_, used),) = reference.region_masks.items()
+    assert planned.shape == (grid, grid) and torch.equal(planned, used)
+    expected = torch.zeros(grid, grid)
+    expected[:, :round(grid / 3)] = 1
+    assert torch.equal(planned, expected)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from studio import Recipe
 from test_ui_e2e import add_from_library, browser, page, screenshot, server, set_number  # noqa: F401 (fixtures)
-from ui import regions
+from ui import regions, strategy_form
 
 
 def pick_region(row, page, label: str) -> None:
@@ -115,3 +115,20 @@ def test_draw_a_region_and_render_with_regional(page, server, tmp_path):  # noqa
     merged = server["callbacks"].studio.compose(recipe.prompt, [style.source, subject.source], "merge", seed=5,
                                                 steps=3, width=recipe.width, height=recipe.height)
     assert not np.array_equal(np.asarray(merged.image), np.asarray(again.image))
+    # Compare: regional against merge, which runs the same stack without regions; the masks follow the pick
+    page.get_by_role("tab", name="Compare").click()
+    boxes = page.locator("#compare-strategies")
+    for name in {*strategy_form.strategy_names()[:2], "merge", "regional"}:
+        box = boxes.get_by_label(name, exact=True)
+        if box.is_checked() != (name in ("merge", "regional")):
+            box.click()
+    page.locator("#compare-base").get_by_label("also without LoRAs").uncheck()
+    page.click("#compare")
+    page.wait_for_function("document.querySelector('#compare-progress').innerText.startsWith('Compared 2')")
+    runs = page.evaluate("Array.from(document.querySelectorAll('#compare-table [role=row]')).map(r => r.innerText)")
+    assert [row.split("\n")[0] for row in runs[1:]] == ["merge (no regions)", "regional"], runs
+    page.locator("#compare-gallery .thumbnail-item").nth(1).click()
+    page.locator("#compare-region-masks img").first.wait_for()
+    assert "random-style" in page.locator("#compare-region-masks-legend").inner_text()
+    page.locator("#compare-gallery .thumbnail-item").nth(0).click()  # merge used no regions: nothing to show
+    page.locator("#compare-region-masks").wait_for(state="hidden")

@@ -295,6 +295,11 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                                      elem_id="compare-gallery", buttons=["download", "fullscreen"])
                         scores = gr.Dataframe(headers=["run", "CLIPScore", "render s"], interactive=False,
                                               elem_id="compare-table", type="array")
+                        with gr.Row(equal_height=False):
+                            compare_masks = gr.Image(label="Region masks the selected image used", visible=False,
+                                                     interactive=False, height=220, format="png", buttons=[],
+                                                     elem_id="compare-region-masks")
+                            compare_masks_legend = gr.Markdown(elem_id="compare-region-masks-legend")
                         compare_recipe = gr.Code(label="Recipe of the selected image (TOML)", language=None, lines=8,
                                                  max_lines=16, interactive=False, elem_id="compare-recipe")
                         with gr.Row():
@@ -341,6 +346,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
             [compare_gallery, compare_items, scores, compare_text, compare_recipe, compare_png, compare_toml],
             api_name="compare", show_progress="minimal", **GPU)
         compare_gallery.select(h.select, [compare_items], [compare_recipe, compare_png, compare_toml], **LIGHT)
+        compare_gallery.select(h.select_masks, [compare_items], [compare_masks, compare_masks_legend], **LIGHT)
         # Stop leaves no stale step count or preview: the message follows the cancellation (chained), so no late
         # progress update of the cancelled job can overwrite it
         stop.click(None, None, None, cancels=[job, comparison]).then(
