@@ -102,13 +102,13 @@ class CLoRA(Strategy):
         self.latent_grid = (height, width)
         self.guidance = uses_guidance(run)
         self.masker: ConceptMasks | None = None
-        self.concepts: list[int] = []  # filled in lane_prompts (needs the prompt)
+        self._last_step = -1
+        self.concepts: list[int] = []  # the stack indices of the concept LoRAs (see _find_concepts)
         self.warmup = min(max(1, round(self.mask_after * self.steps)), max(1, self.steps - 1))
         refine = {max(1, round(f * self.steps)) for f in (0.0, 0.2, 0.4)}
         self.updates = {i: (self.refine_iters if i in refine else 1)
                         for i in range(1, self.steps) if i < self.update_until * self.steps}
         self._find_concepts(str(run.settings.get("prompt", "")))
-
 
     @staticmethod
     def _grid(run: RunContext) -> tuple[int, int]:
@@ -162,15 +162,17 @@ class CLoRA(Strategy):
         gains = self._rows() * ctx.weights[None]
         lanes = list(range(gains.shape[0]))
         extras = {}
-        if ctx.step == 0 or self.masker is None:  # a new image
+        if self.masker is None or ctx.step <= self._last_step:  # a new image (img2img: from the strength's step)
             self.masker = self._new_masker()
+            self._mask_step = min(ctx.step + self.warmup, max(ctx.step + 1, self.steps - 1))
+        self._last_step = ctx.step
         if ctx.step + 1 in self.updates and len(self.concepts) > 1:
             extras["between_steps"] = self._latent_update(ctx, gains)
-        if ctx.step < self.warmup:
+        if ctx.step < self._mask_step:
             extras["attention_capture"] = self.masker.capture()
             return StepPlan(gains=gains, weights=torch.full((len(lanes),), 1.0 / len(lanes)), text_lanes=lanes,
                             extras=extras)
-        if ctx.step == self.warmup:
+        if ctx.step == self._mask_step:
             weights = lane_weights(list(self.masker.masks()))  # [1 + C, h, w]: base lane, then each concept
             self.maps = weights.flatten(1) if self._tokens else weights
             if not self.region_masks:  # the first image's
@@ -189,10 +191,11 @@ class CLoRA(Strategy):
         def update(seam, pipe, callback_kwargs: dict) -> dict:
             latents = callback_kwargs["latents"]
             losses = []
+            step_plan = seam.plans[seam.step - 1]  # the step just run, in the adapter columns the seam addresses
             for _ in range(self.updates[target]):
                 capture = AttentionCapture(self._run.family, self.latent_grid)  # this update's maps, with graph
-                plan = StepPlan(gains=seam.plans[ctx.step].gains, weights=torch.full((len(lanes),), 1.0 / len(lanes)),
-                                text_lanes=seam.plans[ctx.step].text_lanes, extras={"attention_capture": capture})
+                plan = StepPlan(gains=step_plan.gains, weights=torch.full((len(lanes),), 1.0 / len(lanes)),
+                                text_lanes=step_plan.text_lanes, extras={"attention_capture": capture})
                 latents, loss = gradient_step(seam, plan, latents, lambda: self.loss(capture.calls[0]), alpha)
                 losses.append(round(loss, 5))
             self.info.setdefault("loss", {})[target] = losses

@@ -176,7 +176,8 @@ def concept_map(call_maps: torch.Tensor, lane: int, lanes: int, positions: list[
     rows = call_maps[lane * per_lane:(lane + 1) * per_lane]
     if conditional_half and per_lane % 2 == 0:
         rows = rows[per_lane // 2:]
-    return rows[..., positions].sum(-1).mean(0)
+    read = [p for p in positions if p < call_maps.shape[-1]]  # tokens past the encoder's sequence length: cut off
+    return rows[..., read].sum(-1).mean(0)
 
 
 def auto_masks(maps: torch.Tensor, grid: tuple[int, int], threshold: float) -> torch.Tensor:

@@ -59,6 +59,7 @@ class Regional(Strategy):
         self._names, self._keys, self._run = list(run.names), keys, run
         self._triggers = lora_triggers(run)
         self.masker: ConceptMasks | None = None
+        self._last_step = -1
         self.groups = list(dict.fromkeys(r for r in keys if r is not None))
         self.info.clear()
         self.region_masks = {}
@@ -161,16 +162,19 @@ class Regional(Strategy):
             return StepPlan(gains=ctx.weights[None].clone(), weights=torch.ones(1), text_lanes=[merge_lane])
         rows = [torch.maximum(self.global_, m) for m in self.members]
         lanes = list(range(1, len(self.groups) + 1))
-        if self.auto_groups and (ctx.step == 0 or self.masker is None):  # a new image: collect its own maps
+        if self.auto_groups and (self.masker is None or ctx.step <= self._last_step):  # a new image: its own maps
             self.masker = ConceptMasks(self._run.family, self._latent_grid(), self._grid_hw,
                                        [1 + g for g in self.auto_groups], self._auto_positions, 1 + len(self.groups),
                                        uses_guidance(self._run), self.auto_threshold)
-        if self.auto_groups and ctx.step < self.warmup:  # warm-up: every lane, averaged, attention captured
+            # img2img starts at the strength's step: the warm-up counts from the first step run
+            self._mask_step = min(ctx.step + self.warmup, max(ctx.step + 1, self._run.num_steps - 1))
+        self._last_step = ctx.step
+        if self.auto_groups and ctx.step < self._mask_step:  # warm-up: every lane, averaged, attention captured
             gains = torch.stack([self.global_, *rows]) * ctx.weights[None]
             count = gains.shape[0]
             return StepPlan(gains=gains, weights=torch.full((count,), 1.0 / count), text_lanes=[0, *lanes],
                             extras={"attention_capture": self.masker.capture()})
-        if self.auto_groups and ctx.step == self.warmup:
+        if self.auto_groups and ctx.step == self._mask_step:
             made = self.masker.masks()
             masks = list(self.box_masks)
             for g, mask in zip(self.auto_groups, made):

@@ -250,3 +250,17 @@ def test_failing_render_during_capture_leaves_nothing_attached(world):
         handle.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
     assert unet.forward == forward_before and "forward" not in unet.__dict__
+
+
+def test_auto_masks_under_img2img_start_at_the_strength_step(world):
+    """img2img runs the schedule from the strength's step: the warm-up counts from there, then masks are made."""
+    from PIL import Image
+
+    studio = world("sdxl")
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    auto = [Lora(_world("sdxl", "subject-zorb"), region="auto", name="zorb"),
+            Lora(_world("sdxl", "subject-quix"), region="auto", name="quix")]
+    for strategy, loras in (("regional", auto), ("clora", [Lora(_world("sdxl", "subject-zorb"), name="zorb"),
+                                                          Lora(_world("sdxl", "subject-quix"), name="quix")])):
+        result = studio.compose(WORLD_PROMPT, loras, strategy, image=image, strength=0.6, steps=10, output_type="np")
+        assert set(result.region_masks) == {"zorb", "quix"}, strategy
