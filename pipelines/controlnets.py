@@ -5,6 +5,10 @@ FLUX.1), a local diffusers folder (``config.json`` + weights) or a Hub id; a fol
 studio in the pipeline's dtype and device. Before anything renders, its configuration must fit the denoiser:
 a ControlNet made for another base (SD 1.5's for SDXL, SDXL's for FLUX, another width) is refused with the
 mismatching settings named, instead of a shape error deep in the first step.
+
+Several ControlNets (multi-ControlNet: a pose ControlNet and a depth ControlNet, each with its own control image
+and scale) are given as lists; the stock pipelines wrap them in diffusers' ``MultiControlNetModel`` /
+``FluxMultiControlNetModel``, which sums the residuals, each scaled by its own conditioning scale.
 """
 
 from __future__ import annotations
@@ -33,8 +37,19 @@ def controlnet_class(family: Family):
     return getattr(diffusers, _CLASSES[family.name])
 
 
+def members(controlnet: Any) -> list[Any]:
+    """The ControlNets a (Flux)MultiControlNetModel holds, or ``[controlnet]``."""
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if nets is not None and type(controlnet).__name__.endswith("MultiControlNetModel") \
+        else [controlnet]
+
+
 def check_controlnet(controlnet: Any, pipe, family: Family, label: str) -> None:
     """Refuse a ControlNet of the wrong class or for another base model (message names the settings)."""
+    if len(members(controlnet)) > 1 or members(controlnet)[0] is not controlnet:
+        for i, net in enumerate(members(controlnet)):
+            check_controlnet(net, pipe, family, f"{label} #{i + 1}")
+        return
     cls = controlnet_class(family)
     if not isinstance(controlnet, cls):
         raise StudioError(f"{label}: a {family.name.upper()} ControlNet must be a diffusers {cls.__name__}, got "

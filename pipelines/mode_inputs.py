@@ -48,14 +48,19 @@ class ModeInputs:
     strength: float | None = None
     images: dict[str, InputImage] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    controlnet: Any = None  # ControlNet mode: the model, where it came from, and its conditioning scale
-    controlnet_source: str | None = None
-    controlnet_scale: float | None = None
+    controlnet: Any = None  # ControlNet mode: the model, where it came from, and its conditioning scale (multi-
+    controlnet_source: str | list[str] | None = None  # ControlNet: lists, one per control image)
+    controlnet_scale: float | list[float] | None = None
     control_lora: dict[str, Any] | None = None  # control-lora mode: {source, sha256, weight} for the recipe
 
     def call_kwargs(self) -> dict[str, Any]:
-        """The studio-vocabulary pipeline arguments (see :mod:`pipelines.modes`)."""
-        out: dict[str, Any] = {role: item.image for role, item in self.images.items()}
+        """The studio-vocabulary pipeline arguments (see :mod:`pipelines.modes`); several control images (multi-
+        ControlNet) go as one list, in order."""
+        out: dict[str, Any] = {role: item.image for role, item in self.images.items()
+                               if not role.startswith("control_image")}
+        controls = [item.image for role, item in self.images.items() if role.startswith("control_image")]
+        if controls:
+            out["control_image"] = controls if isinstance(self.controlnet, list) else controls[0]
         if self.strength is not None:
             out["strength"] = self.strength
         if self.mode in CONTROLNET_MODES:
@@ -137,22 +142,82 @@ def check_conditioning_scale(value: Any) -> float:
     return float(value)
 
 
+def control_role(index: int) -> str:
+    """The input role of the ``index``-th control image (0: ``control_image``; then ``control_image_2``, ...)."""
+    return "control_image" if index == 0 else f"control_image_{index + 1}"
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
 def prepare_control(family: Family, pipe, inputs: ModeInputs, *, control_image: Any, controlnet: Any, scale: Any,
                     width: int, height: int, cache: dict) -> ModeInputs:
     """``inputs`` (text-to-image, img2img or inpainting) plus ControlNet: the control image (RGB, sized) and a
-    ControlNet that fits the base model."""
+    ControlNet that fits the base model. Multi-ControlNet: lists of control images and ControlNets of one length
+    (and one scale for all, or a list), each checked and named by its position."""
     from PIL import Image
 
-    from .controlnets import resolve_controlnet
+    from .controlnets import members, resolve_controlnet
 
-    scale = default_conditioning_scale(family, inputs.mode) if scale is None else check_conditioning_scale(scale)
-    raw, source, digest = read_image(control_image, "control_image")
-    rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
-    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", inputs.notes,
-                   Image.Resampling.LANCZOS)
-    inputs.images["control_image"] = InputImage("control_image", sized, source, digest)
-    inputs.controlnet, inputs.controlnet_source = resolve_controlnet(controlnet, pipe, family, cache)
-    inputs.controlnet_scale = scale
+    images, nets, scales = _as_list(control_image), _as_list(controlnet), _as_list(scale)
+    if images is not None and len(images) == 1 and (nets is None or len(nets) == 1) and (scales is None or len(scales) == 1):
+        images, nets, scales = None, None, None  # one of each: the single-ControlNet mode
+        control_image = control_image[0]
+        controlnet = controlnet[0] if isinstance(controlnet, (list, tuple)) else controlnet
+        scale = scale[0] if isinstance(scale, (list, tuple)) else scale
+    default = default_conditioning_scale(family, inputs.mode)
+    if images is None:
+        if nets is not None or scales is not None:
+            raise ModeInputError("several ControlNets (or scales) need as many control images, one each")
+        scale = default if scale is None else check_conditioning_scale(scale)
+        raw, source, digest = read_image(control_image, "control_image")
+        rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
+        sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", inputs.notes,
+                       Image.Resampling.LANCZOS)
+        inputs.images["control_image"] = InputImage("control_image", sized, source, digest)
+        inputs.controlnet, inputs.controlnet_source = resolve_controlnet(controlnet, pipe, family, cache)
+        if len(members(inputs.controlnet)) > 1:
+            raise ModeInputError(f"the pipeline's own ControlNet holds {len(members(inputs.controlnet))} ControlNets; "
+                                 "give as many control images")
+        inputs.controlnet_scale = scale
+        return inputs
+    n = len(images)
+    if n == 0 or any(item is None for item in images):
+        raise ModeInputError("multi-ControlNet: every control image must be given")
+    if nets is None and controlnet is not None:
+        raise ModeInputError(f"{n} control images need {n} ControlNets (a list, one per image)")
+    if nets is not None and len(nets) != n:
+        raise ModeInputError(f"{n} control images but {len(nets)} ControlNets: give one ControlNet per image")
+    if scales is not None and len(scales) != n:
+        raise ModeInputError(f"{n} control images but {len(scales)} conditioning scales: give one per image (or one "
+                             "number for all)")
+    scales = [default if v is None else check_conditioning_scale(v)
+              for v in (scales if scales is not None else [scale] * n)]
+    if nets is None:  # the wrapped pipeline's own (Multi)ControlNet
+        own, source = resolve_controlnet(None, pipe, family, cache)
+        models, sources = members(own), [source] * n
+        if len(models) != n:
+            raise ModeInputError(f"{n} control images for the pipeline's own {len(models)} ControlNet(s): give one "
+                                 "image per ControlNet")
+    else:
+        resolved = []
+        for i, net in enumerate(nets):
+            if net is None:
+                raise ModeInputError(f"ControlNet #{i + 1} is missing: give one ControlNet per control image")
+            try:
+                resolved.append(resolve_controlnet(net, pipe, family, cache))
+            except StudioError as e:
+                raise type(e)(f"ControlNet #{i + 1}: {e}") from None
+        models, sources = [m for m, _ in resolved], [s for _, s in resolved]
+    for i, value in enumerate(images):
+        role = control_role(i)
+        raw, source, digest = read_image(value, "control_image")
+        rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
+        label = str(value) if isinstance(value, (str, Path)) else f"control image #{i + 1}"
+        sized = _sized(rgb, width, height, label, "the control image", inputs.notes, Image.Resampling.LANCZOS)
+        inputs.images[role] = InputImage(role, sized, source, digest)
+    inputs.controlnet, inputs.controlnet_source, inputs.controlnet_scale = models, sources, scales
     return inputs
 
 

@@ -357,6 +357,8 @@ class Studio:
         max_lanes = self.max_lanes if max_lanes is None else parse_max_lanes(max_lanes)
         strength = check_settings(strength=strength, limits=self.limits).get("strength")
         given = image if image is not None else control_image
+        if isinstance(given, (list, tuple)) and given:  # multi-ControlNet: the first control image's size
+            given = given[0]
         if given is not None and width is None and height is None:  # the input image's own size
             width, height = size_of_image(given, self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1))
         specs = [Lora.parse(spec) for spec in loras]

@@ -130,18 +130,23 @@ def render(
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img / inpainting: the part of the "
                                              "--steps schedule to run, in (0, 1] (default: the diffusers "
                                              "pipeline's: SDXL img2img 0.3, inpainting 0.9999; FLUX 0.6)."),
-    control_image: Optional[Path] = typer.Option(None, "--control-image", help="ControlNet conditioning image "
-                                                 "(edges, depth, pose, ... as the ControlNet expects)."),
-    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet for --control-image: a local "
-                                             "diffusers folder or Hub id made for this base model."),
-    controlnet_scale: Optional[float] = typer.Option(None, "--controlnet-scale", help="ControlNet conditioning "
-                                                     "scale, 0 to 10 (default 1)."),
+    control_images: list[Path] = typer.Option([], "--control-image", help="ControlNet conditioning image "
+                                              "(edges, depth, pose, ... as the ControlNet expects). Repeat it with "
+                                              "--controlnet for multi-ControlNet (the n-th image for the n-th)."),
+    controlnets: list[str] = typer.Option([], "--controlnet", help="ControlNet for --control-image: a local "
+                                          "diffusers folder or Hub id made for this base model; repeatable."),
+    controlnet_scales: list[float] = typer.Option([], "--controlnet-scale", help="ControlNet conditioning scale, 0 "
+                                                  "to 10 (default 1); once for all, or once per ControlNet."),
     control_lora: Optional[str] = typer.Option(None, "--control-lora", help="FLUX control LoRA PATH[:WEIGHT] (BFL "
                                                "Canny/Depth, BFL or diffusers layout) with --control-image: runs "
                                                "FluxControlPipeline; the --lora stack composes on top. With "
                                                "--recipe: the recipe's control LoRA, if it moved (same file)."),
 ) -> None:
     """Render images with a stack of LoRAs (img2img with --image, inpainting with --image and --mask)."""
+    # one value each: the single-ControlNet mode; several: multi-ControlNet (lists, one per control image)
+    control_image, controlnet, controlnet_scale = (
+        None if not values else values[0] if len(values) == 1 else list(values)
+        for values in (control_images, controlnets, controlnet_scales))
     from pipelines.quant.runtime import describe, recipe_runtime
     from studio import Recipe, Studio
 
@@ -186,7 +191,7 @@ def render(
                            height=height, seed=seed, count=count, scheduler=scheduler, strategy=strategy,
                            strategy_params=params, limits=limits)
             check_settings(strength=strength, limits=limits)
-            for flag, path in (("--image", image), ("--mask", mask), ("--control-image", control_image)):
+            for flag, path in (("--image", image), ("--mask", mask), *(("--control-image", p) for p in control_images)):
                 if path is not None and not path.is_file():
                     raise StudioError(f"{flag} {path}: file not found")
             studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config, lora_dir=lora_dir,

@@ -78,8 +78,8 @@ class Recipe:
     mode: str | None = None
     strength: float | None = None
     inputs: dict[str, dict[str, str]] | None = None
-    controlnet: str | None = None  # ControlNet mode: a folder / Hub id, "<pipeline>" (from_pipe's) or "<ControlNet>"
-    controlnet_conditioning_scale: float | None = None
+    controlnet: str | list[str] | None = None  # ControlNet mode: a folder / Hub id, "<pipeline>" (from_pipe's) or
+    controlnet_conditioning_scale: float | list[float] | None = None  # "<ControlNet>"; multi-ControlNet: lists
     control_lora: dict[str, Any] | None = None  # control-lora mode: {source, sha256, weight} (pipelines.control_lora)
     studio_version: str = __version__
 

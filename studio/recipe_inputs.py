@@ -17,7 +17,7 @@ from typing import Any
 from pipelines.errors import RecipeError
 from pipelines.controlnets import IN_MEMORY as CONTROLNET_IN_MEMORY
 from pipelines.controlnets import OWN
-from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_conditioning_scale, check_strength
+from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_conditioning_scale, check_strength, control_role
 from pipelines.modes import CONTROL_LORA, CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, \
     IMG2IMG, INPAINT, MODES, TEXT2IMG
 
@@ -26,6 +26,18 @@ _NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image"), C
           CONTROLNET_IMG2IMG: ("image", "control_image"), CONTROLNET_INPAINT: ("image", "mask_image", "control_image"),
           CONTROL_LORA: ("control_image",)}
 _HEX = re.compile(r"[0-9a-f]{64}")
+_EXTRA_CONTROL = re.compile(r"control_image_([2-9])")  # multi-ControlNet: the 2nd ... 8th control image
+MAX_CONTROLNETS = 8
+
+
+def _flag(role: str) -> str:
+    """The CLI flag that passes ``role`` again (the n-th ``--control-image`` for ``control_image_n``)."""
+    match = _EXTRA_CONTROL.fullmatch(role)
+    return f"--control-image (#{match.group(1)})" if match else ROLES[role]
+
+
+def _controlnet_count(recipe) -> int:
+    return len(recipe.controlnet) if isinstance(recipe.controlnet, list) else 1
 
 
 def check_mode_fields(recipe) -> None:
@@ -39,7 +51,7 @@ def check_mode_fields(recipe) -> None:
     inputs = recipe.inputs or {}
     if not isinstance(inputs, dict):
         raise ValueError("inputs must be a table of image roles (image, mask_image)")
-    unknown = sorted(set(inputs) - set(ROLES))
+    unknown = sorted(r for r in inputs if r not in ROLES and not _EXTRA_CONTROL.fullmatch(str(r)))
     if unknown:
         raise ValueError(f"inputs has unknown roles {unknown}; known: {', '.join(ROLES)}")
     for role, entry in inputs.items():
@@ -49,9 +61,11 @@ def check_mode_fields(recipe) -> None:
             raise ValueError(f"inputs.{role}.source must be a file path or '{IN_MEMORY}'")
         if not isinstance(entry["sha256"], str) or not _HEX.fullmatch(entry["sha256"]):
             raise ValueError(f"inputs.{role}.sha256 must be 64 lowercase hex digits")
-    if sorted(inputs) != sorted(_NEEDS[mode]):
-        raise ValueError(f"mode {mode} needs the inputs {list(_NEEDS[mode]) or 'none'}, the recipe has "
-                         f"{sorted(inputs) or 'none'}")
+    needs = list(_NEEDS[mode])
+    if mode in CONTROLNET_MODES and isinstance(recipe.controlnet, list):  # one control image per ControlNet
+        needs += [control_role(i) for i in range(1, min(len(recipe.controlnet), MAX_CONTROLNETS))]
+    if sorted(inputs) != sorted(needs):
+        raise ValueError(f"mode {mode} needs the inputs {needs or 'none'}, the recipe has {sorted(inputs) or 'none'}")
     _check_control_lora_field(recipe, mode)
     if mode in (TEXT2IMG, CONTROLNET, CONTROL_LORA):
         if recipe.strength is not None:
@@ -62,11 +76,19 @@ def check_mode_fields(recipe) -> None:
         if recipe.controlnet is not None or recipe.controlnet_conditioning_scale is not None:
             raise ValueError(f"controlnet settings apply to the controlnet mode, not {mode}")
         return
-    if not isinstance(recipe.controlnet, str) or not recipe.controlnet or len(recipe.controlnet) > 4096:
+    sources = recipe.controlnet if isinstance(recipe.controlnet, list) else [recipe.controlnet]
+    if not 1 <= len(sources) <= MAX_CONTROLNETS or any(
+            not isinstance(s, str) or not s or len(s) > 4096 for s in sources):
         raise ValueError("a controlnet recipe needs 'controlnet': a folder, a Hub id, "
-                         f"'{OWN}' or '{CONTROLNET_IN_MEMORY}'")
-    if recipe.controlnet_conditioning_scale is not None:
-        recipe.controlnet_conditioning_scale = check_conditioning_scale(recipe.controlnet_conditioning_scale)
+                         f"'{OWN}' or '{CONTROLNET_IN_MEMORY}' (multi-ControlNet: a list of up to {MAX_CONTROLNETS})")
+    scale = recipe.controlnet_conditioning_scale
+    if isinstance(recipe.controlnet, list):
+        if not isinstance(scale, list) or len(scale) != len(sources):
+            raise ValueError(f"a multi-ControlNet recipe needs controlnet_conditioning_scale: a list of "
+                             f"{len(sources)} numbers, one per ControlNet")
+        recipe.controlnet_conditioning_scale = [check_conditioning_scale(v) for v in scale]
+    elif scale is not None:
+        recipe.controlnet_conditioning_scale = check_conditioning_scale(scale)
 
 
 def _check_control_lora_field(recipe, mode: str) -> None:
@@ -118,9 +140,13 @@ def recipe_inputs(recipe, given: dict[str, Any] | None = None, policy=None, orig
     recorded file; each must have the recorded SHA-256. ``policy`` (a :class:`studio.path_policy.PathPolicy`)
     must permit a recorded file. Raises :class:`RecipeError` naming the role, the file and the fix."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
+    if isinstance(given.get("control_image"), (list, tuple)):  # multi-ControlNet: one per role, in order
+        for i, value in enumerate(given.pop("control_image")):
+            if value is not None:
+                given[control_role(i)] = value
     out: dict[str, Any] = {}
     for role, entry in (recipe.inputs or {}).items():
-        flag = ROLES[role]
+        flag = _flag(role)
         value = given.get(role)
         if value is None:
             source = entry["source"]
@@ -143,6 +169,8 @@ def recipe_inputs(recipe, given: dict[str, Any] | None = None, policy=None, orig
     extra = sorted(set(given) - set(out))
     if extra:
         raise RecipeError(f"{origin}: the recipe is {recipe.mode or TEXT2IMG} and takes no {', '.join(extra)}")
+    if isinstance(recipe.controlnet, list) and recipe.mode in CONTROLNET_MODES:
+        out["control_image"] = [out.pop(control_role(i)) for i in range(len(recipe.controlnet))]
     return out
 
 
@@ -150,9 +178,19 @@ def recipe_controlnet(recipe, given: Any = None, policy=None, origin: str = "rec
     """The ControlNet to reproduce a controlnet recipe: ``given`` (a model or folder) where passed, the wrapped
     pipeline's own for ``<pipeline>`` (``None``), else the recorded folder or Hub id (a local folder must be
     allowed by ``policy``). An in-memory ControlNet must be passed again."""
+    if isinstance(recipe.controlnet, list):  # multi-ControlNet: each recorded source, or the given list
+        if given is not None and (not isinstance(given, (list, tuple)) or len(given) != len(recipe.controlnet)):
+            raise RecipeError(f"{origin}: the recipe has {len(recipe.controlnet)} ControlNets; pass as many")
+        if all(s == OWN for s in recipe.controlnet) and given is None:
+            return None
+        return [_one_controlnet(source, None if given is None else given[i], policy, origin)
+                for i, source in enumerate(recipe.controlnet)]
+    return _one_controlnet(recipe.controlnet, given, policy, origin)
+
+
+def _one_controlnet(source: str, given: Any, policy, origin: str) -> Any:
     if given is not None:
         return given
-    source = recipe.controlnet
     if source == OWN:
         return None
     if source == CONTROLNET_IN_MEMORY:
