@@ -109,7 +109,7 @@ class RichReporter:
 
 
 def _load_items(file: Path, *, model, lora, concept, strategy, seed, steps, guidance, negative, width, height,
-                scheduler, lora_dir, allow_path=(), limits=None):
+                scheduler, lora_dir, allow_path=(), limits=None, modes=None):
     from .settings import DEFAULT_LIMITS
 
     from .grid import GridError, load_grid
@@ -119,8 +119,9 @@ def _load_items(file: Path, *, model, lora, concept, strategy, seed, steps, guid
         given = [name for name, value in (("--model", model), ("--lora", lora), ("--concept", concept),
                                           ("--strategy", strategy), ("--seed", seed), ("--steps", steps),
                                           ("--guidance", guidance), ("--negative", negative), ("--width", width),
-                                          ("--height", height), ("--scheduler", scheduler), ("--lora-dir", lora_dir))
-                 if value]
+                                          ("--height", height), ("--scheduler", scheduler), ("--lora-dir", lora_dir),
+                                          *((f"--{k.replace('_', '-')}", v) for k, v in (modes or {}).items()))
+                 if value is not None and value != [] and value != ""]
         if given:
             raise GridError(str(file), f"{', '.join(given)} apply to prompt lists; a grid sets them in the file")
         items, _ = load_grid(file, allow=allow_path, limits=limits or DEFAULT_LIMITS)
@@ -128,7 +129,8 @@ def _load_items(file: Path, *, model, lora, concept, strategy, seed, steps, guid
     return load_prompt_list(file, model=model or "tiny-sdxl", loras=lora, concepts=_pairs(concept, "--concept"),
                             strategies=strategy or ["merge"], seeds=seed or [0], steps=steps, guidance=guidance,
                             negative=negative or "", width=width, height=height, scheduler=scheduler,
-                            lora_dir=lora_dir, limits=limits or DEFAULT_LIMITS)
+                            lora_dir=lora_dir, limits=limits or DEFAULT_LIMITS, allow_path=allow_path,
+                            **{k: (str(v) if isinstance(v, Path) else v) for k, v in (modes or {}).items()})
 
 
 def batch(
@@ -158,9 +160,18 @@ def batch(
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32."),
     offload: bool = typer.Option(False, help="Model CPU offload (accelerator only)."),
     config: Optional[str] = typer.Option(None, help="Hub id or folder with the components a single-file checkpoint lacks."),
-    allow_path: list[Path] = typer.Option([], "--allow-path", help="Grids: a folder the grid's LoRA, input image and "
-                                          "ControlNet paths may also point into (besides the grid's folder and the "
-                                          "shipped LoRAs); repeatable."),
+    allow_path: list[Path] = typer.Option([], "--allow-path", help="A folder the grid's LoRA, input image and "
+                                          "ControlNet paths (a prompt list's input images) may also point into "
+                                          "(besides the file's folder and the shipped LoRAs); repeatable."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Prompt lists: input image of every row (img2img; "
+                                         "a row's own 'image' column/key replaces it)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Prompt lists: inpainting mask of every row."),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help="Prompt lists: ControlNet control "
+                                                 "image of every row."),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="Prompt lists: ControlNet folder or Hub id."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Prompt lists: img2img/inpainting strength."),
+    controlnet_scale: Optional[float] = typer.Option(None, "--controlnet-scale", help="Prompt lists: ControlNet "
+                                                     "conditioning scale."),
     max_steps: Optional[int] = typer.Option(None, help="Refuse more denoising steps than this (default 1000)."),
     max_size: Optional[int] = typer.Option(None, help="Refuse a width or height above this, or more pixels than its "
                                            "square (default 4096 and 2048x2048)."),
@@ -175,7 +186,10 @@ def batch(
         limits = Limits.from_options(max_steps, max_size)
         items = _load_items(file, model=model, lora=lora, concept=concept, strategy=strategy, seed=seed, steps=steps,
                             guidance=guidance, negative=negative, width=width, height=height, scheduler=scheduler,
-                            lora_dir=lora_dir, allow_path=allow_path, limits=limits)
+                            lora_dir=lora_dir, allow_path=allow_path, limits=limits,
+                            modes={"image": image, "mask": mask, "control_image": control_image,
+                                   "controlnet": controlnet, "strength": strength,
+                                   "controlnet_scale": controlnet_scale})
         pretrained = clip_pretrained or None
         if dry_run:
             done = done_ids(out) if out.exists() else set()
