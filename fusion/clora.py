@@ -1,7 +1,9 @@
 """CLoRA: contrastive test-time composition of LoRAs (Meral, Simsar, Tombari, Yanardag, ICCV 2025, arXiv 2403.19776).
 
-Each LoRA whose trigger words occur in the prompt is a *concept*; the prompt breaks down into a base lane (the
-prompt with no concept LoRA; LoRAs whose triggers are not in the prompt, e.g. a style, act in every lane like the
+Each LoRA whose trigger words occur in the prompt is a *concept* (with ``max_concepts=N`` only the first N of
+the stack can be: a style or background LoRA whose trigger is in the prompt would otherwise be confined to where
+its word attends; on the tiny world's waves-background scene no half showed the waves background, 2 seeds). The
+prompt breaks down into a base lane (the prompt with no concept LoRA; the other LoRAs act in every lane like the
 released code's ``style_lora``) and one lane per concept (the prompt with that LoRA, its text-encoder part
 included), all run as one batched forward through the seam. Two mechanisms:
 
@@ -88,6 +90,9 @@ class CLoRA(Strategy):
               "averaged before (released example: 8 of 50)", min=0.0, max=1.0),
         Param("mask_threshold", 0.3, "a position joins a concept's mask where its normalised attention is highest "
               "and above this (released default 0.3)", min=0.0, max=1.0),
+        Param("max_concepts", 0, "only the first N LoRAs of the stack can be concepts (subjects first); the rest act in "
+              "every lane like the released code's style LoRA (0: every LoRA whose trigger is in the prompt)",
+              type=int, min=0, max=64),
     )
 
     def prepare(self, run: RunContext) -> None:
@@ -121,7 +126,8 @@ class CLoRA(Strategy):
         tokenizer = text_tokenizer(self._run.pipe, self._run.family)
         self.positions = [concept_token_positions(tokenizer, prompt, words) if words else []
                           for words in self.triggers]
-        self.concepts = [k for k, pos in enumerate(self.positions) if pos]
+        limit = self.max_concepts or len(self.positions)
+        self.concepts = [k for k, pos in enumerate(self.positions) if pos and k < limit]
         if not self.concepts:  # nothing to separate: a merge, said in the result (as regional without regions)
             described = "; ".join(f"{n}: {', '.join(w) or 'none declared'}" for n, w in zip(self._run.names, self.triggers))
             self.info["fallback"] = ("no LoRA's trigger words occur in the prompt (each such LoRA is a concept with "

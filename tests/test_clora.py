@@ -240,3 +240,18 @@ def test_out_of_memory_in_the_update_is_named(monkeypatch):
     with pytest.raises(OutOfMemoryError, match="latent update.*max_lanes"):
         studio.compose(WORLD_PROMPT, loras, "clora", steps=4)
     assert studio.composer.adapters == {} and "forward" not in studio.pipe.unet.__dict__
+
+
+def test_max_concepts_keeps_a_background_lora_global():
+    """A background LoRA whose trigger is in the prompt is a concept (its own lane and mask) unless max_concepts
+    limits the concepts to the first LoRAs of the stack; then it acts in every lane."""
+    studio = Studio("tiny-sdxl")
+    prompt = "a small red zorb, solid, on a waves background, left, and a small blue quix, solid, right"
+    loras = [Lora(_world("sdxl", "subject-zorb"), name="zorb"), Lora(_world("sdxl", "subject-quix"), name="quix"),
+             Lora(_world("sdxl", "background-waves"), name="waves")]
+    every = studio.compose(prompt, loras, "clora", steps=2, output_type="np")
+    assert every.strategy_info["concepts"] == ["zorb", "quix", "waves"] and set(every.region_masks) == {
+        "zorb", "quix", "waves"}
+    two = studio.compose(prompt, loras, "clora", strategy_params={"max_concepts": 2}, steps=2, output_type="np")
+    assert two.strategy_info["concepts"] == ["zorb", "quix"] and two.strategy_info["global"] == ["waves"]
+    assert set(two.region_masks) == {"zorb", "quix"}
