@@ -338,3 +338,30 @@ def test_bfl_layout_at_full_size_reads_as_its_diffusers_layout(tmp_path):
                                @ converted["transformer.x_embedder.lora_A.weight"])
     with pytest.raises(IncompatibleLoraError, match=f"control LoRA in BFL's layout.*{HOW}"):
         parse_lora(bfl, meta, FLUX)
+
+
+def test_bf16_model_keeps_its_dtype_and_4bit_layers_are_refused(control_loras, flux_loras):
+    """bf16: the new weights are stored in the layer's dtype and taking the control LoRA off restores them bit for
+    bit. A transformer with a 4-bit layer (QuantLinear, pipelines.quant) is refused before anything changes."""
+    from pipelines.quant.linear import QuantLinear
+
+    studio = Studio("tiny-flux-random", dtype="bf16")
+    transformer = studio.pipe.transformer
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    got = studio.compose(PROMPT, [f"{flux_loras[0]}:0.8"], "composite", steps=2, width=64, height=64,
+                         output_type="np", control_lora=control_loras["norms"], control_image=input_image(1))
+    assert np.isfinite(got.latents[0]).all()
+    assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16} and transformer.x_embedder.in_features == 32
+    studio.unload()
+    after = transformer.state_dict()
+    assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before)
+    # one layer of a transformer made 4-bit (an empty QuantLinear of the same shape)
+    studio = Studio("tiny-flux-random")
+    transformer = studio.pipe.transformer
+    layer = transformer.transformer_blocks[0].ff.net[2]
+    transformer.transformer_blocks[0].ff.net[2] = QuantLinear(layer.in_features, layer.out_features, fmt="int4",
+                                                              group_size=16, rank=4)
+    with pytest.raises(IncompatibleLoraError, match="this model is 4-bit \\(transformer_blocks.0.ff.net.2 is a "
+                                                    "QuantLinear\\)"):
+        studio.compose(PROMPT, [], steps=2, control_lora=control_loras["norms"], control_image=input_image(1))
+    assert applied_control_lora(studio.pipe) is None and transformer.x_embedder.in_features == 16
