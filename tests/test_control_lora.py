@@ -20,6 +20,7 @@ import torch
 import writers
 from PIL import Image
 
+from fusion import REGISTRY
 from pipelines.adapters import parse_lora
 from pipelines.control_lora import applied_control_lora, read_control_lora
 from pipelines.errors import IncompatibleLoraError, LoraFileError, StudioError
@@ -365,3 +366,14 @@ def test_bf16_model_keeps_its_dtype_and_4bit_layers_are_refused(control_loras, f
                                                     "QuantLinear\\)"):
         studio.compose(PROMPT, [], steps=2, control_lora=control_loras["norms"], control_image=input_image(1))
     assert applied_control_lora(studio.pipe) is None and transformer.x_embedder.in_features == 16
+
+
+@pytest.mark.parametrize("strategy", sorted(REGISTRY))
+def test_every_strategy_renders_on_the_control_lora_model(strategy, studio, control_loras, flux_loras):
+    """Every registered strategy runs with a control LoRA applied: lanes, caches, gates, regions (none here: the
+    strategies that read them say so and fall back), derived weight-space adapters over a LoRA whose x_embedder
+    factor was padded to the widened layer."""
+    loras = [f"{flux_loras[0]}:0.8", f"{control_loras['user']}:0.6"]
+    result = studio.compose(PROMPT, loras, strategy, steps=3, seed=1, width=64, height=64, output_type="np",
+                            control_lora=control_loras["norms"], control_image=input_image(2))
+    assert result.recipe.mode == "control-lora" and np.isfinite(result.latents[0]).all()
