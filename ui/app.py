@@ -50,6 +50,10 @@ CSS = """
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
 STOPPED = "Stopped: the image in progress was not finished (finished ones are saved in the output folder)."
 LIGHT = dict(concurrency_limit=None, show_progress="hidden")
+# events that edit the stack (and the region preview that reads it) run one at a time, in the order they came: each
+# reads the session's stack when it runs, so a quick series (brush strokes, a field losing focus) never overwrites a
+# newer stack with an older one
+STACK = dict(concurrency_id="stack", concurrency_limit=1, show_progress="hidden")
 
 
 def _default_strategy() -> str:
@@ -107,7 +111,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                 trig = gr.Button("Insert triggers", size="sm", elem_classes=["lora-triggers"],
                                                  interactive=bool(entry.info.triggers))
                         add.click(functools.partial(h.add, entry.id), [stack, stack_rev],
-                                  [stack, stack_rev, stack_status], **LIGHT)
+                                  [stack, stack_rev, stack_status], **STACK)
                         trig.click(functools.partial(h.insert_triggers, entry.id), [prompt], [prompt], **LIGHT)
                     if total > len(entries):
                         gr.Markdown(f"{total - len(entries)} more: refine the search.")
@@ -146,16 +150,17 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                         upload_mask = gr.UploadButton("Upload a mask image (white = inside)", file_types=["image"],
                                                       size="sm", elem_classes=["stack-mask-upload"])
                     kind.change(functools.partial(h.set_region_kind, uid), [stack, kind, strategy],
-                                [stack, box, mask_area, strategy, stack_status], **LIGHT)
+                                [stack, box, mask_area, strategy, stack_status], **STACK)
                     for event, name, field in ((box.blur, "region_box", box), (box.submit, "region_box", box),
                                                (text.blur, "region_prompt", text)):
                         event(functools.partial(h.set_region_text, uid, name), [stack, field, strategy],
-                              [stack, strategy, stack_status], **LIGHT)
+                              [stack, strategy, stack_status], **STACK)
+                    # strokes faster than the canvas uploads: only the newest drawing is sent
                     canvas.input(functools.partial(h.set_region_mask, uid), [stack, canvas, strategy],
-                                 [stack, strategy, stack_status], **LIGHT)
+                                 [stack, strategy, stack_status], trigger_mode="always_last", **STACK)
                     upload_mask.upload(functools.partial(h.upload_region_mask, uid),
                                        [stack, upload_mask, image_size, strategy],
-                                       [stack, canvas, strategy, stack_status], **LIGHT)
+                                       [stack, canvas, strategy, stack_status], **STACK)
 
                 @gr.render(inputs=[stack, image_size], triggers=[stack_rev.change, demo.load])
                 def stack_rows(entries, size):
@@ -195,11 +200,11 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                         for component, name in ((weight, "weight"), (start, "start"), (end, "end"),
                                                 (enabled, "enabled"), (custom, "custom_blocks")):
                             event = component.blur if component is custom else component.change
-                            event(functools.partial(h.set_field, uid, name), [stack, component], [stack], **LIGHT)
-                        preset.change(functools.partial(h.set_preset, uid), [stack, preset], [stack, custom], **LIGHT)
-                        up.click(functools.partial(h.move, uid, -1), [stack, stack_rev], [stack, stack_rev], **LIGHT)
-                        down.click(functools.partial(h.move, uid, 1), [stack, stack_rev], [stack, stack_rev], **LIGHT)
-                        drop.click(functools.partial(h.remove, uid), [stack, stack_rev], [stack, stack_rev], **LIGHT)
+                            event(functools.partial(h.set_field, uid, name), [stack, component], [stack], **STACK)
+                        preset.change(functools.partial(h.set_preset, uid), [stack, preset], [stack, custom], **STACK)
+                        up.click(functools.partial(h.move, uid, -1), [stack, stack_rev], [stack, stack_rev], **STACK)
+                        down.click(functools.partial(h.move, uid, 1), [stack, stack_rev], [stack, stack_rev], **STACK)
+                        drop.click(functools.partial(h.remove, uid), [stack, stack_rev], [stack, stack_rev], **STACK)
 
                 clear = gr.Button("Clear stack", size="sm", elem_id="stack-clear")
                 region_view = gr.Image(label="Regions before rendering: what each LoRA covers, on the model's grid",
@@ -313,18 +318,19 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
 
         # ---------------------------------------------------------------------------------- wiring
         lora_name.submit(h.add, [lora_name, stack, stack_rev], [stack, stack_rev, stack_status], api_name="add_lora",
-                         **LIGHT)
+                         **STACK)
         refresh.click(h.refresh, [library_rev], [library_rev, library_status, base_filter], **LIGHT)
         upload.upload(h.upload, [upload, library_rev], [library_rev, library_status, upload], **GPU)
-        clear.click(cb.clear, [stack_rev], [stack, stack_rev], **LIGHT)
+        clear.click(cb.clear, [stack_rev], [stack, stack_rev], **STACK)
         strategy.change(strategy_form.strategy_label, [strategy], [strategy_info], **LIGHT)
         dice.click(cb.random_seed, None, [seed], **LIGHT)
 
         settings_inputs = [prompt, negative, seed, steps, guidance, width, height]
         # a new job starts from an empty gallery and preview, so the images shown are always this job's (chained, so
         # the clearing cannot land after the job's images)
+        # (the clearing step queues behind pending stack edits, so the job reads the stack as the user left it)
         job = generate.click(lambda: ([], [], None), None, [gallery, gallery_items, live], api_visibility="private",
-                             **LIGHT).then(
+                             **STACK).then(
             h.generate, [*settings_inputs, count, strategy, params, stack, init_image, init_mask, strength,
                          control_image, controlnet, controlnet_scale],
             [live, progress_text, gallery, gallery_items, recipe, png_download, toml_download, seed],
@@ -334,7 +340,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
         # (and those of the image the user picks)
         preview_inputs = [stack, width, height, strategy, params]
         for change in (stack.change, width.change, height.change, strategy.change, params.change):
-            change(h.region_preview, preview_inputs, [region_view, region_legend], api_visibility="private", **LIGHT)
+            change(h.region_preview, preview_inputs, [region_view, region_legend], api_visibility="private", **STACK)
         for size_change in (width.change, height.change):
             size_change(lambda w, h_: (w, h_), [width, height], [image_size], api_visibility="private", **LIGHT)
         generate.click(lambda: (gr.update(value=None, visible=False), ""), None, [masks_view, masks_legend],
