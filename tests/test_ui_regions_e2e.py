@@ -111,6 +111,10 @@ def test_draw_a_region_and_render_with_regional(page, server, tmp_path):  # noqa
     assert [p.name for p in server["callbacks"].masks_dir.iterdir()] == [Path(style.region).name]
     expected = regions.overlay(again.image, list(again.region_masks.items()))
     assert np.array_equal(np.asarray(shown_masks), np.asarray(expected))
+    # the preview shown before rendering drew exactly those masks
+    before = image_at(page, page.locator("#region-preview img").first)
+    planned = regions.overlay(regions.plain_canvas(recipe.width, recipe.height), list(again.region_masks.items()))
+    assert np.array_equal(np.asarray(before), np.asarray(planned))
     # and it is not the merge of both LoRAs on the whole image
     merged = server["callbacks"].studio.compose(recipe.prompt, [style.source, subject.source], "merge", seed=5,
                                                 steps=3, width=recipe.width, height=recipe.height)
