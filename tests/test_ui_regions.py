@@ -23,7 +23,7 @@ import tomli_w
 from pipelines.errors import StudioError
 from studio import Lora, Recipe
 from test_ui_callbacks import STYLE, SUBJECT, cb, h, no_progress, pixels, studio  # noqa: F401 (fixtures)
-from ui import regions
+from ui import region_overlay, regions
 from ui import stack as stk
 from ui.callbacks import Settings
 from ui.recipe_api import render_recipe
@@ -132,7 +132,7 @@ def test_a_drawn_mask_becomes_the_loras_region(cb, studio):
     assert cb.set_region_mask(stack, uid, painted(slice(64, 192), slice(160, 256))) == (stack, "")
     assert cb.set_region_mask(stack, uid, regions.editor_value(str(path), (256, 256))) == (stack, "")
     # what the render will use: the painted area averaged over the latent cells (8x8 canvas pixels each)
-    ((label, lane),) = regions.planned_masks(studio, ["random-style"], [str(path)], [None], 64, 64)
+    ((label, lane),) = region_overlay.planned_masks(studio, ["random-style"], [str(path)], [None], 64, 64)
     expected = alpha.reshape(GRID, 8, GRID, 8).mean(axis=(1, 3)) / 255
     assert label == "random-style" and np.allclose(lane.numpy(), expected, atol=1e-6)
 
@@ -200,15 +200,15 @@ def test_the_preview_shows_exactly_what_the_render_uses(cb, studio):
     reference = studio.compose(SETTINGS["prompt"], api_loras(cb), "regional", strategy_params={"feather": 2.0},
                                seed=3, steps=2, width=64, height=64)
     assert np.array_equal(pixels(item.png), pixels(reference.image))
-    planned = regions.planned_masks(studio, ["random-subject", "random-style"], ["left", "0.5,0.25,1,0.75"],
+    planned = region_overlay.planned_masks(studio, ["random-subject", "random-style"], ["left", "0.5,0.25,1,0.75"],
                                     ["a big zorb", None], 64, 64, {"feather": 2.0})
     assert [label for label, _ in planned] == ["random-subject", "random-style"]
     assert [adapter_name(label) for label in reference.region_masks] == ["random-subject", "random-style"]
     for (_, mask), used in zip(planned, reference.region_masks.values()):
         assert torch.equal(mask, used)
-    assert np.array_equal(np.asarray(image), np.asarray(regions.overlay(regions.plain_canvas(64, 64), planned)))
+    assert np.array_equal(np.asarray(image), np.asarray(region_overlay.overlay(region_overlay.plain_canvas(64, 64), planned)))
     assert np.array_equal(np.asarray(item.masks),
-                          np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
+                          np.asarray(region_overlay.overlay(reference.image, list(reference.region_masks.items()))))
     assert "random\\-style" in item.masks_legend
 
 
@@ -218,16 +218,16 @@ def test_hard_boxes_in_the_preview_against_hand_made_masks(cb):
     left[:, :16] = 1
     box = np.zeros((GRID, GRID))
     box[8:24, 16:] = 1
-    planned = regions.planned_masks(cb.studio, ["a", "b"], ["left", "0.5,0.25,1,0.75"], [None, None], 64, 64)
+    planned = region_overlay.planned_masks(cb.studio, ["a", "b"], ["left", "0.5,0.25,1,0.75"], [None, None], 64, 64)
     assert np.array_equal(planned[0][1].numpy(), left) and np.array_equal(planned[1][1].numpy(), box)
     rgb = np.asarray(image).astype(int)  # 256x256: 8 display pixels per latent cell
-    red, blue = regions.COLOURS[0][1], regions.COLOURS[1][1]
+    red, blue = region_overlay.COLOURS[0][1], region_overlay.COLOURS[1][1]
     for (y, x), colour in (((40, 40), red), ((80, 220), blue)):  # away from the labels
         assert np.abs(rgb[y, x] - np.array(colour)).max() < 0.45 * 255, (y, x, rgb[y, x])
         assert rgb[y, x].argmax() == int(np.argmax(colour))
-    canvas = np.asarray(regions.plain_canvas(64, 64)).astype(int)
+    canvas = np.asarray(region_overlay.plain_canvas(64, 64)).astype(int)
     assert np.array_equal(rgb[20, 220], canvas[20, 220])  # outside both regions: the image area, untouched
-    assert cb.region_preview(two(cb), 64, 64, "merge", {}) == (None, "No regions: every LoRA acts on the whole image.")
+    assert cb.region_preview(two(cb), 64, 64, "merge", {}) == (None, "")  # no regions: nothing shown
 
 
 def test_the_preview_reports_a_region_that_is_not_ready(cb):
@@ -310,7 +310,7 @@ def test_auto_regions_are_announced_before_and_shown_after_the_render(cb, studio
     assert np.array_equal(pixels(item.png), pixels(reference.image))
     assert {adapter_name(label) for label in reference.region_masks} == {"random-subject", "random-style"}
     assert np.array_equal(np.asarray(item.masks),
-                          np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
+                          np.asarray(region_overlay.overlay(reference.image, list(reference.region_masks.items()))))
     assert "random\\-subject" in item.masks_legend
 
 
@@ -323,7 +323,7 @@ def test_clora_masks_are_shown_after_the_render(cb, studio):
     assert np.array_equal(pixels(item.png), pixels(reference.image))
     assert reference.region_masks and item.masks is not None
     assert np.array_equal(np.asarray(item.masks),
-                          np.asarray(regions.overlay(reference.image, list(reference.region_masks.items()))))
+                          np.asarray(region_overlay.overlay(reference.image, list(reference.region_masks.items()))))
 
 
 def test_flux_preview_is_on_the_token_grid_and_matches_the_render(tmp_path):
@@ -346,7 +346,7 @@ def test_flux_preview_is_on_the_token_grid_and_matches_the_render(tmp_path):
                                                        region="left-third")], "regional", seed=3, steps=2,
                              guidance=5.0, width=64, height=64)
     assert np.array_equal(pixels(item.png), pixels(reference.image))
-    ((_, planned),) = regions.planned_masks(flux, ["flux-style"], ["left-third"], [None], 64, 64)
+    ((_, planned),) = region_overlay.planned_masks(flux, ["flux-style"], ["left-third"], [None], 64, 64)
     ((_, used),) = reference.region_masks.items()
     assert planned.shape == (grid, grid) and torch.equal(planned, used)
     expected = torch.zeros(grid, grid)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from studio import Recipe
 from test_ui_e2e import add_from_library, browser, page, screenshot, server, set_number  # noqa: F401 (fixtures)
-from ui import regions, strategy_form
+from ui import region_overlay, strategy_form
 
 
 def pick_region(row, page, label: str) -> None:
@@ -109,11 +109,11 @@ def test_draw_a_region_and_render_with_regional(page, server, tmp_path):  # noqa
     assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), np.asarray(again.image))
     assert list(again.region_masks) == ["random-style", "random-subject"]
     assert [p.name for p in server["callbacks"].masks_dir.iterdir()] == [Path(style.region).name]
-    expected = regions.overlay(again.image, list(again.region_masks.items()))
+    expected = region_overlay.overlay(again.image, list(again.region_masks.items()))
     assert np.array_equal(np.asarray(shown_masks), np.asarray(expected))
     # the preview shown before rendering drew exactly those masks
     before = image_at(page, page.locator("#region-preview img").first)
-    planned = regions.overlay(regions.plain_canvas(recipe.width, recipe.height), list(again.region_masks.items()))
+    planned = region_overlay.overlay(region_overlay.plain_canvas(recipe.width, recipe.height), list(again.region_masks.items()))
     assert np.array_equal(np.asarray(before), np.asarray(planned))
     # and it is not the merge of both LoRAs on the whole image
     merged = server["callbacks"].studio.compose(recipe.prompt, [style.source, subject.source], "merge", seed=5,

@@ -27,7 +27,7 @@ from studio import Recipe, Studio, StudioError
 from studio.library import Library, LibraryEntry
 from studio.preview import LatentPreview
 
-from . import regions
+from . import region_overlay, regions
 from . import stack as stk
 from . import strategy_form
 from .controlnets import resolve_choice
@@ -118,7 +118,7 @@ class Item:
     recipe: str
     label: str = ""
     scores: dict[str, Any] = field(default_factory=dict)
-    masks: Any = None       # the region masks the render used, drawn over the image (ui.regions.overlay); or None
+    masks: Any = None       # the region masks the render used, drawn over the image (ui.region_overlay.overlay); or None
     masks_legend: str = ""
 
 
@@ -309,7 +309,7 @@ class Callbacks:
             return None, ""
         entries = [e for e in stack if e.enabled]
         if not any(e.region_kind != regions.NONE for e in entries):
-            return None, "No regions: every LoRA acts on the whole image."
+            return None, ""  # nothing to show: every LoRA acts on the whole image
         names, chosen, prompts, notes = [], [], [], []
         for entry in entries:
             try:
@@ -326,16 +326,16 @@ class Callbacks:
             prompts.append(entry.region_prompt.strip() or None)
         params = strategy_form.values_for(strategy, params_store) if strategy in strategy_form.strategy_names() else {}
         if params.get("auto") is True:  # the strategy makes every region automatic
-            return None, regions.legend([], [f"{strategy}: auto is on, so every region's mask comes from the "
+            return None, region_overlay.legend([], [f"{strategy}: auto is on, so every region's mask comes from the "
                                              "cross-attention while rendering (shown next to the image afterwards)"])
         try:
-            masks = regions.planned_masks(self.studio, names, chosen, prompts, width, height, params)
+            masks = region_overlay.planned_masks(self.studio, names, chosen, prompts, width, height, params)
         except StudioError as e:
-            return None, regions.legend([], [str(e), *notes])
+            return None, region_overlay.legend([], [str(e), *notes])
         if not masks:
-            return None, regions.legend([], notes)
-        image = background if background is not None else regions.plain_canvas(width, height)
-        return regions.overlay(image, masks), regions.legend(masks, notes)
+            return None, region_overlay.legend([], notes)
+        image = background if background is not None else region_overlay.plain_canvas(width, height)
+        return region_overlay.overlay(image, masks), region_overlay.legend(masks, notes)
 
     def remove(self, stack, uid, rev):
         return stk.remove(stack, uid), rev + 1
@@ -400,7 +400,7 @@ class Callbacks:
         """The region masks the render used (``Result.region_masks``), drawn over its image, on the item."""
         masks = list((getattr(result, "region_masks", None) or {}).items())
         if masks:
-            item.masks, item.masks_legend = regions.overlay(result.image, masks), regions.legend(masks)
+            item.masks, item.masks_legend = region_overlay.overlay(result.image, masks), region_overlay.legend(masks)
 
     def generate_events(self, settings: Settings, strategy: str, params_store: Mapping, stack) -> Iterator[Any]:
         """Render ``settings.count`` images (seeds ``seed``, ``seed+1``, ...).
