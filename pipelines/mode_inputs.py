@@ -19,8 +19,9 @@ from typing import Any
 
 from .errors import StudioError
 from .families import Family
-from .modes import CONTROL_LORA, CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, \
-    INPAINT, TEXT2IMG, default_conditioning_scale, default_strength
+from .modes import CONTROL_LORA, CONTROL_LORA_IMG2IMG, CONTROL_LORA_INPAINT, CONTROL_LORA_MODES, CONTROLNET, \
+    CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, INPAINT, TEXT2IMG, default_conditioning_scale, \
+    default_strength
 
 IN_MEMORY = "<image>"
 MASK_MODES = ("L", "1")
@@ -66,7 +67,7 @@ class ModeInputs:
         if self.mode in CONTROLNET_MODES:
             out["controlnet"] = self.controlnet
             out["controlnet_conditioning_scale"] = self.controlnet_scale
-        if self.mode == CONTROL_LORA:
+        if self.mode in CONTROL_LORA_MODES:
             out["control_lora"] = True  # the marker pipelines.modes.mode_of reads
         return out
 
@@ -258,8 +259,9 @@ def prepare_mode_inputs(family: Family, *, image: Any = None, mask_image: Any = 
 
 def prepare_control_lora(family: Family, pipe, *, image: Any, mask_image: Any, strength: Any, control_image: Any,
                          controlnet: Any, scale: Any, width: int, height: int) -> ModeInputs:
-    """The inputs of the control-lora mode (FluxControlPipeline): a control image (RGB, sized) and nothing of the
-    other modes."""
+    """The inputs of the control-lora modes (FluxControlPipeline; with an image FluxControlImg2ImgPipeline, with a
+    mask too FluxControlInpaintPipeline): a control image (RGB, sized), the image, mask and strength as for
+    img2img / inpainting, and no ControlNet."""
     from PIL import Image
 
     if family.name != "flux":
@@ -267,23 +269,25 @@ def prepare_control_lora(family: Family, pipe, *, image: Any, mask_image: Any, s
     if control_image is None:
         raise ModeInputError("a control LoRA needs a control image (control_image / --control-image: the edges or "
                              "depth map it was trained on)")
-    given = [name for name, value in (("image", image), ("mask_image", mask_image), ("strength", strength),
-                                      ("controlnet", controlnet), ("controlnet_conditioning_scale", scale))
+    given = [name for name, value in (("controlnet", controlnet), ("controlnet_conditioning_scale", scale))
              if value is not None]
     if given:
-        raise ModeInputError(f"a control LoRA runs diffusers' FluxControlPipeline (text-to-image from a control "
-                             f"image); {', '.join(given)} cannot be combined with it")
+        raise ModeInputError(f"a control LoRA runs diffusers' FluxControlPipeline (its control image goes into the "
+                             f"transformer, no ControlNet); {', '.join(given)} cannot be combined with it")
+    mode = {TEXT2IMG: CONTROL_LORA, IMG2IMG: CONTROL_LORA_IMG2IMG,
+            INPAINT: CONTROL_LORA_INPAINT}[requested_mode(image, mask_image, None)]
     if pipe is not None:
         from .modes import check_dedicated
 
-        check_dedicated(pipe, family, CONTROL_LORA)
-    notes: list[str] = []
+        check_dedicated(pipe, family, mode)
+    inputs = prepare_images(family, mode, image=image, mask_image=mask_image, strength=strength, width=width,
+                            height=height, pipe=pipe)
     raw, source, digest = read_image(control_image, "control_image")
     rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
-    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", notes,
+    sized = _sized(rgb, width, height, _label(control_image, "control image"), "the control image", inputs.notes,
                    Image.Resampling.LANCZOS)
-    return ModeInputs(mode=CONTROL_LORA, images={"control_image": InputImage("control_image", sized, source, digest)},
-                      notes=notes)
+    inputs.images["control_image"] = InputImage("control_image", sized, source, digest)
+    return inputs
 
 
 def prepare_images(family: Family, mode: str, *, image: Any, mask_image: Any, strength: Any, width: int,

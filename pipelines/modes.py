@@ -19,6 +19,7 @@ inputs           SDXL                                     FLUX.1
 + ``image`` (+ ``mask_image``)
 ``control_image`` (refused)                               ``FluxControlPipeline``
 + control LoRA
++ ``image`` (+ ``mask_image``)                            ``FluxControlImg2ImgPipeline``, ``FluxControlInpaintPipeline``
 ===============  =======================================  ==========================================
 
 A FLUX control LoRA (BFL Canny/Depth, :mod:`pipelines.control_lora`) changes the base model: while one is
@@ -50,7 +51,9 @@ TEXT2IMG, IMG2IMG, INPAINT, CONTROLNET = "text2img", "img2img", "inpaint", "cont
 CONTROLNET_IMG2IMG, CONTROLNET_INPAINT = "controlnet-img2img", "controlnet-inpaint"
 CONTROLNET_MODES = (CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT)
 CONTROL_LORA = "control-lora"  # FluxControlPipeline, with a control LoRA applied (pipelines.control_lora)
-MODES = (TEXT2IMG, IMG2IMG, INPAINT, *CONTROLNET_MODES, CONTROL_LORA)
+CONTROL_LORA_IMG2IMG, CONTROL_LORA_INPAINT = "control-lora-img2img", "control-lora-inpaint"
+CONTROL_LORA_MODES = (CONTROL_LORA, CONTROL_LORA_IMG2IMG, CONTROL_LORA_INPAINT)
+MODES = (TEXT2IMG, IMG2IMG, INPAINT, *CONTROLNET_MODES, *CONTROL_LORA_MODES)
 
 # (family, mode) -> diffusers pipeline class name
 PIPELINE_CLASSES: dict[tuple[str, str], str] = {
@@ -68,7 +71,9 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
     ("flux", CONTROLNET_INPAINT): "FluxControlNetInpaintPipeline",
 }
 # the mode of a control LoRA: not a class from_pipe wraps (its transformer may be widened for good)
-CONTROL_LORA_CLASSES: dict[tuple[str, str], str] = {("flux", CONTROL_LORA): "FluxControlPipeline"}
+CONTROL_LORA_CLASSES: dict[tuple[str, str], str] = {("flux", CONTROL_LORA): "FluxControlPipeline",
+                                                    ("flux", CONTROL_LORA_IMG2IMG): "FluxControlImg2ImgPipeline",
+                                                    ("flux", CONTROL_LORA_INPAINT): "FluxControlInpaintPipeline"}
 # pipelines whose denoiser serves one mode only (FLUX.1-Fill-dev's transformer also takes the masked image and
 # the mask as input channels): wrapped with from_pipe, used as they are for that mode, refused for the others
 DEDICATED: dict[str, tuple[str, str]] = {"FluxFillPipeline": ("flux", INPAINT)}
@@ -134,7 +139,7 @@ def check_dedicated(pipe, family: Family, mode: str) -> None:
 def mode_of(kwargs: dict[str, Any]) -> str:
     """The mode the inputs in ``kwargs`` choose (studio vocabulary, see the module docstring)."""
     if kwargs.get("control_lora"):  # a marker set by the studio's checked inputs (pipelines.mode_inputs)
-        return CONTROL_LORA
+        return {TEXT2IMG: CONTROL_LORA, IMG2IMG: CONTROL_LORA_IMG2IMG, INPAINT: CONTROL_LORA_INPAINT}[_image_mode(kwargs)]
     if kwargs.get("controlnet_conditioning_scale") is not None and kwargs.get("control_image") is None:
         raise StudioError("controlnet_conditioning_scale applies to ControlNet; give a control image with it")
     image_mode = _image_mode(kwargs)
@@ -169,11 +174,11 @@ def mode_pipeline(pipe, family: Family, mode: str, controlnet=None):
     from .control_lora import applied_control_lora
 
     applied = applied_control_lora(pipe)
-    if (applied is not None) != (mode == CONTROL_LORA):
+    if (applied is not None) != (mode in CONTROL_LORA_MODES):
         raise StudioError(f"the control LoRA {applied.source} is applied: its transformer takes control latents, "
-                          f"so only the {CONTROL_LORA} mode runs; remove it (Studio.unload()) for {mode}"
-                          if applied is not None else
-                          f"the {CONTROL_LORA} mode needs a control LoRA applied (control_lora= / --control-lora)")
+                          f"so only the {'/'.join(CONTROL_LORA_MODES)} modes run; remove it (Studio.unload()) for "
+                          f"{mode}" if applied is not None else
+                          f"the {mode} mode needs a control LoRA applied (control_lora= / --control-lora)")
     if dedicated_mode(pipe) is not None:
         check_dedicated(pipe, family, mode)
         return pipe
@@ -235,7 +240,7 @@ def default_strength(family: Family, mode: str, pipe=None) -> float | None:
     if pipe is not None and dedicated_mode(pipe) == mode:
         cls = type(pipe)
     else:
-        cls = getattr(diffusers, PIPELINE_CLASSES[(family.name, mode)])
+        cls = getattr(diffusers, {**PIPELINE_CLASSES, **CONTROL_LORA_CLASSES}[(family.name, mode)])
     return float(inspect.signature(cls.__call__).parameters["strength"].default)
 
 

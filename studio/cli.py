@@ -204,7 +204,8 @@ def render(
                 from pipelines.mode_inputs import requested_mode
                 from pipelines.modes import default_strength, steps_run
 
-                mode = requested_mode(image, mask, control_image)
+                mode = requested_mode(image, mask, None if control_lora else control_image)
+                mode = f"control-lora-{mode}" if control_lora else mode
                 n_steps = steps_run(studio.family, n_steps, strength if strength is not None
                                     else default_strength(studio.family, mode, studio.pipe))
             progress, callback = step_progress(count, n_steps)

@@ -18,13 +18,14 @@ from pipelines.errors import RecipeError
 from pipelines.controlnets import IN_MEMORY as CONTROLNET_IN_MEMORY
 from pipelines.controlnets import OWN
 from pipelines.mode_inputs import IN_MEMORY, ModeInputs, check_conditioning_scale, check_strength, control_role
-from pipelines.modes import CONTROL_LORA, CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, \
-    IMG2IMG, INPAINT, MODES, TEXT2IMG
+from pipelines.modes import CONTROL_LORA, CONTROL_LORA_IMG2IMG, CONTROL_LORA_INPAINT, CONTROL_LORA_MODES, \
+    CONTROLNET, CONTROLNET_IMG2IMG, CONTROLNET_INPAINT, CONTROLNET_MODES, IMG2IMG, INPAINT, MODES, TEXT2IMG
 
 ROLES = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
 _NEEDS = {TEXT2IMG: (), IMG2IMG: ("image",), INPAINT: ("image", "mask_image"), CONTROLNET: ("control_image",),
           CONTROLNET_IMG2IMG: ("image", "control_image"), CONTROLNET_INPAINT: ("image", "mask_image", "control_image"),
-          CONTROL_LORA: ("control_image",)}
+          CONTROL_LORA: ("control_image",), CONTROL_LORA_IMG2IMG: ("image", "control_image"),
+          CONTROL_LORA_INPAINT: ("image", "mask_image", "control_image")}
 _HEX = re.compile(r"[0-9a-f]{64}")
 _EXTRA_CONTROL = re.compile(r"control_image_([2-9])")  # multi-ControlNet: the 2nd ... 8th control image
 MAX_CONTROLNETS = 8
@@ -94,9 +95,9 @@ def check_mode_fields(recipe) -> None:
 def _check_control_lora_field(recipe, mode: str) -> None:
     """``control_lora = {source, sha256, weight}`` exactly in the control-lora mode."""
     entry = recipe.control_lora
-    if mode != CONTROL_LORA:
+    if mode not in CONTROL_LORA_MODES:
         if entry is not None:
-            raise ValueError(f"control_lora applies to the {CONTROL_LORA} mode, not {mode}")
+            raise ValueError(f"control_lora applies to the {'/'.join(CONTROL_LORA_MODES)} modes, not {mode}")
         return
     if not isinstance(entry, dict) or set(entry) != {"source", "sha256", "weight"}:
         raise ValueError("a control-lora recipe needs control_lora = {source, sha256, weight}")
@@ -122,7 +123,7 @@ def record_mode(recipe, inputs: ModeInputs) -> None:
     if inputs.mode in CONTROLNET_MODES:
         recipe.controlnet = inputs.controlnet_source
         recipe.controlnet_conditioning_scale = inputs.controlnet_scale
-    if inputs.mode == CONTROL_LORA:
+    if inputs.mode in CONTROL_LORA_MODES:
         recipe.control_lora = dict(inputs.control_lora)
 
 

@@ -229,8 +229,10 @@ def test_bad_control_loras_are_refused_and_nothing_stays_applied(studio, control
         (dict(control_lora=truncated, control_image=edges), "truncated|shorter|size"),
         (dict(control_lora=flux_loras[0], control_image=edges), "is not a control LoRA: .*pass it with the other LoRAs"),
         (dict(control_lora=control_loras["norms"]), "a control LoRA needs a control image"),
-        (dict(control_lora=control_loras["norms"], control_image=input_image(1), image=input_image(2)),
-         "image cannot be combined"),
+        (dict(control_lora=control_loras["norms"], control_image=input_image(1), controlnet="some/controlnet"),
+         "controlnet cannot be combined"),
+        (dict(control_lora=control_loras["norms"], control_image=input_image(1), mask_image=input_image(2)),
+         "a mask .* needs the image it masks"),
         (dict(control_lora=f"{control_loras['norms']}:0.5:start=0.5", control_image=input_image(1)),
          "give a file and a weight only"),
     ]
@@ -377,3 +379,27 @@ def test_every_strategy_renders_on_the_control_lora_model(strategy, studio, cont
     result = studio.compose(PROMPT, loras, strategy, steps=3, seed=1, width=64, height=64, output_type="np",
                             control_lora=control_loras["norms"], control_image=input_image(2))
     assert result.recipe.mode == "control-lora" and np.isfinite(result.latents[0]).all()
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_control_lora_img2img_and_inpaint_equal_plain_pipelines(mode, studio, control_loras, flux_loras):
+    """With an input image (and mask): FluxControlImg2ImgPipeline / FluxControlInpaintPipeline, merge = plain."""
+    import diffusers
+    from test_modes import input_mask
+
+    cls = {"img2img": diffusers.FluxControlImg2ImgPipeline, "inpaint": diffusers.FluxControlInpaintPipeline}[mode]
+    ref = cls(**{k: v for k, v in build_tiny_flux().components.items() if k in cls._get_signature_keys(cls)[0]})
+    ref.set_progress_bar_config(disable=True)
+    ref.set_adapters(load_adapters(ref, [control_loras["norms"], flux_loras[0]], ["control", "u0"]), [0.9, 0.8])
+    inputs = {"image": input_image(3), "strength": 0.7, **({"mask_image": input_mask()} if mode == "inpaint" else {})}
+    expected = plain_call(ref, input_image(5), **inputs)
+    result = studio.compose(PROMPT, [f"{flux_loras[0]}:0.8"], "merge", control_lora=f"{control_loras['norms']}:0.9",
+                            control_image=input_image(5), **inputs, **COMMON)
+    np.testing.assert_allclose(result.latents[0], expected, atol=ATOL, rtol=0)
+    assert (result.recipe.mode, result.recipe.strength) == (f"control-lora-{mode}", 0.7)
+    assert sorted(result.recipe.inputs) == sorted(["control_image", *(k for k in inputs if k != "strength")])
+    # the recipe reads back and reproduces
+    again = studio.reproduce(Recipe.from_toml(result.recipe.to_toml()), image=inputs["image"],
+                             control_image=input_image(5), output_type="np",
+                             **({"mask_image": inputs["mask_image"]} if mode == "inpaint" else {}))
+    np.testing.assert_array_equal(again.latents[0], result.latents[0])
