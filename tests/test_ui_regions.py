@@ -152,6 +152,18 @@ def test_empty_or_full_drawings_detach_the_mask(cb, layer, message):
         stk.to_loras(stack, cb.library)
 
 
+def test_crafted_canvas_values_are_refused(cb, h):
+    stack = two(cb)
+    uid = stack[1].uid
+    huge = np.broadcast_to(np.zeros((1, 1, 4), np.uint8), (4100, 4100, 4))  # a view: no memory
+    wide = {"background": None, "layers": [huge], "composite": None}
+    uneven = {"background": None, "layers": [np.zeros((8, 8, 4), np.uint8), np.zeros((9, 8, 4), np.uint8)]}
+    for value, message in ((wide, "at most 16.8 megapixels"), (uneven, "different sizes")):
+        with pytest.raises(gr.Error, match=message):
+            h.set_region_mask(uid, stack, value, "regional")
+    assert not cb.masks_dir.exists() or not list(cb.masks_dir.iterdir())
+
+
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

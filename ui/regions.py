@@ -127,6 +127,9 @@ def mask_from_editor(value: Any) -> np.ndarray | None:
     shape = layers[0].shape[:2]
     if any(layer.shape[:2] != shape for layer in layers):
         raise StudioError("the canvas layers have different sizes; clear the canvas and draw again")
+    if shape[0] * shape[1] > MAX_MASK_PIXELS:  # the app's canvases are CANVAS_SIDE wide: only a crafted call is larger
+        raise StudioError(f"the canvas is {shape[1]}x{shape[0]} pixels; a mask may have at most "
+                          f"{MAX_MASK_PIXELS / 1e6:.1f} megapixels")
     return np.max(np.stack([layer[..., 3] for layer in layers]), axis=0).astype(np.uint8)
 
 
