@@ -1,7 +1,8 @@
 """Masks from the cross-attention of LoRAs' concept tokens, collected over the first steps of a render.
 
 Shared by ``regional`` with ``region=auto`` and by ``clora``. The procedure (CLoRA, Meral et al., ICCV 2025,
-arXiv 2403.19776, Sec. 3.3 "masked fusion"; the released code's ``attention_map_to_mask``):
+arXiv 2403.19776, Sec. 3.3 "masked fusion"; the released code's ``attention_map_to_mask``, read through public
+ports of its pipeline since the repository itself could not be fetched here):
 
 1. during the *warm-up* steps (the first ``mask_after`` fraction of the schedule; CLoRA's released example
    starts masking after 8 of 50 steps) every lane runs and the lanes' predictions are averaged (the released
