@@ -326,8 +326,9 @@ class Callbacks:
             prompts.append(entry.region_prompt.strip() or None)
         params = strategy_form.values_for(strategy, params_store) if strategy in strategy_form.strategy_names() else {}
         if params.get("auto") is True:  # the strategy makes every region automatic
-            return None, region_overlay.legend([], [f"{strategy}: auto is on, so every region's mask comes from the "
-                                             "cross-attention while rendering (shown next to the image afterwards)"])
+            return None, region_overlay.legend([], [f"{strategy}: auto is on, so every region's mask comes from "
+                                                    "the cross-attention while rendering (shown next to the image "
+                                                    "afterwards)"])
         try:
             masks = region_overlay.planned_masks(self.studio, names, chosen, prompts, width, height, params)
         except StudioError as e:

@@ -1,4 +1,4 @@
-"""Regions in the web app: the per-LoRA region control, drawn or uploaded masks, and the region overlays.
+"""Regions in the web app: the per-LoRA region control, drawn or uploaded masks, and regions in recipes.
 
 A stack entry's region (for the ``regional`` strategy, and any other strategy that declares ``uses_regions``) is
 one of: none (the LoRA acts on the whole image), a preset box of :data:`fusion.region_masks.PRESETS`, a box of
@@ -229,7 +229,7 @@ def fields_for(region: str | None, masks_dir: Path, label: str) -> RegionFields:
     saved = masks_dir / name
     if MASK_NAME.fullmatch(name) and saved.is_file():
         return RegionFields(kind=MASK, mask=str(saved))
-    return RegionFields(kind=MASK, note=f"LoRA '{label}': its mask file {name} is not one of this app's saved masks "
+    return RegionFields(kind=MASK, note=f"LoRA '{label}': its mask file {name[:200]} is not one of this app's saved masks "
                                         "(only those are opened); draw or upload the region again")
 
 
