@@ -5,6 +5,7 @@
     python benchmarks/bench_composlora_mini.py --strategy merge --strategy composite --limit 4
     python benchmarks/bench_composlora_mini.py --strategy lego --strategy merge --add  # add rows to the results
     python benchmarks/bench_composlora_mini.py --strategy merge --squeeze-rank 4 --add  # on squeezed LoRAs
+    python benchmarks/bench_composlora_mini.py --strategy merge --shira merge --shira composite --add  # SHiRAs
 
 16 compositions (one subject LoRA + a style and/or a background LoRA; see :mod:`studio.world.composlora`) x
 every registered strategy x seeds, rendered through the batch runner into ``--work`` (resumable: run it again
@@ -17,6 +18,10 @@ compositions) and the other rows are kept, each row's time ratio taken against `
 (include ``merge`` in the run for that; its row is then kept from the earlier run). With ``--squeeze-rank R``
 and/or ``--squeeze-energy E`` the world's LoRAs are first squeezed (LoRA-Squeeze, :mod:`studio.squeeze`) into the
 work folder and the strategies run on those, reported as ``<strategy>[squeeze r=R]`` / ``[squeeze e=E]``.
+Each ``--shira STRATEGY`` runs that strategy on the world's SHiRA adapters (``assets/shira-loras``), reported as
+``<strategy>[shira]`` (its time ratio against the ordinary LoRAs' ``merge`` of the same run: pass ``--strategy
+merge`` too); the support overlap of every pair of the family's SHiRAs, as ``cat``'s strategy info reports it when
+it fuses them, is written to the results as ``shira_overlap``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def main(argv=None) -> None:
     ap.add_argument("--add", action="store_true", help="add/replace these strategies' rows in the existing results")
     ap.add_argument("--squeeze-rank", type=int, default=None, help="run on the world's LoRAs squeezed to this rank")
     ap.add_argument("--squeeze-energy", type=float, default=None, help="... squeezed to keep this share of σ²")
+    ap.add_argument("--shira", action="append", default=[], metavar="STRATEGY",
+                    help="also run this strategy (e.g. composite:reduce=sum) on the world's SHiRA adapters")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,8 +69,9 @@ def main(argv=None) -> None:
         tag = " ".join(f"{k}={v}" for k, v in (("r", args.squeeze_rank), ("e", args.squeeze_energy)) if v is not None)
         work = args.work / f"{args.family}-squeeze-{tag.replace(' ', '-').replace('=', '')}"
         assets = squeezed_world(work / "assets", args.family, args.squeeze_rank, args.squeeze_energy)
-    scores = run_benchmark(work, family=args.family, strategies=args.strategy, seeds=args.seeds, steps=args.steps,
-                           comps=comps, reporter=RichReporter(), assets=assets)
+    strategies = args.strategy if args.strategy or not args.shira else []
+    scores = run_benchmark(work, family=args.family, strategies=strategies, seeds=args.seeds, steps=args.steps,
+                           comps=comps, reporter=RichReporter(), assets=assets, shira_strategies=args.shira)
     if tag:
         for score in scores:
             score.label = f"{score.label}[squeeze {tag}]"
@@ -82,8 +90,35 @@ def main(argv=None) -> None:
     payload = {"family": args.family, "seeds": args.seeds, "steps": args.steps, "device": device,
                "threads": torch.get_num_threads(), "compositions": len(comps or compositions()),
                "strategies": rows}
+    old = json.loads(stem.with_suffix(".json").read_text()) if args.add and stem.with_suffix(".json").exists() else {}
+    overlap = shira_overlap(args.family) if args.shira else old.get("shira_overlap")
+    if overlap:
+        payload["shira_overlap"] = overlap
+        table += "\n\n" + overlap_line(overlap)
+        print(overlap_line(overlap))
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
+
+
+def shira_overlap(family: str) -> dict:
+    """Support overlap of every pair of the family's SHiRA adapters, as ``cat`` reports it when it fuses all six
+    (per pair: layers both adapt, shared weight entries, and their share of the smaller support)."""
+    from pipelines.assets import assets_root
+    from studio import Studio
+
+    files = [str(p) for p in sorted((assets_root() / "shira-loras" / f"tiny-{family}").glob("*.safetensors"))]
+    studio = Studio(f"tiny-{family}")
+    result = studio.compose("a large red zorb", files, "cat", seed=0, steps=1)
+    pairs = result.strategy_info["sparse_overlap"]
+    shares = [p["share_of_smaller"] for p in pairs]
+    return {"pairs": pairs, "mean_share": sum(shares) / len(shares), "max_share": max(shares),
+            "min_share": min(shares)}
+
+
+def overlap_line(overlap: dict) -> str:
+    return (f"SHiRA support overlap (cat fusing all {len(overlap['pairs'])} pairs): shared entries / the smaller "
+            f"support, mean {overlap['mean_share']:.2%}, min {overlap['min_share']:.2%}, "
+            f"max {overlap['max_share']:.2%}")
 
 
 def squeezed_world(root: Path, family: str, rank: int | None, energy: float | None) -> Path:

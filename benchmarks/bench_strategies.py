@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import archs  # noqa: E402
-from bench_foundation import write_loras  # noqa: E402
+from bench_foundation import FLUX_TARGETS, SDXL_TARGETS, write_loras  # noqa: E402
 from fusion import REGISTRY  # noqa: E402
 from pipelines.errors import StudioError  # noqa: E402
 from pipelines.families import FLUX, SDXL  # noqa: E402
@@ -109,22 +109,53 @@ def write_untrained_gates(studio, stack: list[str]) -> None:
         stack_metadata(studio.model, studio.family.name, names, sources, hashes, steps=0))
 
 
+def write_shiras(build, family, count: int, rank: int, folder: Path) -> list[Path]:
+    """SHiRA adapters written by PEFT's SHiRA tuner (``ShiraConfig``, random mask per file) on the same denoiser
+    targets as :func:`bench_foundation.write_loras` (linear layers only, as PEFT's SHiRA): ``r·(m+n)`` entries per
+    layer, the parameter count of a rank-``rank`` LoRA; saved through diffusers' ``save_lora_weights``."""
+    from peft import ShiraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    files = []
+    for i in range(count):
+        pipe = build()
+        denoiser = getattr(pipe, family.denoiser)
+        targets = SDXL_TARGETS if family is SDXL else FLUX_TARGETS
+        linear = [t for t in targets if any(isinstance(m, torch.nn.Linear) and n.endswith(t)
+                                            for n, m in denoiser.named_modules())]
+        inject_adapter_in_model(ShiraConfig(r=rank, target_modules=linear, random_seed=200 + i), denoiser)
+        gen = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for name, p in denoiser.named_parameters():
+                if "shira_weight" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        out = folder / f"shira{i}"
+        type(pipe).save_lora_weights(str(out), weight_name="shira.safetensors", **{
+            f"{family.denoiser}_lora_layers": get_peft_model_state_dict(denoiser, adapter_name="default")})
+        files.append(out / "shira.safetensors")
+    return files
+
+
+# strategies also timed on a stack of SHiRA adapters (--shira), labelled "<name>[shira]"
+SHIRA_STRATEGIES = ("merge", "cat", "switch", "composite")
+
+
 def bench_family(family_name: str, counts: list[int], steps: int, rounds: int, workdir: Path, arch: str = "tiny",
-                 size: int | None = None, only: set[str] | None = None) -> dict:
+                 size: int | None = None, only: set[str] | None = None, shira: bool = False) -> dict:
     studio, family, build = load_studio(family_name, arch, workdir)
     files = [str(f) for f in write_loras(build, family, max(counts), 4, workdir / family_name)]
+    shiras = [str(f) for f in write_shiras(build, family, max(counts), 4, workdir / f"{family_name}-shira")
+              ] if shira else []
     extra = {"width": size, "height": size}
     if family is FLUX:
         extra["pipeline_kwargs"] = {"max_sequence_length": 77}
     rows: dict[str, dict] = {}
     one_off: dict[str, dict] = {}
     for n in counts:
-        stack = files[:n]
         runnable = []
-        for name, params in variants():
-            key = label(name, params)
-            if only and name not in only:
-                continue
+        cases = [(name, params, label(name, params), files[:n]) for name, params in variants()
+                 if not only or name in only]
+        cases += [(name, {}, f"{name}[shira]", shiras[:n]) for name in SHIRA_STRATEGIES if shiras]
+        for name, params, key, stack in cases:
             try:
                 if name == "gated" and params.get("mode") == "learned":
                     write_untrained_gates(studio, stack)
@@ -132,12 +163,12 @@ def bench_family(family_name: str, counts: list[int], steps: int, rounds: int, w
                                                                  steps=steps, seed=0, output_type="np", **extra))
                 if result.timings["prepare_s"] > 0.05:  # profiling renders, weight-space merges (then cached)
                     one_off.setdefault(key, {})[f"N={n}"] = result.timings["prepare_s"]
-                runnable.append((name, params, key))
+                runnable.append((name, params, key, stack))
             except (StudioError, NotImplementedError, ValueError) as e:
                 rows.setdefault(key, {})[n] = {"error": str(e).splitlines()[0][:120]}
-        samples: dict[str, list[tuple[float, float]]] = {key: [] for _, _, key in runnable}
+        samples: dict[str, list[tuple[float, float]]] = {key: [] for _, _, key, _ in runnable}
         for _ in range(rounds):
-            for name, params, key in runnable:
+            for name, params, key, stack in runnable:
                 _, wall, cpu = timed(lambda: studio.compose(PROMPT, stack, name, strategy_params=params,
                                                             steps=steps, seed=0, output_type="np", **extra))
                 samples[key].append((wall, cpu))
@@ -187,6 +218,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps CPU times free of spinning)")
     ap.add_argument("--only", default="", help="comma-separated strategy names to time (default: all registered)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--shira", action="store_true", help="also time merge, cat, switch and composite on a stack of "
+                    "PEFT-written SHiRA adapters (r=4: a rank-4 LoRA's parameter count), as '<name>[shira]'")
     args = ap.parse_args()
     only = {s.strip() for s in args.only.split(",") if s.strip()} | ({"merge"} if args.only else set())
     torch.set_num_threads(args.threads)
@@ -198,7 +231,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family_name in families:
             results[family_name] = bench_family(family_name, counts, args.steps, args.rounds, Path(tmp), args.arch,
-                                                size, only)
+                                                size, only, shira=args.shira)
     cpu = f"{cpu_name()}, {os.cpu_count()} logical cores"
     print(f"\nCPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}, float32, "
           f"{size}x{size} images; time per image relative to merge (median of {args.rounds} rounds, "

@@ -21,8 +21,8 @@ def build(
     assets: Path = typer.Option(BUILD_ASSETS, help="Where trained weights are written."),
     scale: float = typer.Option(1.0, help="Multiply every step count (e.g. 0.02 for a smoke run)."),
     device: str = typer.Option("cpu", help="Where to train: cpu, cuda, cuda:1 ..."),
-    concept: list[str] = typer.Option([], "--concept", help="Only these held-out concepts in the LoRA and "
-                                      "QR-LoRA stages (e.g. style-dotted); default all."),
+    concept: list[str] = typer.Option([], "--concept", help="Only these held-out concepts in the LoRA, "
+                                      "QR-LoRA and SHiRA stages (e.g. style-dotted); default all."),
 ) -> None:
     """Train everything from nothing (seeded; a stopped build resumes where it stopped)."""
     unknown = [s for s in stage if s not in STAGES]
@@ -46,12 +46,22 @@ def evaluate(
     n_lora: int = typer.Option(20, help="Seeds per LoRA for the LoRA-alone check."),
     n_judge: int = typer.Option(1000, help="Fresh renderer images for the judge and tiny-CLIP accuracy."),
     family: list[str] = typer.Option([], "--family", help="sdxl and/or flux (default: those whose model is built)."),
+    adapters: list[str] = typer.Option([], "--adapters", help="Only these adapter sets alone (loras, qr_loras, "
+                                       "shira_loras), written into the existing report; no base or judge check."),
 ) -> None:
-    """Judge accuracy of the base models and of each LoRA and QR-LoRA alone (renders through the studio), and of the
-    judge and the tiny CLIP on fresh renderer images."""
-    from .evaluate import evaluate_judges, evaluate_world, write_report
+    """Judge accuracy of the base models and of each LoRA, QR-LoRA and SHiRA alone (renders through the studio), and
+    of the judge and the tiny CLIP on fresh renderer images."""
+    from .evaluate import ADAPTER_SETS, evaluate_judges, evaluate_world, update_report, write_report
 
     families = family or [f for f in ("sdxl", "flux") if (assets / "models" / f"tiny-{f}" / "model_index.json").exists()]
+    if adapters:
+        unknown = sorted(set(adapters) - set(ADAPTER_SETS))
+        if unknown:
+            raise typer.BadParameter(f"unknown adapter set(s) {unknown}; sets: {', '.join(ADAPTER_SETS)}")
+        partial = evaluate_world(assets, families=tuple(families), n_lora=n_lora, adapter_sets=tuple(adapters))
+        update_report(out or assets / "world" / "metrics.json", partial)
+        typer.echo(json.dumps(partial, indent=2))
+        return
     report = evaluate_world(assets, families=tuple(families), n_base=n_base, n_lora=n_lora)
     report["judges"] = evaluate_judges(assets, n=n_judge)
     report["settings"] = {"base_prompts": n_base, "lora_prompts_per_concept": n_lora, "judge_renders": n_judge,

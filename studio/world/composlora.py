@@ -8,7 +8,8 @@ asked whether the image shows *every* requested concept. Here the question goes 
 Compositions: 2 subjects x (2 styles + 2 backgrounds) two-LoRA stacks and 2 x 2 x 2 three-LoRA stacks, 16 in
 all. Strategies defined for two LoRAs (``klora``, ``max_loras = 2``) run on the two-LoRA half. ``qr`` runs twice: on the
 ordinary LoRAs (its orthogonal merge) and, when they are built, on the world's QR-LoRA adapters (the merge
-the QR-LoRA paper describes), reported as ``qr[qr-lora]``.
+the QR-LoRA paper describes), reported as ``qr[qr-lora]``. Strategies asked for on the SHiRA stacks run on the
+world's SHiRA adapters (:mod:`.shira`) in the same compositions, reported as ``<strategy>[shira]``.
 
 Rendering is an ordinary resumable batch (:func:`studio.batch.run_batch`), so an interrupted benchmark picks up
 where it stopped and leaves a browsable ``report.html``.
@@ -29,6 +30,7 @@ from .concepts import HELD_OUT
 from .demo import TINY_CLIP_NAME, Composition, composition_items
 
 QR_LORA_LABEL = "qr[qr-lora]"
+SHIRA_SUFFIX = "[shira]"
 COLORS = ("red", "green", "blue", "yellow")
 
 
@@ -44,9 +46,21 @@ def compositions() -> list[Composition]:
             for i, stack in enumerate(stacks)]
 
 
+def shira_choice(spec: str):
+    """A strategy spec (``"composite:reduce=sum"``) labelled for the SHiRA stacks: ``composite(reduce=sum)[shira]``."""
+    from dataclasses import replace
+
+    from studio.grid import StrategyChoice
+
+    choice = StrategyChoice.parse(spec)
+    return replace(choice, label=f"{choice.label}{SHIRA_SUFFIX}")
+
+
 def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int], *, assets: Path | None = None,
-                    steps: int | None = None, comps: Sequence[Composition] | None = None) -> list:
-    """Batch items for every composition x strategy x seed (``qr`` also on the QR-LoRA files)."""
+                    steps: int | None = None, comps: Sequence[Composition] | None = None,
+                    shira_strategies: Sequence[str] = ()) -> list:
+    """Batch items for every composition x strategy x seed (``qr`` also on the QR-LoRA files), and for every
+    composition x ``shira_strategies`` x seed on the world's SHiRA adapters (labels ending in ``[shira]``)."""
     comps = list(comps or compositions())
     assets = assets or assets_root()
     items = []
@@ -55,6 +69,9 @@ def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int]
         if strategy == "qr" and (assets / "qr-loras" / f"tiny-{family}").is_dir():
             items += composition_items(comps, family, [{"name": "qr", "label": QR_LORA_LABEL}], seeds,
                                        assets=assets, steps=steps, lora_folder="qr-loras")
+    if shira_strategies:
+        items += composition_items(comps, family, [shira_choice(s) for s in shira_strategies], seeds, assets=assets,
+                                   steps=steps, lora_folder="shira-loras")
     prompts = {c.prompt(): i for i, c in enumerate(comps)}
     for position, item in enumerate(items):  # one report section per composition
         item.position, item.prompt_index = position, prompts[item.prompt]
@@ -138,8 +155,10 @@ def markdown_table(scores: Sequence[StrategyScore], merge_label: str = "merge") 
 
 def run_benchmark(out: Path, *, family: str = "sdxl", strategies: Sequence[str] | None = None,
                   seeds: Sequence[int] = (0, 1), steps: int | None = None, assets: Path | None = None,
-                  comps: Sequence[Composition] | None = None, reporter=None) -> list[StrategyScore]:
-    """Render (resuming), judge and summarise; returns one score per strategy label."""
+                  comps: Sequence[Composition] | None = None, reporter=None,
+                  shira_strategies: Sequence[str] = ()) -> list[StrategyScore]:
+    """Render (resuming), judge and summarise; returns one score per strategy label. ``strategies=[]`` with
+    ``shira_strategies`` runs only the SHiRA stacks."""
     from studio import manifest as mf
     from studio.batch import BatchOptions, run_batch
 
@@ -147,7 +166,10 @@ def run_benchmark(out: Path, *, family: str = "sdxl", strategies: Sequence[str] 
     from .judge import load_judge
 
     assets = assets or assets_root()
-    items = benchmark_items(family, strategies or all_strategies(), seeds, assets=assets, steps=steps, comps=comps)
+    if strategies is None or (not strategies and not shira_strategies):
+        strategies = all_strategies()
+    items = benchmark_items(family, strategies, seeds, assets=assets, steps=steps, comps=comps,
+                            shira_strategies=shira_strategies)
     run_batch(items, out, BatchOptions(score=True, clip_model=str(assets / "models" / TINY_CLIP_NAME)), reporter)
     planned = {item.id for item in items}
     records = [r for r in mf.load_records(Path(out)).values() if r["id"] in planned]

@@ -47,7 +47,20 @@ def lora_alone(studio, judge, lora: str | Path, concept: HeldOut, n: int = 20, s
     return float(np.mean([p[concept.attribute] == concept.value for p in predictions]))
 
 
-def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int = 48, n_lora: int = 20) -> dict:
+# metrics.json key -> assets folder of each adapter set of the world (one file per held-out concept and family)
+ADAPTER_SETS = {"loras": "loras", "qr_loras": "qr-loras", "shira_loras": "shira-loras"}
+
+
+def adapters_alone(studio, judge, assets: Path, family: str, key: str, n_lora: int = 20) -> dict[str, float]:
+    """:func:`lora_alone` for every concept of one adapter set (``key`` of :data:`ADAPTER_SETS`)."""
+    folder = assets / ADAPTER_SETS[key] / f"tiny-{family}"
+    return {concept.name: lora_alone(studio, judge, folder / f"{concept.name}.safetensors", concept, n_lora)
+            for concept in HELD_OUT}
+
+
+def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int = 48, n_lora: int = 20,
+                   adapter_sets: tuple[str, ...] | None = None) -> dict:
+    """The base models' accuracy and every adapter set alone; with ``adapter_sets`` only those sets (no base)."""
     from studio import Studio
 
     from .judge import load_judge
@@ -56,12 +69,20 @@ def evaluate_world(assets: Path = ASSETS, families=("sdxl", "flux"), n_base: int
     report: dict = {"families": {}}
     for family in families:
         studio = Studio(f"tiny-{family}")
-        entry = {"base": base_accuracy(studio, judge, n_base), "loras": {}, "qr_loras": {}}
-        for key, folder in (("loras", "loras"), ("qr_loras", "qr-loras")):
-            for concept in HELD_OUT:
-                path = assets / folder / f"tiny-{family}" / f"{concept.name}.safetensors"
-                entry[key][concept.name] = lora_alone(studio, judge, path, concept, n_lora)
+        entry = {} if adapter_sets else {"base": base_accuracy(studio, judge, n_base)}
+        for key in adapter_sets or [k for k, folder in ADAPTER_SETS.items()
+                                    if (assets / folder / f"tiny-{family}").is_dir()]:
+            entry[key] = adapters_alone(studio, judge, assets, family, key, n_lora)
         report["families"][family] = entry
+    return report
+
+
+def update_report(path: Path, partial: dict) -> dict:
+    """``path``'s report with the family entries of ``partial`` written over (other entries kept)."""
+    report = json.loads(path.read_text()) if path.exists() else {"families": {}}
+    for family, entry in partial["families"].items():
+        report.setdefault("families", {}).setdefault(family, {}).update(entry)
+    write_report(report, path)
     return report
 
 
