@@ -131,6 +131,13 @@ def test_a_drawn_mask_becomes_the_loras_region(cb, studio):
     # the same drawing again is no edit; the canvas showing the saved mask gives the same mask back
     assert cb.set_region_mask(stack, uid, painted(slice(64, 192), slice(160, 256))) == (stack, "")
     assert cb.set_region_mask(stack, uid, regions.editor_value(str(path), (256, 256))) == (stack, "")
+    # a stroke on the canvas showing the saved mask adds to it
+    shown = regions.editor_value(str(path), (256, 256))
+    shown["layers"] = [painted(slice(0, 32), slice(0, 32))["layers"][0]]
+    grown, note = cb.set_region_mask(stack, uid, shown)
+    union = alpha.copy()
+    union[:32, :32] = 255
+    assert np.array_equal(np.asarray(Image.open(grown[1].region_mask)), union) and "drawn mask set" in note
     # what the render will use: the painted area averaged over the latent cells (8x8 canvas pixels each)
     ((label, lane),) = region_overlay.planned_masks(studio, ["random-style"], [str(path)], [None], 64, 64)
     expected = alpha.reshape(GRID, 8, GRID, 8).mean(axis=(1, 3)) / 255
@@ -198,7 +205,8 @@ def test_mask_uploads_are_checked_before_anything_is_attached(cb, h, tmp_path):
     assert "right.png (128x32) resized to the canvas (256x256)" in status and "switched" in status
     saved = np.asarray(Image.open(new_stack[1].region_mask))
     assert saved.shape == (256, 256) and (saved[:, :128] == 0).all() and (saved[:, 128:] == 255).all()
-    assert np.array_equal(canvas["layers"][0][..., 3], saved)  # the canvas shows it, ready to edit
+    assert np.array_equal(255 - canvas["background"][..., 1], saved)  # the canvas shows it, ready to edit
+    assert canvas["layers"] == [] and (canvas["background"][..., 0] == 255).all()
 
 
 # ---------------------------------------------------------------------------------------------- preview vs render

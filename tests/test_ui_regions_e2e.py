@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from studio import Recipe
+from studio import Lora, Recipe
 from test_ui_e2e import add_from_library, browser, page, screenshot, server, set_number  # noqa: F401 (fixtures)
-from ui import region_overlay, strategy_form
+from ui import region_overlay, regions, strategy_form
 
 
 def pick_region(row, page, label: str) -> None:
@@ -136,3 +136,54 @@ def test_draw_a_region_and_render_with_regional(page, server, tmp_path):  # noqa
     assert "random-style" in page.locator("#compare-region-masks-legend").inner_text()
     page.locator("#compare-gallery .thumbnail-item").nth(0).click()  # merge used no regions: nothing to show
     page.locator("#compare-region-masks").wait_for(state="hidden")
+
+
+def test_restore_fills_the_region_controls_back(page, server, tmp_path):  # noqa: F811
+    callbacks = server["callbacks"]
+    mask = np.zeros((256, 256), np.uint8)
+    mask[32:224, 150:240] = 255
+    saved_mask = regions.save_mask(mask, callbacks.masks_dir)  # a mask the app drew earlier
+    library = callbacks.library
+    result = callbacks.studio.compose(
+        "a zorb and a garden", [Lora(library.path("random-subject.safetensors"), region="left", prompt="a big zorb"),
+                                Lora(library.path("styles/random-style.safetensors"), region=str(saved_mask))],
+        "regional", strategy_params={"feather": 1.0}, seed=9, steps=3)
+    (png,) = result.save(tmp_path)
+    page.get_by_role("tab", name="Restore").click()
+    page.set_input_files("#restore-file input[type=file]", str(png))
+    page.wait_for_function("document.querySelector('#restore-status').innerText.includes('Restored')")
+    page.wait_for_function("document.querySelectorAll('.stack-row').length == 2")
+    rows = page.locator(".stack-row")
+    assert page.locator("#strategy input").input_value() == "regional"
+    assert rows.nth(0).locator(".stack-region input").input_value() == "left"
+    assert rows.nth(0).locator(".stack-region-prompt textarea, .stack-region-prompt input").first.input_value() == \
+        "a big zorb"
+    assert rows.nth(1).locator(".stack-region input").input_value() == "mask: draw or upload"
+    rows.nth(1).locator(".stack-canvas").wait_for(state="visible", timeout=15_000)
+    # the preview is back, with the feathered masks the render used
+    page.wait_for_function("document.querySelector('#region-legend').innerText.includes('random-style')")
+    page.locator("#region-preview img").first.wait_for()
+    preview = image_at(page, page.locator("#region-preview img").first)
+    expected = region_overlay.overlay(region_overlay.plain_canvas(64, 64), list(result.region_masks.items()))
+    assert np.array_equal(np.asarray(preview), np.asarray(expected))
+    screenshot(page, "regions-restored")
+    # the restored canvas shows the saved mask; a new stroke adds to it (on the left, where it was empty)
+    canvas_area = rows.nth(1).locator(".stack-canvas")
+    canvas_area.locator("button[aria-label='Brush']").first.click()
+    paint(page, canvas_area.locator("canvas").first, 0.15, 0.3, 0.2, 0.7)
+    page.wait_for_function("document.querySelector('#stack-status').innerText.includes('drawn mask set')")
+    page.get_by_role("tab", name="Generate").click()
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Done')")
+    with page.expect_download() as download:
+        page.click("#download-png")
+    download.value.save_as(tmp_path / "again.png")
+    recipe = Recipe.from_png(tmp_path / "again.png")
+    union = np.asarray(Image.open(recipe.loras[1].region).convert("L"))
+    assert (union[32:224, 150:240] == 255).all()  # the restored mask is kept
+    assert union[:, :100].sum() > 0 and union[:, 100:150].sum() == 0  # and the stroke joined it
+    # clearing the canvas detaches the mask: the render is refused until a region is painted again
+    canvas_area.locator("button[aria-label='Clear canvas']").first.click()
+    page.wait_for_function("document.querySelector('#stack-status').innerText.includes('nothing is drawn yet')")
+    page.click("#generate")
+    page.get_by_text("none is drawn yet").first.wait_for()

@@ -144,7 +144,7 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                             regions.editor_value(entry.region_mask, canvas_size), sources=(), type="numpy",
                             image_mode="RGBA", format="png", layers=False, transforms=(), height=240,
                             label="region mask: paint where the LoRA acts",
-                            brush=gr.Brush(colors=["#e6194b"], default_color="#e6194b", color_mode="fixed",
+                            brush=gr.Brush(colors=["#ff0000"], default_color="#ff0000", color_mode="fixed",
                                            default_size=max(4, canvas_size[0] // 10)),
                             interactive=True, elem_classes=["stack-canvas"])
                         upload_mask = gr.UploadButton("Upload a mask image (white = inside)", file_types=["image"],
@@ -156,8 +156,9 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                         event(functools.partial(h.set_region_text, uid, name), [stack, field, strategy],
                               [stack, strategy, stack_status], **STACK)
                     # strokes faster than the canvas uploads: only the newest drawing is sent
-                    canvas.input(functools.partial(h.set_region_mask, uid), [stack, canvas, strategy],
-                                 [stack, strategy, stack_status], trigger_mode="always_last", **STACK)
+                    for canvas_event in (canvas.input, canvas.clear):  # clearing the canvas detaches the mask
+                        canvas_event(functools.partial(h.set_region_mask, uid), [stack, canvas, strategy],
+                                     [stack, strategy, stack_status], trigger_mode="always_last", **STACK)
                     upload_mask.upload(functools.partial(h.upload_region_mask, uid),
                                        [stack, upload_mask, image_size, strategy],
                                        [stack, canvas, strategy, stack_status], **STACK)

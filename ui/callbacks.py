@@ -268,7 +268,7 @@ class Callbacks:
         note. An empty or all-covering drawing detaches the entry's mask (the render then asks for one)."""
         entry = stack[stk.find(stack, uid)]
         mask = regions.mask_from_editor(value)
-        if mask is None and not entry.region_mask:
+        if (mask is None or not mask.any()) and not entry.region_mask:
             return stack, ""  # an empty canvas appearing is not an edit
         mask, problem = regions.mask_from_editor_checked(value, entry.label)
         if problem:

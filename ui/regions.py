@@ -26,8 +26,6 @@ from PIL import Image, UnidentifiedImageError
 from fusion.region_masks import PRESETS, check_region, is_mask_file
 from pipelines.errors import StudioError
 
-from .region_overlay import COLOURS
-
 NONE, BOX, MASK, AUTO = "none", "box", "mask", "auto"
 # the preset boxes the dropdown offers ("left-half" & co. are the same boxes as "left" & co.)
 PRESET_CHOICES = [name for name in PRESETS if not name.endswith("-half")]
@@ -116,36 +114,44 @@ def save_mask(mask: np.ndarray, masks_dir: Path) -> Path:
 
 
 def mask_from_editor(value: Any) -> np.ndarray | None:
-    """The mask painted on a Gradio ``ImageEditor``: the alpha of its layers (any colour paints), ``uint8``
-    ``[h, w]``; ``None`` when nothing is there to read (no layers)."""
+    """The mask shown on a Gradio ``ImageEditor``, ``uint8`` ``[h, w]``: a saved mask comes back in the canvas's
+    background (:func:`editor_value`: white, red where inside, ``255 − green`` = the mask exactly), new strokes in its
+    layers (their alpha; any colour paints); the two are joined by their maximum. ``None`` when the value holds
+    neither."""
     if not isinstance(value, Mapping):
         return None
-    layers = [np.asarray(layer) for layer in (value.get("layers") or []) if layer is not None]
-    layers = [layer for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
-    if not layers:
+    parts = []
+    background = value.get("background")
+    if background is not None:
+        background = np.asarray(background)
+        if background.ndim == 3 and background.shape[2] >= 3:
+            parts.append(255 - background[..., 1].astype(np.int32))
+    for layer in value.get("layers") or []:
+        layer = np.asarray(layer) if layer is not None else None
+        if layer is not None and layer.ndim == 3 and layer.shape[2] == 4:
+            parts.append(layer[..., 3])
+    if not parts:
         return None
-    shape = layers[0].shape[:2]
-    if any(layer.shape[:2] != shape for layer in layers):
+    shape = parts[0].shape
+    if any(part.shape != shape for part in parts):
         raise StudioError("the canvas layers have different sizes; clear the canvas and draw again")
     if shape[0] * shape[1] > MAX_MASK_PIXELS:  # the app's canvases are CANVAS_SIDE wide: only a crafted call is larger
         raise StudioError(f"the canvas is {shape[1]}x{shape[0]} pixels; a mask may have at most "
                           f"{MAX_MASK_PIXELS / 1e6:.1f} megapixels")
-    return np.max(np.stack([layer[..., 3] for layer in layers]), axis=0).astype(np.uint8)
+    return np.clip(np.max(np.stack(parts), axis=0), 0, 255).astype(np.uint8)
 
 
 def editor_value(mask_path: str | None, size: tuple[int, int]) -> dict[str, Any]:
-    """The ``ImageEditor`` value showing a saved mask as a red layer on a white canvas of ``size`` ``(w, h)``."""
+    """The ``ImageEditor`` value of a canvas of ``size`` ``(w, h)`` showing a saved mask: white, blended to pure red
+    where inside (green and blue ``255 − mask``, so :func:`mask_from_editor` reads the same mask back). The editor
+    shows an initial value's background, not its layers: new strokes go on a layer above it."""
     w, h = size
     background = np.full((h, w, 4), 255, np.uint8)
-    layers = []
     if mask_path and Path(mask_path).is_file():
         with Image.open(mask_path) as image:
-            alpha = np.asarray(image.convert("L").resize((w, h), Image.BOX))
-        layer = np.zeros((h, w, 4), np.uint8)
-        layer[..., 0], layer[..., 1], layer[..., 2] = COLOURS[0][1]
-        layer[..., 3] = alpha
-        layers.append(layer)
-    return {"background": background, "layers": layers, "composite": None}
+            mask = np.asarray(image.convert("L").resize((w, h), Image.BOX))
+        background[..., 1] = background[..., 2] = 255 - mask
+    return {"background": background, "layers": [], "composite": background.copy()}
 
 
 def mask_from_editor_checked(value: Any, label: str) -> tuple[np.ndarray | None, str | None]:
