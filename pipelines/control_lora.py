@@ -262,10 +262,13 @@ def apply_control_lora(pipe, file: ControlLoraFile, scale: float = 1.0) -> Appli
             for path, delta in file.deltas.items():
                 module = modules[path]
                 weight = module.weight
-                change = delta.weight().to(weight.device) * applied.scale
-                new = torch.zeros(change.shape, dtype=torch.float32, device=weight.device)
-                new[:, : weight.shape[1]] = weight.float()
-                _swap(applied, module, "weight", (new + change).to(weight.dtype))
+                up = delta.up.to(weight.device, torch.float32)
+                down = delta.down.to(weight.device, torch.float32).reshape(delta.down.shape[0], -1)
+                base = weight.float()
+                if down.shape[1] != base.shape[1]:  # x_embedder: the new input columns start at zero
+                    base = torch.cat([base, base.new_zeros(base.shape[0], down.shape[1] - base.shape[1])], dim=1)
+                new = torch.addmm(base, up, down, alpha=delta.scale * applied.scale)  # W + scale·s·B A, one pass
+                _swap(applied, module, "weight", new.to(weight.dtype))
                 if delta.bias is not None:  # PEFT's lora_B bias, scaled with the adapter
                     bias = module.bias
                     added = delta.bias.float().to(weight.device) * (delta.scale * applied.scale)
@@ -273,7 +276,7 @@ def apply_control_lora(pipe, file: ControlLoraFile, scale: float = 1.0) -> Appli
                     _swap(applied, module, "bias", (base + added).to(weight.dtype))
                 if path == EMBEDDER:
                     applied.replaced.append((module, "in_features", module.in_features))
-                    module.in_features = int(change.shape[1])
+                    module.in_features = int(new.shape[1])
             for name, value in file.norms.items():
                 owner_path, _, attr = name.rpartition(".")
                 owner = transformer.get_submodule(owner_path)
