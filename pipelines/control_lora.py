@@ -101,7 +101,7 @@ def control_lora_problem(tensors: Mapping[str, torch.Tensor], file_format: str, 
 class ControlLoraFile:
     """A control LoRA checked against one FLUX transformer: its low-rank changes and its norm scales."""
 
-    source: str  # the file (absolute), or "<state dict>"
+    source: str  # the file (absolute)
     sha256: str | None
     deltas: dict[str, Any]  # transformer module path -> pipelines.adapters.delta.LayerDelta (x_embedder: wide)
     norms: dict[str, torch.Tensor]  # transformer parameter path ("...attn.norm_q.weight") -> new value
@@ -120,7 +120,7 @@ def read_control_lora(source: str | Path, pipe, family) -> ControlLoraFile:
     LoRA for another base (another inner dimension or input width), text-encoder parts, DoRA, or norm scales for
     parameters the model lacks; :class:`pipelines.errors.LoraFileError` for an unreadable or truncated file."""
     from .adapters.metadata import describe_header
-    from .adapters.parse import LORA_HEADER_BYTES, _check_magnitudes, _diffusers_route, file_sha256
+    from .adapters.parse import LORA_HEADER_BYTES, _check_magnitudes, _diffusers_route, _strength_problem, file_sha256
     from .safetensors_io import read_safetensors
 
     path = Path(source).expanduser()
@@ -183,7 +183,9 @@ def read_control_lora(source: str | Path, pipe, family) -> ControlLoraFile:
             problems.append(f"{path_in}: DoRA / dense deltas are not control-LoRA layers")
         elif delta.out_features != module.out_features or delta.in_features != want_in:
             problems.append(f"{path_in}: LoRA {delta.out_features}x{delta.in_features} vs layer "
-                            f"{module.out_features}x{width if path_in == EMBEDDER else module.in_features}")
+                            f"{module.out_features}x{width}")
+        elif (strength := _strength_problem(delta, module)) is not None:  # far larger than the layer: damaged
+            problems.append(f"{path_in}: {strength}")
     parameters = dict(transformer.named_parameters())
     norms = {}
     for key in norm_keys:

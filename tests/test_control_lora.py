@@ -220,6 +220,11 @@ def test_bad_control_loras_are_refused_and_nothing_stays_applied(studio, control
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(control_loras["norms"].read_bytes()[:-100])
+    from safetensors.torch import load_file, save_file
+
+    tampered = load_file(control_loras["norms"])  # one layer's up factor scaled: a change far beyond the layer's
+    tampered["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"] *= 2e4
+    save_file(tampered, tmp_path / "tampered.safetensors")
     edges = input_image(1)
     cases = [
         (dict(control_lora=write_control_lora(tmp_path / "wide", norms=False, heads=3), control_image=edges),
@@ -227,6 +232,8 @@ def test_bad_control_loras_are_refused_and_nothing_stays_applied(studio, control
         (dict(control_lora=write_control_lora(tmp_path / "x3", norms=False, width_factor=3), control_image=edges),
          "x_embedder takes 48 input channels; a control LoRA for this model takes 32"),
         (dict(control_lora=truncated, control_image=edges), "truncated|shorter|size"),
+        (dict(control_lora=tmp_path / "tampered.safetensors", control_image=edges),
+         "transformer_blocks.0.attn.to_q: its change has norm .* times the layer's own weight"),
         (dict(control_lora=flux_loras[0], control_image=edges), "is not a control LoRA: .*pass it with the other LoRAs"),
         (dict(control_lora=control_loras["norms"]), "a control LoRA needs a control image"),
         (dict(control_lora=control_loras["norms"], control_image=input_image(1), controlnet="some/controlnet"),
