@@ -300,6 +300,8 @@ def ui(
     no_score: bool = typer.Option(False, "--no-score", help="Do not compute CLIPScores in Compare."),
     controlnet: list[Path] = typer.Option([], "--controlnet", help="A diffusers ControlNet folder for this model, "
                                           "offered in the input panel with a control image; repeatable."),
+    control_lora: list[Path] = typer.Option([], "--control-lora", help="A FLUX control LoRA file (BFL Canny/Depth), "
+                                            "offered next to the ControlNets; repeatable."),
 ) -> None:
     """Open the web app: browse a LoRA folder, stack LoRAs, compare strategies side by side."""
     from studio.scoring import LazyClipScorer, default_clip_model
@@ -312,7 +314,8 @@ def ui(
     try:
         demo, callbacks = make_app(model, list(lora_dir), out_dir=out, scorer=scorer, device=device, dtype=dtype,
                                    offload=offload, config=config, max_upload_mb=max_upload_mb,
-                                   preview_every=preview_every, controlnets=list(controlnet))
+                                   preview_every=preview_every, controlnets=list(controlnet),
+                                   control_loras=list(control_lora))
     except StudioError as e:
         _fail(e)
     launch(demo, callbacks, host=host, port=port)

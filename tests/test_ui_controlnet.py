@@ -97,3 +97,31 @@ def test_app_without_controlnets_says_how_to_add_one(studio, tmp_path):
     demo = build_app(h.cb)
     [dropdown] = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "controlnet"]
     assert [tuple(c) for c in dropdown["props"]["choices"]] == [(NONE, NONE)]
+
+
+def test_flux_control_lora_from_the_input_panel_equals_compose(tmp_path):
+    """On a FLUX model started with --control-lora: the same list offers it; the image equals Studio.compose with
+    that control LoRA at the slider's weight (FluxControlPipeline)."""
+    from test_control_lora import write_control_lora
+    from ui.app import build_app
+    from ui.controlnets import find_control_loras
+
+    control = write_control_lora(tmp_path / "canny", norms=True)
+    flux = Studio("tiny-flux-random")
+    offered = find_control_loras([control])
+    assert list(offered) == ["control (control LoRA)"]
+    h = Handlers(Callbacks(flux, Library(build_library(tmp_path / "loras")), out_dir=tmp_path / "out",
+                           preview_every=0, control_loras=offered))
+    [dropdown] = [c for c in build_app(h.cb).config["components"] if c.get("props", {}).get("elem_id") == "controlnet"]
+    assert [tuple(c)[0] for c in dropdown["props"]["choices"]] == [NONE, "control (control LoRA)"]
+    edges = input_image(4)
+    *_, png, _, _ = list(h.generate("a zorb", "", 3, 3, 3.5, 64, 64, 1, "merge", {}, [], progress=no_progress,
+                                    control_image=edges, controlnet="control (control LoRA)",
+                                    controlnet_scale=0.8))[-1]
+    recipe = Recipe.from_png(png["value"])
+    assert recipe.mode == "control-lora" and recipe.control_lora["weight"] == 0.8
+    direct = flux.compose("a zorb", [], "merge", seed=3, steps=3, guidance=3.5, width=64, height=64,
+                          control_image=edges, control_lora=f"{control}:0.8")
+    np.testing.assert_array_equal(np.asarray(Image.open(png["value"]).convert("RGB")), np.asarray(direct.image))
+    with pytest.raises(StudioError, match="not a .safetensors file"):
+        find_control_loras([tmp_path / "missing.safetensors"])

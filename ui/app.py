@@ -26,7 +26,7 @@ from studio.library import Library
 from . import regions, strategy_form
 from .callbacks import ALL_BASES, FITS, Callbacks, Scorer
 from .controlnets import NONE as NO_CONTROLNET
-from .controlnets import find_controlnets
+from .controlnets import find_control_loras, find_controlnets
 from .handlers import Handlers, card_markdown, md_escape, user_errors
 from .model_switch import model_choices, switch_model
 from .recipe_api import render_recipe_endpoint
@@ -257,12 +257,14 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                                                  image_mode="RGB", sources=["upload", "clipboard"], height=160,
                                                  elem_id="control-image")
                         with gr.Column():
+                            controls = [*cb.controlnets, *cb.control_loras]
                             controlnet = gr.Dropdown(
-                                [NO_CONTROLNET, *cb.controlnets], value=next(iter(cb.controlnets), NO_CONTROLNET),
-                                label="ControlNet" + ("" if cb.controlnets else " (start the app with --controlnet DIR)"),
+                                [NO_CONTROLNET, *controls], value=next(iter(controls), NO_CONTROLNET),
+                                label="ControlNet or FLUX control LoRA" + (
+                                    "" if controls else " (start the app with --controlnet DIR / --control-lora FILE)"),
                                 elem_id="controlnet")
                             controlnet_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, elem_id="controlnet-scale",
-                                                         label="ControlNet conditioning scale")
+                                                         label="ControlNet conditioning scale / control LoRA weight")
 
             # ---------------------------------------------------------------------------------- outputs
             with gr.Column(scale=4, min_width=420):
@@ -390,14 +392,17 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
 def make_app(model: str, lora_dirs: list[str | Path], *, out_dir: str | Path = "outputs/ui",
              scorer: Scorer | None = None, device: str | None = None, dtype: str | None = None,
              offload: bool = False, config: str | None = None, max_upload_mb: float = 1024,
-             preview_every: int | None = None, controlnets: list[str | Path] = ()) -> tuple[gr.Blocks, Callbacks]:
+             preview_every: int | None = None, controlnets: list[str | Path] = (),
+             control_loras: list[str | Path] = ()) -> tuple[gr.Blocks, Callbacks]:
     """Load ``model``, scan ``lora_dirs`` and build the app (not launched yet); ``controlnets``: ControlNet folders
     the input panel offers."""
     offered_controlnets = find_controlnets(controlnets)  # checked before the model loads
+    offered_control_loras = find_control_loras(control_loras)
     library = Library(lora_dirs)
     studio = Studio(model, device=device, dtype=dtype, offload=offload, config=config)
     callbacks = Callbacks(studio, library, out_dir=out_dir, scorer=scorer, max_upload_bytes=int(max_upload_mb * 1e6),
-                          preview_every=preview_every, controlnets=offered_controlnets)
+                          preview_every=preview_every, controlnets=offered_controlnets,
+                          control_loras=offered_control_loras)
     callbacks.model_choices = model_choices(model)  # what the Model menu offers (ui.model_switch)
     callbacks.studio_options = dict(device=device, dtype=dtype, offload=offload, config=config)
     return build_app(callbacks), callbacks

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image
 
-from studio import Recipe, Studio, StudioError
+from studio import Lora, Recipe, Studio, StudioError
 from studio.library import Library, LibraryEntry
 from studio.preview import LatentPreview
 
@@ -125,9 +125,10 @@ class Item:
 class Callbacks:
     def __init__(self, studio: Studio, library: Library, *, out_dir: str | Path, scorer: Scorer | None = None,
                  max_upload_bytes: int = 1 << 30, preview_every: int | None = None, preview_max_side: int = 384,
-                 controlnets: Mapping[str, Path] | None = None):
+                 controlnets: Mapping[str, Path] | None = None, control_loras: Mapping[str, Path] | None = None):
         self.studio, self.library, self.scorer = studio, library, scorer
         self.controlnets = dict(controlnets or {})  # name -> folder (ui.controlnets.find_controlnets)
+        self.control_loras = dict(control_loras or {})  # name -> file (ui.controlnets.find_control_loras)
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_bytes)
@@ -393,8 +394,19 @@ class Callbacks:
             seed=settings.seed, steps=settings.steps, guidance=settings.guidance, width=settings.width,
             height=settings.height, count=1, callback=callback, image=settings.image,
             mask_image=settings.mask_image, strength=settings.strength, control_image=settings.control_image,
-            controlnet=resolve_choice(settings.controlnet, self.controlnets, settings.control_image is not None),
-            controlnet_conditioning_scale=settings.controlnet_scale if settings.control_image is not None else None)
+            **self._control(settings))
+
+    def _control(self, settings: Settings) -> dict[str, Any]:
+        """The compose arguments of the control choice: a ControlNet at its scale, or a control LoRA at that
+        weight (ui.controlnets); nothing without a control image."""
+        picked = resolve_choice(settings.controlnet, {**self.controlnets, **self.control_loras},
+                                settings.control_image is not None)
+        if picked is None:
+            return {}
+        if settings.controlnet in self.control_loras:
+            weight = 1.0 if settings.controlnet_scale is None else settings.controlnet_scale
+            return {"control_lora": Lora(source=picked, weight=weight)}
+        return {"controlnet": picked, "controlnet_conditioning_scale": settings.controlnet_scale}
 
     @staticmethod
     def _attach_masks(item: Item, result) -> None:
@@ -410,7 +422,7 @@ class Callbacks:
         finally the list of saved :class:`Item`.
         """
         settings = settings.checked(self.studio.limits)
-        resolve_choice(settings.controlnet, self.controlnets, settings.control_image is not None)  # before queuing
+        self._control(settings)  # the control choice checked before the job queues
         loras = stk.to_loras(stack, self.library)
         params = strategy_form.values_for(strategy, params_store)
         strategy_form.strategy_class(strategy)(**params)  # validate before the job queues
