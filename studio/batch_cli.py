@@ -172,6 +172,8 @@ def batch(
     strength: Optional[float] = typer.Option(None, "--strength", help="Prompt lists: img2img/inpainting strength."),
     controlnet_scale: Optional[float] = typer.Option(None, "--controlnet-scale", help="Prompt lists: ControlNet "
                                                      "conditioning scale."),
+    control_lora: Optional[str] = typer.Option(None, "--control-lora", help="Prompt lists: a FLUX control LoRA "
+                                               "PATH[:WEIGHT] with --control-image (a grid: control_lora = ...)."),
     max_steps: Optional[int] = typer.Option(None, help="Refuse more denoising steps than this (default 1000)."),
     max_size: Optional[int] = typer.Option(None, help="Refuse a width or height above this, or more pixels than its "
                                            "square (default 4096 and 2048x2048)."),
@@ -189,7 +191,7 @@ def batch(
                             lora_dir=lora_dir, allow_path=allow_path, limits=limits,
                             modes={"image": image, "mask": mask, "control_image": control_image,
                                    "controlnet": controlnet, "strength": strength,
-                                   "controlnet_scale": controlnet_scale})
+                                   "controlnet_scale": controlnet_scale, "control_lora": control_lora})
         pretrained = clip_pretrained or None
         if dry_run:
             done = done_ids(out) if out.exists() else set()

@@ -165,6 +165,8 @@ class BatchItem:
         if self.inputs.files:
             out.update(strength=self.strength, controlnet=self.inputs.controlnet,
                        controlnet_conditioning_scale=self.controlnet_scale)
+        if self.inputs.control_lora is not None:  # a FLUX control LoRA (pipelines.control_lora)
+            out["control_lora"] = Lora(source=self.inputs.control_lora.path, weight=self.inputs.control_lora_weight)
         return out
 
     def report_fields(self) -> dict[str, Any]:

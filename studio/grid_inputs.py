@@ -7,6 +7,7 @@ A grid sets them at the top (every item) or per prompt (``image``, ``mask``, ``c
     image = "inputs/room.png"          # img2img; with mask = "inputs/room-mask.png" inpainting
     control_image = "inputs/edges.png" # ControlNet (controlnet = a diffusers folder or a Hub id)
     controlnet = "controlnets/canny"
+    # or, on FLUX, a control LoRA (FluxControlPipeline): control_lora = "loras/canny-lora.safetensors:0.9"
     [axes]
     strength = [0.5, 0.8]              # an axis, like seed (or strength = 0.6 at the top)
     controlnet_scale = [0.5, 1.0]
@@ -15,7 +16,8 @@ Input files and a local ControlNet folder resolve through the grid's :class:`~st
 exactly as its LoRAs do (the grid's folder, the library folders, ``--allow-path``; containment decided on the
 real path before the file is looked at). Each image enters the item's id by the SHA-256 of its bytes (the
 digest its recipe records, :mod:`pipelines.mode_inputs`), so an edited input file is a new image to render on
-resume, and the same file mounted elsewhere keeps the id.
+resume, and the same file mounted elsewhere keeps the id; a control LoRA file enters it the same way, with its
+weight.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .path_policy import PathPolicy
 
 # grid key -> Studio.compose argument
 IMAGE_KEYS = {"image": "image", "mask": "mask_image", "control_image": "control_image"}
-MODE_TOP_KEYS = {*IMAGE_KEYS, "strength", "controlnet", "controlnet_scale"}
+MODE_TOP_KEYS = {*IMAGE_KEYS, "strength", "controlnet", "controlnet_scale", "control_lora"}
 MODE_AXIS_KEYS = {"strength", "controlnet_scale"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -54,6 +56,8 @@ class GridInputs:
     files: tuple[InputFile, ...] = ()
     controlnet: str | None = None           # a resolved local folder or a Hub id
     controlnet_written: str | None = None   # as the grid wrote it (enters the id, like LoRA sources)
+    control_lora: InputFile | None = None   # a FLUX control LoRA (pipelines.control_lora), by its file's SHA-256
+    control_lora_weight: float = 1.0
 
     def role(self, role: str) -> InputFile | None:
         return next((f for f in self.files if f.role == role), None)
@@ -157,7 +161,41 @@ class InputResolver:
                 raise self.fail("'controlnet' needs a control image ('control_image')", "controlnet")
             resolved, written = self.controlnet(top["controlnet"])
             result = GridInputs(files=files, controlnet=resolved, controlnet_written=written)
+        if "control_lora" in top:
+            if "control_image" not in merged:
+                raise self.fail("'control_lora' needs a control image ('control_image')", "control_lora")
+            if "controlnet" in top or "controlnet_scale" in top:
+                raise self.fail("'control_lora' runs FluxControlPipeline: no 'controlnet' / 'controlnet_scale' "
+                                "with it", "control_lora")
+            lora, weight = self.control_lora(top["control_lora"])
+            result = GridInputs(files=files, control_lora=lora, control_lora_weight=weight)
         return result
+
+    def control_lora(self, value: Any) -> tuple[InputFile, float]:
+        """A control LoRA ``path[:weight]``: an allowed local ``.safetensors`` file, hashed; its weight."""
+        import math
+
+        from pipelines.adapters.parse import file_sha256
+
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"'control_lora' must be a file path[:weight], got {value!r:.60}", "control_lora")
+        text, weight = value, 1.0
+        head, sep, tail = value.rpartition(":")
+        if sep and head and not tail.startswith(("/", "\\")):
+            try:
+                weight, text = float(tail), head
+            except ValueError:
+                pass
+        if not math.isfinite(weight) or not -10.0 <= weight <= 10.0:
+            raise self.fail(f"control_lora {value}: the weight must be a number from -10 to 10", "control_lora")
+        key = ("control_lora", text)
+        if key not in self._files:
+            path = self._local(text, "control_lora", "control_lora")
+            if path is None or path.suffix.lower() != ".safetensors":
+                raise self.fail(f"control_lora {text}: no .safetensors file there in the folders {self._where()} "
+                                "may read", "control_lora")
+            self._files[key] = InputFile(role="control_lora", written=text, path=str(path), sha256=file_sha256(path))
+        return self._files[key], weight
 
 
 def check_mode_axes(inputs: GridInputs, strengths: list, scales: list, fail: Callable[[str, str], Exception]) -> None:
@@ -173,5 +211,8 @@ def id_fields(inputs: GridInputs, strength: float | None, scale: float | None) -
     without inputs stay as they were)."""
     if not inputs.files:
         return None
-    return {"inputs": {f.role: f.sha256 for f in inputs.files}, "strength": strength,
-            "controlnet": inputs.controlnet_written, "controlnet_scale": scale}
+    out = {"inputs": {f.role: f.sha256 for f in inputs.files}, "strength": strength,
+           "controlnet": inputs.controlnet_written, "controlnet_scale": scale}
+    if inputs.control_lora is not None:  # grids without one keep their ids
+        out["control_lora"] = [inputs.control_lora.sha256, inputs.control_lora_weight]
+    return out

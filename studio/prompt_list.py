@@ -8,7 +8,7 @@
 
 LoRAs, strategies, seeds, steps and guidance come from command-line options (:func:`load_prompt_list`) and
 form the same axes as a TOML grid (see :mod:`studio.grid`); so do the mode inputs for every row (``--image``,
-``--mask``, ``--control-image``, ``--controlnet``, ``--strength``, ``--controlnet-scale``), a row's own images
+``--mask``, ``--control-image``, ``--controlnet``, ``--strength``, ``--controlnet-scale``, ``--control-lora``), a row's own images
 replacing the options'. Input files resolve against the list's folder and ``--allow-path`` folders and are checked
 and hashed as a grid's are (:mod:`studio.grid_inputs`). A broken row stops everything before any rendering,
 naming the file and line.
@@ -169,6 +169,7 @@ def load_prompt_list(
     strength: float | None = None,
     controlnet_scale: float | None = None,
     allow_path: Sequence[str | Path] = (),
+    control_lora: str | None = None,
 ) -> list[BatchItem]:
     """Items for a prompt list with the LoRA stack and axes given as options (``--lora``, ``--strategy``...);
     ``image`` ... ``controlnet_scale``: the mode inputs of every row (a row's own images replace these)."""
@@ -191,7 +192,9 @@ def load_prompt_list(
     axes = Axes(strategies=choices, seeds=list(seeds) or [0], steps=list(steps) or [None],
                 guidance=list(guidance) or [None])
     top = {k: v for k, v in (("image", image), ("mask", mask), ("control_image", control_image),
-                             ("controlnet", controlnet)) if v is not None}
+                             ("controlnet", controlnet), ("control_lora", control_lora)) if v is not None}
+    if controlnet_scale is not None and control_lora is not None:
+        raise GridError("--controlnet-scale", "a control LoRA has its weight in --control-lora PATH:WEIGHT")
     if top or strength is not None or controlnet_scale is not None or any(raw for _, raw in rows):
         _resolve_inputs(path, rows, top, axes, strength, controlnet_scale, lora_dir, allow_path)
     return expand(model, prompts, [stack], axes, origin=str(path), negative=negative, width=width, height=height,
@@ -199,7 +202,7 @@ def load_prompt_list(
 
 
 _OPTION = {"image": "--image", "mask": "--mask", "control_image": "--control-image", "controlnet": "--controlnet",
-           "strength": "--strength", "controlnet_scale": "--controlnet-scale"}
+           "strength": "--strength", "controlnet_scale": "--controlnet-scale", "control_lora": "--control-lora"}
 
 
 def _resolve_inputs(path, rows, top, axes: Axes, strength, controlnet_scale, lora_dir, allow_path) -> None:

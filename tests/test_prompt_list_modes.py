@@ -103,3 +103,38 @@ def test_bad_prompt_list_inputs_name_the_line_or_option(tmp_path):
     grid.write_text('model = "tiny-sdxl-random"\n[[prompts]]\ntext = "x"\n')
     done = CliRunner().invoke(app, ["batch", str(grid), "--out", str(tmp_path / "o"), "--image", "inputs/room.png"])
     assert done.exit_code != 0 and "--image apply to prompt lists" in done.output
+
+
+def test_control_lora_in_a_grid_and_a_prompt_list_equals_studio_compose(tmp_path):
+    """A FLUX control LoRA (written by diffusers' FluxControlPipeline.save_lora_weights) in a grid (control_lora =
+    "file:weight") and in a prompt list (--control-lora): each item equals Studio.compose; the id follows the file's
+    content and the weight."""
+    from studio.grid import load_grid
+    from test_control_lora import write_control_lora
+    from test_modes import input_image
+
+    write_control_lora(tmp_path / "cl", norms=True)
+    input_image(6).save(tmp_path / "edges.png")
+    grid = tmp_path / "g.toml"
+    grid.write_text('model = "tiny-flux-random"\nsteps = 2\ncontrol_image = "edges.png"\n'
+                    'control_lora = "cl/control.safetensors:0.7"\n[[prompts]]\ntext = "a corgi"\n')
+    [item], _ = load_grid(grid)
+    listing = tmp_path / "p.txt"
+    listing.write_text("a corgi\n")
+    [listed] = load_prompt_list(listing, model="tiny-flux-random", steps=[2], control_image="edges.png",
+                                control_lora="cl/control.safetensors:0.7")
+    assert listed.mode_kwargs()["control_lora"].weight == 0.7
+    studio = Studio("tiny-flux-random")
+    run_batch([item], tmp_path / "out", BatchOptions(score=False, report=False), studio=studio)
+    saved = tmp_path / "out" / item.file
+    recipe = Recipe.from_png(saved)
+    assert recipe.mode == "control-lora" and recipe.control_lora["weight"] == 0.7
+    expected = studio.compose("a corgi", [], "merge", seed=0, steps=2, control_image=tmp_path / "edges.png",
+                              control_lora=f"{tmp_path / 'cl' / 'control.safetensors'}:0.7")
+    assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), np.asarray(expected.image))
+    grid.write_text(grid.read_text().replace(":0.7", ":0.5"))
+    assert load_grid(grid)[0][0].id != item.id
+    with pytest.raises(GridError, match="'control_lora' needs a control image"):
+        load_prompt_list(listing, model="tiny-flux-random", control_lora="cl/control.safetensors")
+    with pytest.raises(GridError, match="no .safetensors file there"):
+        load_prompt_list(listing, model="tiny-flux-random", control_image="edges.png", control_lora="edges.png")
