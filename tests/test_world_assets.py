@@ -1,7 +1,7 @@
 """The shipped tiny world (``assets/``): every file loads with the stock tools, every strategy composes its LoRAs,
 and the judges see what the renderer drew.
 
-Families listed in ``SHIPPED`` have their trained model, LoRAs and QR-LoRAs in ``assets/`` (``studio world
+Families listed in ``SHIPPED`` have their trained model, LoRAs, QR-LoRAs and SHiRAs in ``assets/`` (``studio world
 build``); a family is added here when its weights ship.
 """
 
@@ -85,13 +85,101 @@ def test_studio_demo_writes_the_report_offline(tmp_path):
     assert "composite" in report and "zorb" in report
 
 
-@pytest.mark.parametrize("strategy", [*sorted(REGISTRY), "qr[qr-lora]"])
+def shira_files(family: str) -> list[Path]:
+    return [ASSETS / "shira-loras" / f"tiny-{family}" / f"{c.name}.safetensors" for c in HELD_OUT]
+
+
+def test_every_shipped_shira_is_pefts_sparse_layout_with_its_trigger(studio):
+    """Written by PEFT's SHiRA tuner at r = 1: r·(m+n) distinct entries per layer (1-3% of the tiny layers), values
+    in float16 and indices in int16 (compact storage), trigger metadata as the other world LoRAs."""
+    from safetensors import safe_open
+
+    from studio.world.shira import RANK
+
+    family = studio.family.name
+    trained = total = 0
+    for concept, path in zip(HELD_OUT, shira_files(family)):
+        parsed = parse_lora(path, studio.pipe, studio.family)
+        assert parsed.info.format == "shira" and concept.trigger in parsed.info.triggers and not parsed.skipped
+        with safe_open(str(path), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == {"F16", "I16"}, dtypes
+        for key, delta in parsed.deltas.items():
+            rows, cols = delta.sparse_shape
+            assert delta.sparse_values.numel() == RANK * (rows + cols), key  # distinct pairs (coalescing kept all)
+            trained += delta.sparse_values.numel()
+            total += rows * cols
+    assert 0.01 <= trained / total <= 0.02, trained / total  # the paper's 1-2% of the targeted weights
+
+
+def test_the_library_lists_the_shipped_shiras():
+    from studio.library import scan
+
+    infos, errors = scan(ASSETS / "shira-loras")
+    assert not errors and len(infos) == 2 * len(HELD_OUT)
+    assert {i.format for i in infos} == {"shira"} and {i.base for i in infos} == {"sdxl", "flux"}
+
+
+def test_a_shipped_shira_renders_as_pefts_own_shira_layers(studio):
+    """The third-party reference: PEFT's SHiRA layers on a fresh copy of the shipped denoiser, the file loaded by
+    PEFT's own ``set_peft_model_state_dict`` (int16 indices and float16 values included)."""
+    from conftest import flux_inputs, unet_inputs
+    from peft import ShiraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from studio.world.shira import LINEAR_TARGETS, RANK
+
+    family = studio.family.name
+    name = FAMILIES[family].denoiser
+    path = shira_files(family)[2]
+    reference = getattr(studio.pipe, name).from_pretrained(str(ASSETS / "models" / f"tiny-{family}" / name))
+    inject_adapter_in_model(ShiraConfig(r=RANK, target_modules=LINEAR_TARGETS[family]), reference)
+    state = {k.removeprefix(f"{name}."): v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(reference, state)
+    assert not result.unexpected_keys
+    inputs = unet_inputs() if family == "sdxl" else flux_inputs()
+    names = studio.load([path])
+    try:
+        studio.composer.state.set_active(names)
+        studio.composer.state.set_gains(denoiser=torch.ones(1, 1))
+        with torch.no_grad():
+            ours = getattr(studio.pipe, name)(**inputs).sample
+            theirs = reference(**inputs).sample
+            plain = reference.__class__.from_pretrained(str(ASSETS / "models" / f"tiny-{family}" / name))(**inputs).sample
+    finally:
+        studio.unload()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (theirs - plain).abs().mean() > 1e-3  # the adapter changes the output
+
+
+def test_the_shipped_shiras_have_distinct_random_supports(studio):
+    """Each concept's SHiRA has its own random mask: two supports share about the density (~1.6%) of their entries
+    by chance, far from the 100% of a shared mask (what fusing SHiRAs by a sparse sum relies on)."""
+    from pipelines.adapters.kinds.shira import support_overlap
+
+    family = studio.family.name
+    parsed = [parse_lora(p, studio.pipe, studio.family).deltas for p in shira_files(family)]
+    for i, a in enumerate(parsed):
+        for b in parsed[i + 1:]:
+            shared = smaller = 0
+            for key in a.keys() & b.keys():
+                n, _ = support_overlap(a[key].sparse_indices, b[key].sparse_indices, a[key].sparse_shape[1])
+                shared += n
+                smaller += min(a[key].sparse_values.numel(), b[key].sparse_values.numel())
+            assert smaller and shared / smaller < 0.05, shared / smaller
+
+
+ADAPTER_FOLDERS = {"[qr-lora]": "qr-loras", "[shira]": "shira-loras"}
+
+
+@pytest.mark.parametrize("strategy", [*sorted(REGISTRY), "qr[qr-lora]", "merge[shira]", "composite[shira]"])
 def test_every_strategy_composes_the_world_loras(studio, strategy):
     family = studio.family.name
     names = ["subject-zorb", "style-striped"] if strategy == "klora" else ["subject-zorb", "style-striped",
                                                                         "background-bricks"]
-    folder = "qr-loras" if strategy == "qr[qr-lora]" else "loras"
-    strategy = strategy.removesuffix("[qr-lora]")
+    suffix = next((s for s in ADAPTER_FOLDERS if strategy.endswith(s)), None)
+    folder = ADAPTER_FOLDERS.get(suffix, "loras")
+    strategy = strategy.removesuffix(suffix or "")
     loras = [str(ASSETS / folder / f"tiny-{family}" / f"{n}.safetensors") for n in names]
     base = np.asarray(studio.compose(PROMPT, [], "merge", steps=4, seed=0).image, dtype=np.float32)
     image = np.asarray(studio.compose(PROMPT, loras, strategy, steps=4, seed=0).image, dtype=np.float32)
