@@ -42,16 +42,7 @@ def planned_masks(studio: Any, names: Sequence[str], regions: Sequence[str | Non
                      pipe=studio.pipe, settings={"width": int(width), "height": int(height)}, regions=list(regions),
                      region_prompts=list(prompts))
     strategy.prepare(run)
-    masks = getattr(strategy, "region_masks", None)
-    if masks is None:  # a regional without region_masks: its lane maps, unflattened
-        if not strategy.groups:
-            return []
-        h, w = strategy.info["regions"][0]["grid"]
-        maps = strategy.maps.reshape(-1, h, w)
-        maps = maps[1:] if strategy.keep_base else maps
-        masks = {", ".join(n for n, r in zip(names, regions) if r is not None and str(r).strip() == g): m
-                 for g, m in zip(strategy.groups, maps)}
-    return list(masks.items())
+    return list(strategy.region_masks.items())  # what Result.region_masks will hold (automatic ones: after the run)
 
 
 def _display_size(width: int, height: int) -> tuple[int, int]:
