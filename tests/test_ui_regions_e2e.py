@@ -65,7 +65,7 @@ def test_draw_a_region_and_render_with_regional(page, server, tmp_path):  # noqa
     # a mask upload that is not an image: a clear message, and nothing attached
     fake = tmp_path / "mask.png"
     fake.write_text("not an image")
-    rows.nth(1).locator(".stack-mask input[type=file][data-testid$='-upload-button']").set_input_files(str(fake))
+    rows.nth(1).locator("input[type=file][data-testid$='-upload-button']").set_input_files(str(fake))
     page.get_by_text("mask.png is not a readable image").first.wait_for()
     assert not server["callbacks"].masks_dir.exists() or not list(server["callbacks"].masks_dir.iterdir())
     canvas_area.locator("button[aria-label='Brush']").first.click()

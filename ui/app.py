@@ -139,6 +139,8 @@ def build_app(callbacks: Callbacks) -> gr.Blocks:
                         text = gr.Textbox(entry.region_prompt, label="region prompt", interactive=True,
                                           placeholder="what this LoRA's region shows", elem_classes=["stack-region-prompt"])
                     canvas_size = regions.canvas_size(*size)
+                    # hidden until the region is a mask (Gradio mounts no hidden component: rows without a mask
+                    # region cost no canvas in the browser)
                     with gr.Column(visible=entry.region_kind == regions.MASK, elem_classes=["stack-mask"]) as mask_area:
                         canvas = gr.ImageEditor(
                             regions.editor_value(entry.region_mask, canvas_size), sources=(), type="numpy",
