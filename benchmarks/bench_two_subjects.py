@@ -9,8 +9,9 @@ side ("a small red zorb, solid, on a light background, left, and a small blue qu
 a shared style (``striped``) or background (``waves``) LoRA; and, as a reference without LoRAs, two base shapes
 side by side (``base`` rows: can the base model draw two objects at all?). Every strategy renders the same
 prompt and seeds. ``regional`` (when registered) gets each subject LoRA with its box (``region=left`` /
-``region=right``) and a one-object region prompt in the world's caption grammar; the style/background LoRA stays
-global. Strategies defined for fewer LoRAs than a scene has (``klora``: two) skip it.
+``region=right``; with the benchmark option ``region=auto``, ``region=auto``: masks from the cross-attention of its
+trigger word) and a one-object region prompt in the world's caption grammar; the style/background LoRA stays
+global. ``clora`` finds its concepts by their trigger words in the prompt. Strategies defined for fewer LoRAs than a scene has (``klora``: two) skip it.
 
 Each image is judged per half by :mod:`studio.world.regions` (the concept judge on each half, re-centred at
 native scale, plus a pixel test: is there an object inside the half, or one across the middle?). Per strategy:
@@ -28,8 +29,9 @@ native scale, plus a pixel test: is there an object inside the half, or one acro
   machine; with one torch thread it is the render's own work), the first render of a stack included, so one-off
   merges count; and the ratio to ``merge``.
 
-Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md`` and a picture (``.png``: merge, composite
-reduce=sum, regional, clora on each scene, seed 0); images in ``--work`` (``outputs/two-subjects``).
+Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md`` and a picture (``.png``: merge, regional with
+boxes, regional with ``region=auto`` and clora on each scene, seed 0); images in ``--work``
+(``outputs/two-subjects``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from studio.world.concepts import held_out
+from studio.world.concepts import Scene, held_out, pair_caption
 from studio.world.regions import HALVES, judge_regions
 
 BASE_LABEL = "base (no LoRA)"
@@ -69,12 +71,18 @@ class PairScene:
     texture: str = "solid"
     extra: str | None = None  # "style-striped" | "background-waves" | None
 
-    def caption(self, side: str) -> str:
+    def scene(self, side: str) -> Scene:
         shape, color = (self.left, self.left_color) if side == "left" else (self.right, self.right_color)
-        return f"a small {color} {shape}, {self.texture}, on a {self.background} background, {side}"
+        return Scene(shape=shape, color=color, texture=self.texture, background=self.background, size="small",
+                     position=side)
+
+    def caption(self, side: str) -> str:
+        """One object's caption (a regional lane's prompt), in the single-object grammar."""
+        return self.scene(side).caption()
 
     def prompt(self) -> str:
-        return (f"{self.caption('left')}, and a small {self.right_color} {self.right}, {self.texture}, right")
+        """The two-object prompt, in the grammar the bases were fine-tuned on (:func:`pair_caption`)."""
+        return pair_caption(self.scene("left"), self.scene("right"))
 
 
 SCENES = (
@@ -95,13 +103,15 @@ def lora_file(family: str, name: str) -> str:
     return str(assets_root() / "loras" / f"tiny-{family}" / f"{name}.safetensors")
 
 
-def stack(scene: PairScene, family: str, strategy: str) -> list[dict]:
-    """The scene's LoRAs for ``strategy``: subjects left then right, then the shared LoRA; boxes for regional."""
+def stack(scene: PairScene, family: str, strategy: str, region: str = "box") -> list[dict]:
+    """The scene's LoRAs for ``strategy``: subjects left then right, then the shared LoRA; for regional each subject
+    gets its box (``region="box"``: ``left`` / ``right``) or ``auto`` (masks from its trigger word's
+    cross-attention) and its one-object region prompt."""
     entries = []
     for side, shape in (("left", scene.left), ("right", scene.right)):
         entry = {"source": lora_file(family, f"subject-{shape}"), "name": f"subject-{shape}"}
         if strategy in REGION_STRATEGIES:
-            entry.update(region=side, prompt=scene.caption(side))
+            entry.update(region=side if region == "box" else "auto", prompt=scene.caption(side))
         entries.append(entry)
     if scene.extra:
         entries.append({"source": lora_file(family, scene.extra), "name": scene.extra})
@@ -125,6 +135,14 @@ def global_prompt(scene: PairScene, params: dict) -> str:
     return scene.prompt() if option == "full" else ""
 
 
+def region_option(strategy: str | None, params: dict) -> str:
+    """The benchmark option ``region=box|auto`` of a region strategy (boxes by default), taken out of ``params``."""
+    option = params.pop("region", "box")
+    if option not in ("box", "auto") or (option == "auto" and strategy not in REGION_STRATEGIES):
+        raise SystemExit(f"region={option!r}: use box or auto, on {', '.join(REGION_STRATEGIES)} only")
+    return option
+
+
 def default_choices() -> list[str]:
     from studio.strategies import REGISTRY
 
@@ -134,7 +152,7 @@ def default_choices() -> list[str]:
         if name == "composite":
             choices.append("composite:reduce=sum")
         if name in REGION_STRATEGIES:
-            choices.append(f"{name}:global=none")
+            choices += [f"{name}:global=none", f"{name}:region=auto"]
     return choices
 
 
@@ -193,7 +211,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GRID_ROWS = ("merge", "composite reduce=sum", "regional", "regional global=none", "clora")
+GRID_ROWS = ("merge", "regional", "regional region=auto", "clora")
 
 
 def write_grid(results: Path, work: Path, out: Path, rows=GRID_ROWS, seed: int = 0, scale: int = 3) -> None:
@@ -264,6 +282,8 @@ def main(argv=None) -> None:
     missing = [name for _, name, _ in choices if name not in REGISTRY]
     if missing:
         raise SystemExit(f"unknown strategies {missing}; registered: {', '.join(REGISTRY)}")
+    for _, name, params in choices:  # benchmark options checked before anything renders
+        region_option(name, dict(params))
     notes = []
     if "regional" not in REGISTRY:
         notes.append("regional: not registered in this checkout when the benchmark ran, so it has no row")
@@ -279,13 +299,14 @@ def main(argv=None) -> None:
         for si, scene in enumerate(scenes):
             if failed:
                 break
-            loras = stack(scene, args.family, name) if name else []
+            options = dict(params)
+            loras = stack(scene, args.family, name, region_option(name, options)) if name else []
             if name and (REGISTRY[name].max_loras or len(loras)) < len(loras):
                 continue
             for seed in args.seeds:
                 t0 = time.process_time()
                 try:
-                    options = dict(params)
+                    options = {k: v for k, v in params.items() if k != "region"}
                     prompt = global_prompt(scene, options)
                     result = studio.compose(prompt, loras, name or "merge", strategy_params=options or None, seed=seed)
                 except Exception as error:  # one strategy failing must not lose the others' rows

@@ -63,15 +63,17 @@ def train_base(family: str, workdir: Path, vae, tokenizer_dir: Path, data: DataS
     return pipe
 
 
-def export_pipeline(pipe, family: str, folder: Path, only: str | None = None, **defaults) -> None:
+def export_pipeline(pipe, family: str, folder: Path, only: str | tuple[str, ...] | None = None, **defaults) -> None:
     """Save in diffusers format (float16 weights, loaded back as float32 on the CPU) plus studio defaults
-    (``defaults`` adds to or overrides the family's, e.g. ``guidance_distilled=True``). ``only`` names the one
-    component that changed (e.g. ``"transformer"``); the others on disk are left as they are."""
+    (``defaults`` adds to or overrides the family's, e.g. ``guidance_distilled=True``). ``only`` names the
+    component(s) that changed (e.g. ``"transformer"``); the others on disk are left as they are."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     home = pipe.device
-    target = getattr(pipe, only) if only else pipe
-    target.to("cpu", torch.float16).save_pretrained(str(folder / only if only else folder), safe_serialization=True)
+    if only is None:
+        pipe.to("cpu", torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    for name in (only,) if isinstance(only, str) else only or ():
+        getattr(pipe, name).to("cpu", torch.float16).save_pretrained(str(folder / name), safe_serialization=True)
     pipe.to(home, torch.float32)
     for config in folder.glob("*/config.json"):  # a pipeline loaded from disk records that path: not for shipping
         entries = json.loads(config.read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler
-from .data import DataSet, cached_set
+from .data import DataSet, Mixture, cached_pairs, cached_set
 
 from .layout import BUILD_ASSETS as ASSETS
 from .layout import STAGES, WORKDIR
@@ -35,6 +35,9 @@ class BuildConfig:
     clip_steps: int = 800
     base_steps: int = 3000
     distill_steps: int = 1500
+    # two-object fine-tuning of a shipped base (issue 14, :mod:`.pairs`)
+    pairs_sdxl_steps: int = 1200
+    pairs_flux_steps: int = 800
     lora_steps: int = 400
     qr_steps: int = 200
     # LoRA (and QR-LoRA) steps = lora_steps x a factor per concept category, "<family>/<category>" first. Measured
@@ -71,6 +74,10 @@ class World:
             return cached_set(self.work / "data" / "eval.npz", SceneSampler(pool=dict(ATTRIBUTES)), n(2000), 12)
         if name == "base":
             return cached_set(self.work / "data" / "base.npz", SceneSampler(pool=dict(BASE)), n(40000), 13)
+        if name == "singles":  # the single-object half of the two-object fine-tuning's mixture
+            return cached_set(self.work / "data" / "singles.npz", SceneSampler(pool=dict(BASE)), n(12000), 15)
+        if name == "pairs":
+            return cached_pairs(self.work / "data" / "pairs.npz", n(12000), 14)
         for i, concept in enumerate(HELD_OUT):
             if name == concept.name:
                 sampler = SceneSampler(pool=dict(BASE), fixed={concept.attribute: concept.value})
@@ -154,6 +161,22 @@ class World:
         export_pipeline(pipe, family, self.config.assets / "models" / f"tiny-{family}", only="transformer",
                         guidance_distilled=True)
 
+    def pairs(self, family: str):
+        """Fine-tune the shipped base of ``family`` on single- and two-object scenes (:mod:`.pairs`), once: the
+        export marks it ``two_objects``. Half the stream is two-object scenes, half single-object base scenes."""
+        from .base import export_pipeline, trainable_modules
+        from .pairs import MARK, finetune_pairs, studio_defaults
+
+        folder = self.config.assets / "models" / f"tiny-{family}"
+        defaults = studio_defaults(folder)
+        if defaults.get(MARK):
+            return
+        data = Mixture([self.data("singles"), self.data("pairs")])
+        latents = torch.cat([self.latents("singles"), self.latents("pairs")])
+        pipe = finetune_pairs(family, self.load_base(family), self.work, data, latents,
+                              steps=self.config.steps(f"pairs_{family}"), guidance=self.adapter_guidance(family))
+        export_pipeline(pipe, family, folder, only=tuple(trainable_modules(pipe, family)), **defaults, **{MARK: True})
+
     def guidance_distilled(self, family: str) -> bool:
         defaults = self.config.assets / "models" / f"tiny-{family}" / "studio_defaults.json"
         return defaults.exists() and bool(json.loads(defaults.read_text()).get("guidance_distilled"))
@@ -218,7 +241,7 @@ def run(stages, config: BuildConfig, concepts: tuple[str, ...] = ()) -> None:
     for stage in stages:
         t0 = time.time()
         if stage == "data":
-            for name in ("all", "eval", "base", *(c.name for c in HELD_OUT)):
+            for name in ("all", "eval", "base", "singles", "pairs", *(c.name for c in HELD_OUT)):
                 world.data(name)
         elif stage == "vae":
             world.vae()
@@ -230,6 +253,8 @@ def run(stages, config: BuildConfig, concepts: tuple[str, ...] = ()) -> None:
             world.base(stage.removeprefix("base-"))
         elif stage == "distill-flux":
             world.distill("flux")
+        elif stage.startswith("pairs-"):
+            world.pairs(stage.removeprefix("pairs-"))
         elif stage.startswith("loras-"):
             world.loras(stage.removeprefix("loras-"), concepts)
         elif stage.startswith("qr-"):

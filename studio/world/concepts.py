@@ -81,6 +81,19 @@ class Scene:
         return getattr(self, attribute)
 
 
+def pair_caption(left: Scene, right: Scene) -> str:
+    """The world's one grammar for two objects side by side (issue 14): the left object's full caption (its
+    background is the scene's), then ", and " and the right object without the background, ending in ``right``:
+
+        "a small red circle, checkered, on a light background, left, and a small blue square, solid, right"
+
+    Used by the two-object training data (:mod:`.pairs`) and the two-subject benchmark alike."""
+    if (left.position, right.position) != ("left", "right"):
+        raise ValueError(f"a two-object caption names the left object first; got positions {left.position!r}, "
+                         f"{right.position!r}")
+    return f"{left.caption()}, and a {right.size} {right.color} {right.shape}, {right.texture}, right"
+
+
 @dataclass
 class SceneSampler:
     """Draws random scenes; ``fixed`` pins attributes (e.g. a held-out concept), others come from ``pool``."""

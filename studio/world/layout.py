@@ -11,5 +11,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_ASSETS = ROOT / "assets"
 WORKDIR = ROOT / ".world-build"
-STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "distill-flux", "loras-sdxl", "loras-flux",
+STAGES = ("data", "vae", "judge", "clip", "base-sdxl", "base-flux", "distill-flux", "pairs-sdxl", "pairs-flux",
+          "loras-sdxl", "loras-flux",
           "qr-sdxl", "qr-flux")
