@@ -37,7 +37,7 @@ class BuildConfig:
     distill_steps: int = 1500
     # two-object fine-tuning of a shipped base (issue 14, :mod:`.pairs`)
     pairs_sdxl_steps: int = 1200
-    pairs_flux_steps: int = 800
+    pairs_flux_steps: int = 800  # tiny-flux: tried at 800 and 2000 steps, not shipped (README, "Two objects")
     lora_steps: int = 400
     qr_steps: int = 200
     # LoRA (and QR-LoRA) steps = lora_steps x a factor per concept category, "<family>/<category>" first. Measured
