@@ -97,6 +97,10 @@ def test_the_whole_build_runs_and_its_products_load(tmp_path):
     assert sorted(p.name for p in qr_folder.glob("*.safetensors")) == sorted(
         [f"{c.name}.safetensors" for c in HELD_OUT] + ["qr-bases.safetensors"])
     assert all(k.endswith(".lora.delta_r.weight") for k in load_file(str(qr_folder / "style-striped.safetensors")))
+    run(["shira-sdxl"], config, ("subject-zorb",))  # PEFT's SHiRA tuner: values float16, indices int16
+    shira = load_file(str(assets / "shira-loras" / "tiny-sdxl" / "subject-zorb.safetensors"))
+    assert {k.rsplit(".", 1)[1] for k in shira} == {"shira_weight", "shira_indices"}
+    assert {v.dtype for v in shira.values()} == {torch.float16, torch.int16} and all(k.startswith("unet.") for k in shira)
     judge = load_judge(assets / "judges" / "concept-judge")
     assert set(judge.predict([np.zeros((64, 64, 3), np.uint8)])[0]) == set(ATTRIBUTES)
     from studio.scoring import ClipScorer
@@ -110,6 +114,8 @@ def test_the_whole_build_runs_and_its_products_load(tmp_path):
     lora = assets / "loras" / "tiny-sdxl" / "style-striped.safetensors"  # LyCORIS LoHa, written by lycoris
     image = studio.compose("a large red zorb, striped", [str(lora)], "merge", steps=2, seed=0).image
     assert image.size == (64, 64)
+    shira_file = assets / "shira-loras" / "tiny-sdxl" / "subject-zorb.safetensors"
+    assert studio.compose("a large red zorb", [str(shira_file)], "merge", steps=2, seed=0).image.size == (64, 64)
 
 
 def test_flux_guidance_distillation_stage(tmp_path):
@@ -219,6 +225,8 @@ def test_lora_steps_scale_with_the_concept_category():
     assert config.steps("qr", "style", "flux") == 6 * config.qr_steps
     assert config.steps("qr", "background", "flux") == 2 * config.qr_steps
     assert config.steps("vae") == config.vae_steps and BuildConfig(scale=0.001).steps("lora", "style") == 10
+    assert config.steps("shira", "subject", "flux") == 2 * config.shira_steps  # its own factor table
+    assert config.steps("shira", "style", "sdxl") == config.shira_steps
 
 
 def test_composlora_mini_has_every_2_and_3_lora_composition():

@@ -1,4 +1,4 @@
-"""Build the tiny world's assets from nothing: data, VAE, judges, base models, LoRAs, QR-LoRAs.
+"""Build the tiny world's assets from nothing: data, VAE, judges, base models, LoRAs, QR-LoRAs, SHiRAs.
 
     python -m studio.world.build                 # every stage, resuming whatever is already done
     python -m studio.world.build --stage base-sdxl --workdir .world-build
@@ -22,7 +22,7 @@ from .concepts import ATTRIBUTES, BASE, HELD_OUT, SceneSampler
 from .data import DataSet, Mixture, cached_pairs, cached_set
 
 from .layout import BUILD_ASSETS as ASSETS
-from .layout import STAGES, WORKDIR
+from .layout import DEFAULT_STAGES, STAGES, WORKDIR
 
 
 @dataclass
@@ -40,6 +40,7 @@ class BuildConfig:
     pairs_flux_steps: int = 800  # tiny-flux: tried at 800 and 2000 steps, not shipped (README, "Two objects")
     lora_steps: int = 400
     qr_steps: int = 200
+    shira_steps: int = 200  # x shira_steps_factor (see studio.world.shira)
     # LoRA (and QR-LoRA) steps = lora_steps x a factor per concept category, "<family>/<category>" first. Measured
     # with the judge (LoRA alone, 20 seeds): at 400 steps the SDXL texture LoRAs drew their texture in only 25-30%
     # of seeds and the FLUX subject LoRAs their shape in 40-60%.
@@ -49,11 +50,16 @@ class BuildConfig:
     lora_steps_factor: dict[str, float] = field(default_factory=lambda: {"subject": 1.0, "style": 3.0,
                                                                          "background": 2.0, "sdxl/style": 6.0,
                                                                          "flux/subject": 6.0, "flux/style": 6.0})
+    # SHiRA steps: half the LoRAs' base count, and only FLUX's subjects doubled (the LoRAs' 6x), so that both
+    # families' twelve adapters trained within one session on the shared, busy 2-core CPU (0.4-0.6 steps/s per
+    # process there); the "shira_loras" alone scores in metrics.json were measured at these counts.
+    shira_steps_factor: dict[str, float] = field(default_factory=lambda: {"flux/subject": 2.0})
 
     def steps(self, name: str, category: str | None = None, family: str | None = None,
               concept: str | None = None) -> int:
         keys = (f"{family}/{concept}", f"{family}/{category}", category) if category else ()
-        factor = next((self.lora_steps_factor[k] for k in keys if k in self.lora_steps_factor), 1.0)
+        table = getattr(self, f"{name}_steps_factor", self.lora_steps_factor)
+        factor = next((table[k] for k in keys if k in table), 1.0)
         return max(10, int(getattr(self, f"{name}_steps") * factor * self.scale))
 
 
@@ -232,10 +238,28 @@ class World:
             out.append(path)
         return out
 
+    def shiras(self, family: str, only: tuple[str, ...] = ()) -> list[Path]:
+        """SHiRA adapters trained by PEFT's SHiRA tuner (:mod:`.shira`), one per held-out concept."""
+        from .shira import train_shira
+
+        out = []
+        for concept in HELD_OUT:
+            if only and concept.name not in only:
+                continue
+            path = self.config.assets / "shira-loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
+            marker = self.work / f"shira-{family}-{concept.name}" / "EXPORTED"
+            if not (path.exists() and marker.exists()):
+                train_shira(family, concept, self.load_base(family), self.data(concept.name),
+                            self.latents(concept.name), self.work, path,
+                            steps=self.config.steps("shira", concept.category, family),
+                            guidance=self.adapter_guidance(family))
+                marker.write_text("ok")
+            out.append(path)
+        return out
 
 
 def run(stages, config: BuildConfig, concepts: tuple[str, ...] = ()) -> None:
-    """Run ``stages`` in order; ``concepts`` restricts the LoRA and QR-LoRA stages to those held-out concepts
+    """Run ``stages`` in order; ``concepts`` restricts the LoRA, QR-LoRA and SHiRA stages to those held-out concepts
     (e.g. to retrain one LoRA, or to train two families' LoRAs in parallel processes)."""
     world = World(config)
     for stage in stages:
@@ -259,23 +283,26 @@ def run(stages, config: BuildConfig, concepts: tuple[str, ...] = ()) -> None:
             world.loras(stage.removeprefix("loras-"), concepts)
         elif stage.startswith("qr-"):
             world.qr_loras(stage.removeprefix("qr-"), concepts)
+        elif stage.startswith("shira-"):
+            world.shiras(stage.removeprefix("shira-"), concepts)
         print(f"[world] stage {stage} done in {time.time() - t0:.0f} s", flush=True)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", action="append", choices=STAGES, help="stages to run (default: all, in order)")
+    ap.add_argument("--stage", action="append", choices=STAGES,
+                    help="stages to run (default: all but pairs-flux, in order)")
     ap.add_argument("--workdir", type=Path, default=BuildConfig.workdir)
     ap.add_argument("--assets", type=Path, default=ASSETS)
     ap.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ...")
     ap.add_argument("--concept", action="append", choices=[c.name for c in HELD_OUT], default=[],
-                    help="only these held-out concepts in the LoRA and QR-LoRA stages (default: all)")
+                    help="only these held-out concepts in the LoRA, QR-LoRA and SHiRA stages (default: all)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
     args = ap.parse_args(argv)
     from .trainer import set_device
 
     set_device(args.device)
-    run(args.stage or STAGES, BuildConfig(workdir=args.workdir, assets=args.assets, scale=args.scale),
+    run(args.stage or DEFAULT_STAGES, BuildConfig(workdir=args.workdir, assets=args.assets, scale=args.scale),
         tuple(args.concept))
 
 

@@ -9,14 +9,15 @@ from typing import Optional
 import typer
 
 from .concepts import HELD_OUT
-from .layout import BUILD_ASSETS, STAGES, WORKDIR
+from .layout import BUILD_ASSETS, DEFAULT_STAGES, STAGES, WORKDIR
 
 world_app = typer.Typer(no_args_is_help=True, help="Build and measure the tiny offline world (models, LoRAs, judges).")
 
 
 @world_app.command("build")
 def build(
-    stage: list[str] = typer.Option([], "--stage", help=f"Stages to run (default all): {', '.join(STAGES)}."),
+    stage: list[str] = typer.Option([], "--stage",
+                                    help=f"Stages to run (default: all but pairs-flux): {', '.join(STAGES)}."),
     workdir: Path = typer.Option(WORKDIR, help="Checkpoints and rendered data (resumable)."),
     assets: Path = typer.Option(BUILD_ASSETS, help="Where trained weights are written."),
     scale: float = typer.Option(1.0, help="Multiply every step count (e.g. 0.02 for a smoke run)."),
@@ -35,7 +36,7 @@ def build(
     from .trainer import set_device
 
     set_device(device)
-    run(stage or STAGES, BuildConfig(workdir=workdir, assets=assets, scale=scale), tuple(concept))
+    run(stage or DEFAULT_STAGES, BuildConfig(workdir=workdir, assets=assets, scale=scale), tuple(concept))
 
 
 @world_app.command("evaluate")
