@@ -23,7 +23,7 @@ from PIL import Image
 from fusion import REGISTRY
 from pipelines.adapters import parse_lora
 from pipelines.control_lora import applied_control_lora, read_control_lora
-from pipelines.errors import IncompatibleLoraError, LoraFileError, StudioError
+from pipelines.errors import IncompatibleLoraError, StudioError
 from pipelines.families import FLUX
 from pipelines.tiny import build_tiny_flux
 from reference import load_adapters, run_lanes

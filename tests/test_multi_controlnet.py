@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import diffusers
 from PIL import Image
 from pipelines.errors import StudioError
 from pipelines.tiny import build_tiny_flux, build_tiny_flux_controlnet, build_tiny_sdxl, build_tiny_sdxl_controlnet

@@ -11,7 +11,8 @@ from PIL import Image
 from pipelines.tiny import build_tiny_sdxl, build_tiny_sdxl_controlnet
 from studio import Recipe
 from test_modes import input_image
-from test_ui_e2e import add_from_library, browser, choose, page, screenshot, set_number  # noqa: F401 (fixtures)
+from test_ui_e2e import (  # noqa: F401 (fixtures)
+    add_from_library, browser, choose, download_png, page, screenshot, set_number)
 from ui.app import launch, make_app
 from ui_support import TinyClipScorer, build_library, free_port
 
@@ -45,10 +46,7 @@ def test_controlnet_in_the_web_app(page, server, tmp_path):  # noqa: F811
     recipe_text = page.locator("#recipe").inner_text()
     assert 'mode = "controlnet"' in recipe_text and "controlnet_conditioning_scale = 0.6" in recipe_text, recipe_text
     screenshot(page, "controlnet")
-    with page.expect_download() as download:
-        page.click("#download-png")
-    saved = tmp_path / "controlled.png"
-    download.value.save_as(saved)
+    saved = download_png(page, tmp_path / "controlled.png")
     recipe = Recipe.from_png(saved)
     assert recipe.controlnet == str((server["root"] / "tiny-canny").resolve())
     # the browser's image is the one the API makes from the recipe and the same control image (recorded by its

@@ -62,6 +62,14 @@ def page(browser, server):
     context.close()
 
 
+def download_png(page, path):
+    """Click the app's PNG download and save the file at ``path``; returns ``path``."""
+    with page.expect_download() as download:
+        page.click("#download-png")
+    download.value.save_as(path)
+    return path
+
+
 def screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"ui-{name}.png"
@@ -130,10 +138,7 @@ def test_generate_with_two_loras_from_the_library(page, server, tmp_path):
     assert 'strategy = "composite"' in recipe and "random-subject" in recipe and "random-style" in recipe
     assert 'prompt = "a zorb in a garden, inkwash"' in recipe and "seed = 7" in recipe
     screenshot(page, "generate")
-    with page.expect_download() as download:
-        page.click("#download-png")
-    saved = tmp_path / "download.png"
-    download.value.save_as(saved)
+    saved = download_png(page, tmp_path / "download.png")
     restored = Recipe.from_png(saved)
     assert (restored.strategy, restored.seed, restored.steps) == ("composite", 7, 4)
     assert [(Path(lora.source).name, lora.weight, lora.start, lora.blocks) for lora in restored.loras] == [

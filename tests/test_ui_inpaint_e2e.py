@@ -8,7 +8,8 @@ from PIL import Image
 
 from studio import Recipe
 from test_modes import input_image, input_mask
-from test_ui_e2e import add_from_library, browser, page, screenshot, server, set_number  # noqa: F401 (fixtures)
+from test_ui_e2e import (  # noqa: F401 (fixtures)
+    add_from_library, browser, download_png, page, screenshot, server, set_number)
 
 
 def test_inpaint_in_the_web_app(page, server, tmp_path):  # noqa: F811
@@ -29,10 +30,7 @@ def test_inpaint_in_the_web_app(page, server, tmp_path):  # noqa: F811
     recipe_text = page.locator("#recipe").inner_text()
     assert 'mode = "inpaint"' in recipe_text and "strength = 0.8" in recipe_text, recipe_text
     screenshot(page, "inpaint")
-    with page.expect_download() as download:
-        page.click("#download-png")
-    saved = tmp_path / "inpainted.png"
-    download.value.save_as(saved)
+    saved = download_png(page, tmp_path / "inpainted.png")
     recipe = Recipe.from_png(saved)
     assert (recipe.mode, recipe.strength, sorted(recipe.inputs)) == ("inpaint", 0.8, ["image", "mask_image"])
     # the browser's image is the one the API makes from the recipe and the same two files (checked by their pixels'

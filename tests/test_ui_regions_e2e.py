@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from studio import Lora, Recipe
-from test_ui_e2e import add_from_library, browser, page, screenshot, server, set_number  # noqa: F401 (fixtures)
+from test_ui_e2e import (  # noqa: F401 (fixtures)
+    add_from_library, browser, download_png, page, screenshot, server, set_number)
 from ui import region_overlay, regions, strategy_form
 
 
@@ -92,10 +93,7 @@ def test_draw_a_region_and_render_with_regional(page, server, tmp_path):  # noqa
     page.wait_for_function("document.querySelector('#region-masks-legend').innerText.includes('random-style')")
     shown_masks = image_at(page, page.locator("#region-masks img").first)
     screenshot(page, "regions-after")
-    with page.expect_download() as download:
-        page.click("#download-png")
-    saved = tmp_path / "regional.png"
-    download.value.save_as(saved)
+    saved = download_png(page, tmp_path / "regional.png")
     recipe = Recipe.from_png(saved)
     assert recipe.strategy == "regional"
     style, subject = recipe.loras
@@ -175,10 +173,7 @@ def test_restore_fills_the_region_controls_back(page, server, tmp_path):  # noqa
     page.get_by_role("tab", name="Generate").click()
     page.click("#generate")
     page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Done')")
-    with page.expect_download() as download:
-        page.click("#download-png")
-    download.value.save_as(tmp_path / "again.png")
-    recipe = Recipe.from_png(tmp_path / "again.png")
+    recipe = Recipe.from_png(download_png(page, tmp_path / "again.png"))
     union = np.asarray(Image.open(recipe.loras[1].region).convert("L"))
     assert (union[32:224, 150:240] == 255).all()  # the restored mask is kept
     assert union[:, :100].sum() > 0 and union[:, 100:150].sum() == 0  # and the stroke joined it

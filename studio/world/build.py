@@ -221,38 +221,30 @@ class World:
 
 
     def qr_loras(self, family: str, only: tuple[str, ...] = ()) -> list[Path]:
+        """QR-LoRAs (:mod:`.qr_lora`), one per held-out concept."""
         from .qr_lora import train_qr_lora
 
-        out = []
-        for concept in HELD_OUT:
-            if only and concept.name not in only:
-                continue
-            path = self.config.assets / "qr-loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
-            marker = self.work / f"qr-{family}-{concept.name}" / "EXPORTED"
-            if not (path.exists() and marker.exists()):
-                train_qr_lora(family, concept, self.load_base(family), self.data(concept.name),
-                              self.latents(concept.name), self.work, path,
-                              steps=self.config.steps("qr", concept.category, family),
-                              guidance=self.adapter_guidance(family))
-                marker.write_text("ok")
-            out.append(path)
-        return out
+        return self._adapter_set(family, only, "qr-loras", "qr", train_qr_lora)
 
     def shiras(self, family: str, only: tuple[str, ...] = ()) -> list[Path]:
         """SHiRA adapters trained by PEFT's SHiRA tuner (:mod:`.shira`), one per held-out concept."""
         from .shira import train_shira
 
+        return self._adapter_set(family, only, "shira-loras", "shira", train_shira)
+
+    def _adapter_set(self, family: str, only: tuple[str, ...], folder: str, kind: str, train) -> list[Path]:
+        """Train (or keep, once exported) one adapter of ``kind`` per held-out concept into ``assets/<folder>/``;
+        ``kind`` names its step count and step-factor table in :class:`BuildConfig` and its checkpoint folders."""
         out = []
         for concept in HELD_OUT:
             if only and concept.name not in only:
                 continue
-            path = self.config.assets / "shira-loras" / f"tiny-{family}" / f"{concept.name}.safetensors"
-            marker = self.work / f"shira-{family}-{concept.name}" / "EXPORTED"
+            path = self.config.assets / folder / f"tiny-{family}" / f"{concept.name}.safetensors"
+            marker = self.work / f"{kind}-{family}-{concept.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
-                train_shira(family, concept, self.load_base(family), self.data(concept.name),
-                            self.latents(concept.name), self.work, path,
-                            steps=self.config.steps("shira", concept.category, family),
-                            guidance=self.adapter_guidance(family))
+                train(family, concept, self.load_base(family), self.data(concept.name), self.latents(concept.name),
+                      self.work, path, steps=self.config.steps(kind, concept.category, family),
+                      guidance=self.adapter_guidance(family))
                 marker.write_text("ok")
             out.append(path)
         return out
