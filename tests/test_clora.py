@@ -17,10 +17,8 @@ import torch
 from safetensors import safe_open
 
 from fusion.clora import CLoRA, info_nce
-from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
-from reference import load_adapters, prompt_embedding_kwargs
 from studio import Lora, Studio
-from test_regional import _encode
+from test_regional import masked_reference
 from writers import write_state_dict
 
 PROMPT, NEGATIVE = "a corgi and a cat in a garden", "blurry"
@@ -139,44 +137,9 @@ def _with_trigger(path, out, trigger):
 def _frozen_mask_reference(family, files, masks, *, steps, guidance, seed, warmup):
     """Plain diffusers: lanes (no LoRA; LoRA 0; LoRA 1), each with the prompt encoded under its own adapters;
     warm-up steps average the three predictions, later steps combine them with ``masks`` ([3, h, w] lane weights)."""
-    pipe = build_tiny_sdxl() if family == "sdxl" else build_tiny_flux()
-    names = load_adapters(pipe, files)
-    lanes = [[], [0], [1]]
-
-    def activate(indices):
-        pipe.set_adapters([names[i] for i in indices] or [names[0]], [1.0] * len(indices) or [0.0])
-
-    embeds = []
-    for indices in lanes:
-        activate(indices)
-        embeds.append(_encode(pipe, family, PROMPT))
-    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
-    original = denoiser.forward
-    step = {"i": 0}
-
-    def combined(*args, **kwargs):
-        out = 0
-        for lane, (indices, embed) in enumerate(zip(lanes, embeds)):
-            activate(indices)
-            kw = dict(kwargs, encoder_hidden_states=embed["encoder_hidden_states"])
-            if family == "sdxl":
-                kw["added_cond_kwargs"] = {**kw["added_cond_kwargs"], "text_embeds": embed["text_embeds"]}
-                weight = masks[lane][None, None]
-            else:
-                kw["pooled_projections"] = embed["pooled_projections"]
-                weight = masks[lane].reshape(1, -1, 1)
-            if step["i"] < warmup:
-                weight = 1.0 / len(lanes)
-            out = out + weight * original(*args, **kw)[0]
-        return (out,)
-
-    denoiser.forward = combined
-    call = dict(num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-                callback_on_step_end=lambda p, i, t, kw: step.update(i=i + 1) or {})
-    call |= prompt_embedding_kwargs(family, embeds[0])
-    with torch.no_grad():
-        return pipe(**call).images[0]
+    lanes = [([], [], PROMPT, masks[0]), ([0], [1.0], PROMPT, masks[1]), ([1], [1.0], PROMPT, masks[2])]
+    return masked_reference(family, files, lanes, steps=steps, guidance=guidance, seed=seed,
+                            step_masks=lambda step, lane: 1.0 / len(lanes) if step < warmup else None)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])

@@ -33,12 +33,13 @@ def _encode(pipe, family, prompt):
         return {"encoder_hidden_states": pe, "pooled_projections": ppe}
 
 
-def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, step_weights=None):
+def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, step_weights=None, step_masks=None):
     """Plain diffusers render where each step is Σ_lane mask ⊙ ε(lane's adapters, lane's prompt).
 
     ``lanes``: ``[(adapter indices, weights, prompt, mask [h, w] on the latent grid)]``; the prompt is encoded with
     those adapters at those weights. ``step_weights(step, lane)``, if given, gives the denoiser's adapter weights
-    at a step (step windows)."""
+    at a step (step windows); ``step_masks(step, lane)``, if given, a weight that replaces the lane's mask at that
+    step, or None to keep the mask (e.g. a warm-up that averages the lanes)."""
     pipe = build_tiny_sdxl() if family == "sdxl" else build_tiny_flux()
     names = load_adapters(pipe, files)
 
@@ -68,7 +69,8 @@ def masked_reference(family, files, lanes, *, steps, guidance, seed, size=64, st
             else:
                 kw["pooled_projections"] = embed["pooled_projections"]
                 m = mask.reshape(1, -1, 1)  # packed tokens, row-major over the 2x2 patch grid
-            out = out + m * original(*args, **kw)[0]
+            override = None if step_masks is None else step_masks(step["i"], lane)
+            out = out + (m if override is None else override) * original(*args, **kw)[0]
         return (out,)
 
     denoiser.forward = masked
