@@ -164,7 +164,12 @@ def test_auto_masks_partition_by_hand():
     assert torch.allclose(weights.sum(0), torch.ones(2, 4)) and torch.equal(weights[0], 1 - high.sum(0))
 
 
-WORLD_PROMPT = "a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"
+def world_prompt(family: str, background: str = "light") -> str:
+    """The two-subject prompt as the family's subject LoRAs are called (tiny-sdxl's are bound to class words)."""
+    from studio.world.concepts import Scene, pair_caption
+
+    return pair_caption(Scene("zorb", "red", "solid", background, "small", "left"),
+                        Scene("quix", "blue", "solid", background, "small", "right"), family)
 
 
 def _world(family, name):
@@ -197,18 +202,18 @@ def test_regional_auto_masks_render_and_recipe(world):
         studio = world(family)
         auto = [Lora(_world(family, "subject-zorb"), region="auto", name="zorb"),
                 Lora(_world(family, "subject-quix"), region="auto", name="quix")]
-        result = studio.compose(WORLD_PROMPT, auto, "regional", seed=0, steps=6, output_type="np")
+        result = studio.compose(world_prompt(family), auto, "regional", seed=0, steps=6, output_type="np")
         masks = torch.stack([result.region_masks["zorb"], result.region_masks["quix"]])
         assert set(masks.unique().tolist()) <= {0.0, 1.0} and float(masks.sum(0).max()) <= 1.0
         assert all(0 < float(m.mean()) < 1 for m in masks)
         assert [r["region"] for r in result.strategy_info["regions"]] == ["auto", "auto"]
         boxes = [Lora(_world(family, "subject-zorb"), region="left", name="zorb"),
                  Lora(_world(family, "subject-quix"), region="right", name="quix")]
-        via_param = studio.compose(WORLD_PROMPT, boxes, "regional", strategy_params={"auto": True}, seed=0, steps=6,
+        via_param = studio.compose(world_prompt(family), boxes, "regional", strategy_params={"auto": True}, seed=0, steps=6,
                                    output_type="np")
         assert (result.latents[0] == via_param.latents[0]).all()
         # lanes in chunks of one: the capture joins the chunks' rows, same masks, same image
-        chunked = studio.compose(WORLD_PROMPT, auto, "regional", seed=0, steps=6, output_type="np", max_lanes=1)
+        chunked = studio.compose(world_prompt(family), auto, "regional", seed=0, steps=6, output_type="np", max_lanes=1)
         assert torch.equal(chunked.region_masks["zorb"], result.region_masks["zorb"])
         np.testing.assert_allclose(chunked.latents[0], result.latents[0], atol=1e-5, rtol=0)
         assert not any(m._forward_hooks for m in getattr(studio.pipe, studio.family.denoiser).modules())
@@ -244,7 +249,7 @@ def test_failing_render_during_capture_leaves_nothing_attached(world):
     handle = unet.conv_out.register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            studio.compose(WORLD_PROMPT, [Lora(_world("sdxl", "subject-zorb"), region="auto", name="z")],
+            studio.compose(world_prompt("sdxl"), [Lora(_world("sdxl", "subject-zorb"), region="auto", name="z")],
                            "regional", steps=3)
     finally:
         handle.remove()
@@ -262,5 +267,5 @@ def test_auto_masks_under_img2img_start_at_the_strength_step(world):
             Lora(_world("sdxl", "subject-quix"), region="auto", name="quix")]
     for strategy, loras in (("regional", auto), ("clora", [Lora(_world("sdxl", "subject-zorb"), name="zorb"),
                                                           Lora(_world("sdxl", "subject-quix"), name="quix")])):
-        result = studio.compose(WORLD_PROMPT, loras, strategy, image=image, strength=0.6, steps=10, output_type="np")
+        result = studio.compose(world_prompt("sdxl"), loras, strategy, image=image, strength=0.6, steps=10, output_type="np")
         assert set(result.region_masks) == {"zorb", "quix"}, strategy

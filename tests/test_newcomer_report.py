@@ -12,7 +12,8 @@ from studio.report import MAX_CHART_WIDTH, bar_chart, write_outputs
 from studio.world.verdicts import judge_folder, strategy_guide
 
 LORAS = assets_root() / "loras" / "tiny-sdxl"
-PROMPT = "a large red zorb, solid, on a light background, center"
+# tiny-sdxl's subject LoRAs are bound to a class word (studio.world.concepts.CLASS_WORDS): zorb to "circle"
+PROMPT = "a large red circle, solid, on a light background, center"
 
 
 def _record(rid: str, file: str, strategy: str, concepts: dict, model: str = "tiny-sdxl", seed: int = 0) -> dict:
@@ -25,8 +26,8 @@ def _record(rid: str, file: str, strategy: str, concepts: dict, model: str = "ti
 
 @pytest.fixture(scope="module")
 def judged_folder(tmp_path_factory):
-    """Two real renders of the zorb prompt: with the zorb LoRA (the judge sees a zorb) and without (the base
-    model does not know the word, so it draws another shape)."""
+    """Two real renders of the zorb LoRA's prompt: with the zorb LoRA (the judge sees a zorb) and without (the base
+    model draws the circle the prompt names)."""
     from studio import Studio
 
     folder = tmp_path_factory.mktemp("judged")
@@ -133,7 +134,7 @@ loras = [
 ]
 
 [[prompts]]
-text = "a large blue zorb, striped, on a light background, center"
+text = "a large blue circle, striped, on a light background, center"
 
 [axes]
 strategy = ["merge"]

@@ -6,7 +6,7 @@ region prompt, seed, steps, guidance, size) and gets the rendered images and the
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
-    images, recipes = client.predict('{"model": "tiny-sdxl", "prompt": "a large red zorb", "strategy": "switch",'
+    images, recipes = client.predict('{"model": "tiny-sdxl", "prompt": "a large red circle", "strategy": "switch",'
                                      ' "loras": [{"source": "tiny-sdxl/subject-zorb.safetensors", "weight": 0.8}]}',
                                      api_name="/render_recipe")
 

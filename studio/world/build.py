@@ -212,8 +212,8 @@ class World:
             path = self.config.assets / "loras" / f"tiny-{family}" / f"{job.name}.safetensors"
             marker = self.work / f"lora-{family}-{job.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
-                train_lora(job, self.load_base(family), self.data(job.name), self.latents(job.name), self.work,
-                           path, steps=self.config.steps("lora", job.concept.category, family, job.name),
+                train_lora(job, self.load_base(family), self.data(job.name).for_family(family),
+                           self.latents(job.name), self.work, path, steps=self.config.steps("lora", job.concept.category, family, job.name),
                            guidance=self.adapter_guidance(family))
                 marker.write_text("ok")
             out.append(path)
@@ -242,7 +242,8 @@ class World:
             path = self.config.assets / folder / f"tiny-{family}" / f"{concept.name}.safetensors"
             marker = self.work / f"{kind}-{family}-{concept.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
-                train(family, concept, self.load_base(family), self.data(concept.name), self.latents(concept.name),
+                train(family, concept, self.load_base(family), self.data(concept.name).for_family(family),
+                      self.latents(concept.name),
                       self.work, path, steps=self.config.steps(kind, concept.category, family),
                       guidance=self.adapter_guidance(family))
                 marker.write_text("ok")

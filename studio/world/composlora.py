@@ -72,7 +72,7 @@ def benchmark_items(family: str, strategies: Sequence[str], seeds: Sequence[int]
     if shira_strategies:
         items += composition_items(comps, family, [shira_choice(s) for s in shira_strategies], seeds, assets=assets,
                                    steps=steps, lora_folder="shira-loras")
-    prompts = {c.prompt(): i for i, c in enumerate(comps)}
+    prompts = {c.prompt(family): i for i, c in enumerate(comps)}
     for position, item in enumerate(items):  # one report section per composition
         item.position, item.prompt_index = position, prompts[item.prompt]
     return items

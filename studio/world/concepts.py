@@ -4,7 +4,8 @@ Each image shows one shape of some colour and fill texture, of some size and pos
 Some concepts are *held out* of base-model training and become LoRAs, in the categories the multi-LoRA
 composition papers use:
 
-* subjects: two new shapes, each called by a trigger word (``zorb``: a plus-shaped cross; ``quix``: a star);
+* subjects: two new shapes (``zorb``: a plus-shaped cross; ``quix``: a star), called by a trigger word in
+  tiny-flux's LoRAs and by a class word in tiny-sdxl's (:data:`CLASS_WORDS`);
 * styles: two fill textures (``striped``, ``dotted``);
 * backgrounds: two patterned backgrounds (``bricks``, ``waves``).
 
@@ -64,6 +65,24 @@ HELD_OUT = (
 )
 
 
+# Subject LoRAs bound to a class word (issue 14), as character LoRAs are: tiny-sdxl's subject LoRAs (and its
+# QR-LoRAs and SHiRAs) are trained on captions that call the subject by the base shape it stands in for, with no
+# trigger word ("a small red circle, ..." under renders of a zorb), the way a character LoRA is trained on "a woman"
+# and then redraws every woman. Two of them merged both act on every object of the prompt, which is why merging
+# two character LoRAs blends them; each in its own region is what regional composition is for. The class word
+# replaces the shape word rather than joining a trigger ("a zorb circle"): one more word per object makes the
+# two-object prompt 27 tokens, past the 25 the base was fine-tuned on (:mod:`.pairs`), and the base then drew two
+# objects in 0 of 12 probes (1.0 at 25 tokens). tiny-flux's subject LoRAs keep their trigger words: its base cannot
+# draw two objects, so a binding would change nothing that can be measured, and retraining them costs hours here.
+CLASS_WORDS: dict[str, dict[str, str]] = {"sdxl": {"zorb": "circle", "quix": "square"}}
+
+
+def shape_word(shape: str, family: str | None = None) -> str:
+    """How captions and prompts of ``family`` call ``shape``: the class word a subject LoRA is bound to, else the
+    shape's own name (its trigger word for a held-out shape)."""
+    return CLASS_WORDS.get(family or "", {}).get(shape, shape)
+
+
 @dataclass(frozen=True)
 class Scene:
     shape: str
@@ -73,15 +92,17 @@ class Scene:
     size: str
     position: str
 
-    def caption(self) -> str:
-        return (f"a {self.size} {self.color} {self.shape}, {self.texture}, "
+    def caption(self, family: str | None = None) -> str:
+        """The world's one-object grammar; ``family`` names the held-out shapes as its LoRAs were trained
+        (:func:`shape_word`)."""
+        return (f"a {self.size} {self.color} {shape_word(self.shape, family)}, {self.texture}, "
                 f"on a {self.background} background, {self.position}")
 
     def value(self, attribute: str) -> str:
         return getattr(self, attribute)
 
 
-def pair_caption(left: Scene, right: Scene) -> str:
+def pair_caption(left: Scene, right: Scene, family: str | None = None) -> str:
     """The world's one grammar for two objects side by side (issue 14): the left object's full caption (its
     background is the scene's), then ", and " and the right object without the background, ending in ``right``:
 
@@ -91,7 +112,8 @@ def pair_caption(left: Scene, right: Scene) -> str:
     if (left.position, right.position) != ("left", "right"):
         raise ValueError(f"a two-object caption names the left object first; got positions {left.position!r}, "
                          f"{right.position!r}")
-    return f"{left.caption()}, and a {right.size} {right.color} {right.shape}, {right.texture}, right"
+    return (f"{left.caption(family)}, and a {right.size} {right.color} {shape_word(right.shape, family)}, "
+            f"{right.texture}, right")
 
 
 @dataclass
@@ -104,6 +126,11 @@ class SceneSampler:
     def sample(self, rng) -> Scene:
         values = {a: self.fixed.get(a) or self.pool[a][rng.integers(len(self.pool[a]))] for a in ATTRIBUTES}
         return Scene(**values)
+
+
+def trigger_phrase(concept: HeldOut, family: str | None = None) -> str:
+    """The words that call ``concept``'s adapters of ``family`` (their ``modelspec.trigger_phrase``)."""
+    return shape_word(concept.value, family) if concept.attribute == "shape" else concept.trigger
 
 
 def held_out(name: str) -> HeldOut:

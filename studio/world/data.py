@@ -8,7 +8,7 @@ would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,11 @@ _ORDER = tuple(ATTRIBUTES)
 class DataSet:
     images: np.ndarray  # [N, 64, 64, 3] uint8
     attributes: np.ndarray  # [N, len(ATTRIBUTES)] int16 indices into ATTRIBUTES values
+    family: str | None = None  # captions name held-out shapes as this family's adapters are called (concepts)
+
+    def for_family(self, family: str) -> "DataSet":
+        """The same renders, captioned for ``family``'s adapters (:func:`.concepts.shape_word`)."""
+        return replace(self, family=family)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -41,7 +46,7 @@ class DataSet:
     def take(self, index) -> tuple[torch.Tensor, list[str], list[Scene]]:
         images = torch.from_numpy(self.images[index]).permute(0, 3, 1, 2).float() / 127.5 - 1
         scenes = [self.scene(int(i)) for i in index]
-        return images, [s.caption() for s in scenes], scenes
+        return images, [s.caption(self.family) for s in scenes], scenes
 
 
 def render_set(sampler: SceneSampler, count: int, seed: int, desc: str = "render") -> DataSet:

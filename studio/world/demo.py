@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.assets import asset_path, assets_root
 
-from .concepts import HeldOut, held_out
+from .concepts import HeldOut, Scene, held_out
 
 TINY_CLIP_NAME = "tiny-clip"  # assets/models/<this>
 
@@ -28,12 +28,12 @@ class Composition:
     def held(self) -> list[HeldOut]:
         return [held_out(n) for n in self.concepts]
 
-    def prompt(self) -> str:
+    def prompt(self, family: str | None = None) -> str:
+        """The composition in the world's caption grammar, its subject called as ``family``'s LoRAs call it."""
         chosen = {c.attribute: c.value for c in self.held()}
-        shape = chosen.get("shape", "circle")
-        texture = chosen.get("texture", "solid")
-        background = chosen.get("background", "light")
-        return f"a {self.size} {self.color} {shape}, {texture}, on a {background} background, {self.position}"
+        return Scene(shape=chosen.get("shape", "circle"), color=self.color, texture=chosen.get("texture", "solid"),
+                     background=chosen.get("background", "light"), size=self.size,
+                     position=self.position).caption(family)
 
 
 DEMO_COMPOSITIONS = (
@@ -66,7 +66,7 @@ def composition_items(compositions, family: str, strategies, seeds, *, assets: P
         entries = [{"source": str(lora_path(family, c.name, assets, lora_folder)), "name": c.name,
                     "concept": c.concept_text} for c in comp.held()]
         stack = build_stack(" + ".join(comp.concepts), entries, base_dir=None, lora_dir=None, origin="demo")
-        prompt = PromptSpec(text=comp.prompt())
+        prompt = PromptSpec(text=comp.prompt(family))
         axes = Axes(strategies=fitting, seeds=list(seeds), steps=[steps])
         for item in expand(f"tiny-{family}", [prompt], [stack], axes, origin="demo"):
             item.position, item.prompt_index = len(items), compositions.index(comp)

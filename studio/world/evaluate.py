@@ -38,12 +38,14 @@ def base_accuracy(studio, judge, n: int = 48, seed: int = 0) -> dict[str, float]
     return out
 
 
-def lora_alone(studio, judge, lora: str | Path, concept: HeldOut, n: int = 20, seed: int = 100) -> float:
-    """How often the judge sees the LoRA's concept in renders of prompts that use its trigger word."""
+def lora_alone(studio, judge, lora: str | Path, concept: HeldOut, n: int = 20, seed: int = 100,
+               family: str | None = None) -> float:
+    """How often the judge sees the LoRA's concept in renders of prompts that call it as ``family``'s adapters are
+    called (its trigger word, or the class word a tiny-sdxl subject is bound to)."""
     rng = np.random.default_rng(seed)
     sampler = SceneSampler(pool=dict(BASE), fixed={concept.attribute: concept.value})
     scenes = [sampler.sample(rng) for _ in range(n)]
-    predictions = judge.predict(_render(studio, [s.caption() for s in scenes], seed, loras=[str(lora)]))
+    predictions = judge.predict(_render(studio, [s.caption(family) for s in scenes], seed, loras=[str(lora)]))
     return float(np.mean([p[concept.attribute] == concept.value for p in predictions]))
 
 
@@ -54,7 +56,8 @@ ADAPTER_SETS = {"loras": "loras", "qr_loras": "qr-loras", "shira_loras": "shira-
 def adapters_alone(studio, judge, assets: Path, family: str, key: str, n_lora: int = 20) -> dict[str, float]:
     """:func:`lora_alone` for every concept of one adapter set (``key`` of :data:`ADAPTER_SETS`)."""
     folder = assets / ADAPTER_SETS[key] / f"tiny-{family}"
-    return {concept.name: lora_alone(studio, judge, folder / f"{concept.name}.safetensors", concept, n_lora)
+    return {concept.name: lora_alone(studio, judge, folder / f"{concept.name}.safetensors", concept, n_lora,
+                                     family=family)
             for concept in HELD_OUT}
 
 

@@ -1,7 +1,8 @@
 """Training one LoRA per held-out concept per family, saved in the formats people download.
 
 Each LoRA trains on renders of its concept combined with random base concepts, captioned with its trigger word
-("a large red zorb, solid, on a dark background, left"), with the base model frozen and the same objective as
+("a large red zorb, solid, on a dark background, left") or, for tiny-sdxl's subjects, the class word it is bound to
+("a large red circle, ...": :data:`.concepts.CLASS_WORDS`), with the base model frozen and the same objective as
 the base (:mod:`.objectives`). Writers are the real tools of each format:
 
 * diffusers/PEFT: ``peft`` adapters saved with ``save_lora_weights``;
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .concepts import HELD_OUT, HeldOut
+from .concepts import HELD_OUT, HeldOut, trigger_phrase
 from .data import DataSet
 from .objectives import denoiser_step_fn
 from .trainer import Checkpoint, device, train
@@ -76,17 +77,18 @@ class LoraJob:
 
 
 def metadata(job: LoraJob, dim: int, alpha: float, module: str, algo: str | None = None) -> dict[str, str]:
-    tags = {job.concept.trigger: 100, job.concept.category: 100}
+    trigger = trigger_phrase(job.concept, job.family)
+    tags = {trigger: 100, job.concept.category: 100}
     meta = {
         "ss_output_name": job.name,
         "ss_base_model_version": BASE_VERSION[job.family],
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(alpha),
         "ss_network_module": module,
-        "ss_tag_frequency": json.dumps({f"10_{job.concept.trigger}": tags}),
+        "ss_tag_frequency": json.dumps({f"10_{trigger}": tags}),
         "modelspec.title": job.name,
         "modelspec.architecture": ARCHITECTURE[job.family],
-        "modelspec.trigger_phrase": job.concept.trigger,
+        "modelspec.trigger_phrase": trigger,
         "studio.concept": job.concept.category,
     }
     if algo:

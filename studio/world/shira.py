@@ -29,7 +29,7 @@ from torch import nn
 from pipelines.atomic_files import atomic_target
 from pipelines.families import FAMILIES
 
-from .concepts import HELD_OUT, HeldOut
+from .concepts import HELD_OUT, HeldOut, trigger_phrase
 from .data import DataSet
 from .loras import ARCHITECTURE, BASE_VERSION, FLUX_TARGETS, SDXL_TARGETS, ParamBag
 from .objectives import denoiser_step_fn
@@ -49,17 +49,18 @@ def mask_seed(family: str, concept: HeldOut) -> int:
 
 def metadata(family: str, concept: HeldOut, density: float) -> dict[str, str]:
     """Trigger metadata as the other world LoRAs carry it (kohya/modelspec keys), plus the SHiRA settings."""
-    tags = {concept.trigger: 100, concept.category: 100}
+    trigger = trigger_phrase(concept, family)
+    tags = {trigger: 100, concept.category: 100}
     return {
         "format": "pt",
         "ss_output_name": concept.name,
         "ss_base_model_version": BASE_VERSION[family],
         "ss_network_dim": str(RANK),
         "ss_network_module": "peft.shira",
-        "ss_tag_frequency": json.dumps({f"10_{concept.trigger}": tags}),
+        "ss_tag_frequency": json.dumps({f"10_{trigger}": tags}),
         "modelspec.title": concept.name,
         "modelspec.architecture": ARCHITECTURE[family],
-        "modelspec.trigger_phrase": concept.trigger,
+        "modelspec.trigger_phrase": trigger,
         "studio.concept": concept.category,
         "shira.r": str(RANK),
         "shira.mask": "random",
