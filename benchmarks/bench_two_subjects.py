@@ -3,15 +3,20 @@
     python benchmarks/bench_two_subjects.py                          # tiny-sdxl, every registered strategy
     python benchmarks/bench_two_subjects.py --family flux --seeds 0 1 2
     python benchmarks/bench_two_subjects.py --strategy merge --strategy composite:reduce=sum
+    python benchmarks/bench_two_subjects.py --seeds 0 1 2 3 --strategy clora:masks=every_step --add
 
 Scenes (issue 14): the tiny world's two subject LoRAs, ``zorb`` (a cross) and ``quix`` (a star), asked for side by
-side ("a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"), alone or with
-a shared style (``striped``) or background (``waves``) LoRA; and, as a reference without LoRAs, two base shapes
-side by side (``base`` rows: can the base model draw two objects at all?). Every strategy renders the same
-prompt and seeds. ``regional`` (when registered) gets each subject LoRA with its box (``region=left`` /
-``region=right``; with the benchmark option ``region=auto``, ``region=auto``: masks from the cross-attention of its
-trigger word) and a one-object region prompt in the world's caption grammar; the style/background LoRA stays
-global. ``clora`` finds its concepts by their trigger words in the prompt. Strategies defined for fewer LoRAs than a scene has (``klora``: two) skip it.
+side, alone or with a shared style (``striped``) or background (``waves``) LoRA; and, as a reference without
+LoRAs, two base shapes side by side (``base`` rows: can the base model draw two objects at all?). On tiny-sdxl the
+subject LoRAs are bound to class words, as character LoRAs are (:data:`studio.world.concepts.CLASS_WORDS`: zorb to
+``circle``, quix to ``square``), so a scene's prompt is a base prompt: "a small red circle, solid, on a light
+background, left, and a small blue square, solid, right"; on tiny-flux they are called by their trigger words
+("... a small red zorb, ... a small blue quix, ..."). Every strategy renders the same prompt and seeds.
+``regional`` (when registered) gets each subject LoRA with its box (``region=left`` / ``region=right``; with the
+benchmark option ``region=auto``, ``region=auto``: masks from the cross-attention of its trigger or class word) and
+a one-object region prompt in the world's caption grammar; the style/background LoRA stays global. ``clora`` finds
+its concepts by their trigger (or class) words in the prompt. Strategies defined for fewer LoRAs than a scene has
+(``klora``: two) skip it.
 
 Each image is judged per half by :mod:`studio.world.regions` (the concept judge on each half, re-centred at
 native scale, plus a pixel test: is there an object inside the half, or one across the middle?). Per strategy:
@@ -29,8 +34,9 @@ native scale, plus a pixel test: is there an object inside the half, or one acro
   machine; with one torch thread it is the render's own work), the first render of a stack included, so one-off
   merges count; and the ratio to ``merge``.
 
-Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md`` and a picture (``.png``: merge, regional with
-boxes, regional with ``region=auto`` and clora on each scene, seed 0); images in ``--work``
+Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md`` and a picture (``.png``: the rows of
+:data:`GRID_ROWS` that were measured, merge, regional with boxes, with region prompts only and with
+``region=auto``, clora with fixed and per-step masks, on each scene, seed 0); images in ``--work``
 (``outputs/two-subjects``).
 """
 
@@ -76,13 +82,14 @@ class PairScene:
         return Scene(shape=shape, color=color, texture=self.texture, background=self.background, size="small",
                      position=side)
 
-    def caption(self, side: str) -> str:
-        """One object's caption (a regional lane's prompt), in the single-object grammar."""
-        return self.scene(side).caption()
+    def caption(self, side: str, family: str | None = None) -> str:
+        """One object's caption (a regional lane's prompt), in the single-object grammar; subjects are called as
+        ``family``'s LoRAs call them (on tiny-sdxl by the class word they are bound to)."""
+        return self.scene(side).caption(family)
 
-    def prompt(self) -> str:
+    def prompt(self, family: str | None = None) -> str:
         """The two-object prompt, in the grammar the bases were fine-tuned on (:func:`pair_caption`)."""
-        return pair_caption(self.scene("left"), self.scene("right"))
+        return pair_caption(self.scene("left"), self.scene("right"), family)
 
 
 SCENES = (
@@ -111,7 +118,7 @@ def stack(scene: PairScene, family: str, strategy: str, region: str = "box") -> 
     for side, shape in (("left", scene.left), ("right", scene.right)):
         entry = {"source": lora_file(family, f"subject-{shape}"), "name": f"subject-{shape}"}
         if strategy in REGION_STRATEGIES:
-            entry.update(region=side if region == "box" else "auto", prompt=scene.caption(side))
+            entry.update(region=side if region == "box" else "auto", prompt=scene.caption(side, family))
         entries.append(entry)
     if scene.extra:
         entries.append({"source": lora_file(family, scene.extra), "name": scene.extra})
@@ -127,12 +134,12 @@ def parse_choice(text: str) -> tuple[str, str, dict]:
     return label, name, params
 
 
-def global_prompt(scene: PairScene, params: dict) -> str:
+def global_prompt(scene: PairScene, params: dict, family: str | None = None) -> str:
     """The prompt every strategy gets: the two-object prompt, or nothing with the benchmark option ``global=none``."""
     option = params.pop("global", "full")
     if option not in ("full", "none"):
         raise SystemExit(f"global={option!r}: use full (the two-object prompt) or none (region prompts only)")
-    return scene.prompt() if option == "full" else ""
+    return scene.prompt(family) if option == "full" else ""
 
 
 def region_option(strategy: str | None, params: dict) -> str:
@@ -153,6 +160,8 @@ def default_choices() -> list[str]:
             choices.append("composite:reduce=sum")
         if name in REGION_STRATEGIES:
             choices += [f"{name}:global=none", f"{name}:region=auto"]
+        if name == "clora":  # the paper's masks, made again at every step
+            choices.append("clora:masks=every_step")
     return choices
 
 
@@ -211,7 +220,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GRID_ROWS = ("merge", "regional", "regional region=auto", "clora")
+GRID_ROWS = ("merge", "regional", "regional global=none", "regional region=auto", "clora", "clora masks=every_step")
 
 
 def write_grid(results: Path, work: Path, out: Path, rows=GRID_ROWS, seed: int = 0, scale: int = 3) -> None:
@@ -255,6 +264,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "two-subjects")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--add", action="store_true", help="add/replace these strategies' rows in the earlier results "
+                    "(same seeds and --work; time ratios against that run's merge unless merge runs again)")
     ap.add_argument("--grid-only", action="store_true", help="only (re)draw the picture from earlier results")
     ap.add_argument("--rejudge", action="store_true", help="judge the earlier run's images again (after a change "
                                                            "to the region judge) and rewrite its results")
@@ -307,7 +318,7 @@ def main(argv=None) -> None:
                 t0 = time.process_time()
                 try:
                     options = {k: v for k, v in params.items() if k != "region"}
-                    prompt = global_prompt(scene, options)
+                    prompt = global_prompt(scene, options, args.family)
                     result = studio.compose(prompt, loras, name or "merge", strategy_params=options or None, seed=seed)
                 except Exception as error:  # one strategy failing must not lose the others' rows
                     print(f"{label}: scene {si} seed {seed} failed: {type(error).__name__}: {error}")
@@ -327,12 +338,19 @@ def main(argv=None) -> None:
             continue
         records_by_label[label] = records
         print(f"{label}: {score(records)}", flush=True)
+    if args.add and stem.with_suffix(".json").exists():
+        earlier = json.loads(stem.with_suffix(".json").read_text())
+        if earlier["seeds"] != args.seeds:
+            raise SystemExit(f"--add needs the earlier run's seeds {earlier['seeds']}, got {args.seeds}")
+        rerun = set(records_by_label)
+        records_by_label = {**earlier["images"], **records_by_label}
+        notes = [n for n in earlier.get("notes", []) if n.split(":")[0] not in rerun] + notes
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "CPU")
     header = (f"tiny-{args.family}, {len(SCENES)} two-subject scenes (+{len(BASE_SCENES)} base-shape scenes without "
               f"LoRAs) x seeds {args.seeds}, {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     payload = {"family": args.family, "seeds": args.seeds, "device": device, "threads": torch.get_num_threads(),
-               "header": header, "scenes": [s.prompt() for s in SCENES],
-               "base_scenes": [s.prompt() for s in BASE_SCENES], "notes": notes, "images": records_by_label}
+               "header": header, "scenes": [s.prompt(args.family) for s in SCENES],
+               "base_scenes": [s.prompt(args.family) for s in BASE_SCENES], "notes": notes, "images": records_by_label}
     write_results(stem, work, payload)
 
 

@@ -25,13 +25,16 @@ included), all run as one batched forward through the seam. Two mechanisms:
    own lanes; since every lane steps from the same ``z_t`` and the scheduler update is linear in ε, this equals
    the paper's fusion of the lanes' latents ``z = Σ_c M_c ⊙ z^c``. Masks are made as for ``region=auto``
    (:mod:`fusion.concept_masks`): after the first ``mask_after`` of the steps (the released example: 8 of 50;
-   lanes averaged before), then fixed.
+   lanes averaged before), then fixed (``masks=fixed``, the default) or, as the paper does, made again at every
+   later step from the attention of the step before (``masks=every_step``: the seam sets a step's fusion weights
+   before its forward, so a step's own maps come one step late).
 
 Where the released code (read through public ports of ``gemlab-vt/CLoRA``'s pipeline; the repository itself could
 not be fetched here) differs: it computes each step's noise predictions *before* the latent update and steps the
 scheduler from the updated latents with them (here, as in Attend-and-Excite, the step predicts on the updated
-latents); it uses a constant step size; it recomputes masks every step, binarises at 0.3 · max and averages
-overlaps (here min-max, argmax, fixed after the warm-up); its base lane runs only the style LoRA, as here.
+latents); it uses a constant step size; it recomputes masks every step from that step's maps (here one step late
+with ``masks=every_step``, fixed after the warm-up by default), binarises at 0.3 · max and averages overlaps (here
+min-max, argmax); its base lane runs only the style LoRA, as here.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ class CLoRA(Strategy):
               "steps 0, 10, 20 of 50)", type=int, min=1, max=50),
         Param("mask_after", 0.16, "masks from the attention of the steps before this fraction, then fixed; lanes "
               "averaged before (released example: 8 of 50)", min=0.0, max=1.0),
+        Param("masks", "fixed", "fixed: masks from the warm-up's attention, kept for the rest of the render; "
+              "every_step: made again at every later step from the previous step's attention (the paper)", type=str,
+              choices=("fixed", "every_step")),
         Param("mask_threshold", 0.3, "a position joins a concept's mask where its normalised attention is highest "
               "and above this (released default 0.3)", min=0.0, max=1.0),
         Param("max_concepts", 0, "only the first N LoRAs of the stack can be concepts (subjects first); the rest act in "
@@ -169,8 +175,10 @@ class CLoRA(Strategy):
         lanes = list(range(gains.shape[0]))
         extras = {}
         if self.masker is None or ctx.step <= self._last_step:  # a new image (img2img: from the strength's step)
+            self._first_image = self.masker is None
             self.masker = self._new_masker()
             self._mask_step = min(ctx.step + self.warmup, max(ctx.step + 1, self.steps - 1))
+            self._previous: AttentionCapture | None = None
         self._last_step = ctx.step
         if ctx.step + 1 in self.updates and len(self.concepts) > 1:
             extras["between_steps"] = self._latent_update(ctx, gains)
@@ -178,13 +186,17 @@ class CLoRA(Strategy):
             extras["attention_capture"] = self.masker.capture()
             return StepPlan(gains=gains, weights=torch.full((len(lanes),), 1.0 / len(lanes)), text_lanes=lanes,
                             extras=extras)
-        if ctx.step == self._mask_step:
-            weights = lane_weights(list(self.masker.masks()))  # [1 + C, h, w]: base lane, then each concept
+        every_step = self.masks == "every_step"
+        if ctx.step == self._mask_step or (every_step and self._previous is not None):
+            captures = [self._previous] if ctx.step > self._mask_step else None  # None: the warm-up's
+            weights = lane_weights(list(self.masker.masks(captures)))  # [1 + C, h, w]: base lane, then concepts
             self.maps = weights.flatten(1) if self._tokens else weights
-            if not self.region_masks:  # the first image's
+            if self._first_image:  # the masks the first image used last (every_step: its last step's)
                 self.region_masks = {self._run.names[k]: m.clone() for k, m in zip(self.concepts, weights[1:])}
                 self.info["coverage"] = {self._run.names[k]: round(float(m.mean()), 4)
                                          for k, m in zip(self.concepts, weights[1:])}
+        if every_step:  # this step's maps make the next step's masks
+            self._previous = extras["attention_capture"] = AttentionCapture(self._run.family, self.latent_grid)
         return StepPlan(gains=gains, weights=self.maps.clone(), text_lanes=lanes, extras=extras)
 
     def _latent_update(self, ctx: StepContext, gains: torch.Tensor):

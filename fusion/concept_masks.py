@@ -14,9 +14,11 @@ ports of its pipeline since the repository itself could not be fetched here):
    the denoiser's grid, divide by the maximum, argmax across concepts, keep values above ``threshold``; 0.3 is the
    released default) and stay fixed for the rest of the render; a base lane fills what no concept took.
 
-CLoRA's paper recomputes the masks at every step from that step's maps; fixing them after the warm-up (as
-regional boxes are fixed) is this studio's choice: the capture then costs only the warm-up steps, and the
-masks the user sees are the masks every later step used.
+CLoRA's paper recomputes the masks at every step from that step's maps; ``clora`` does so with
+``masks=every_step`` (each step's masks from the previous step's maps: the seam sets a step's fusion weights
+before its forward). Fixing them after the warm-up (as regional boxes are fixed) is the default here and the only
+form of ``region=auto``: the capture then costs only the warm-up steps, and the masks the user sees are the masks
+every later step used.
 
 Concept tokens of a LoRA: its trigger words (the file's ``modelspec.trigger_phrase``, else its most frequent
 training tags) where they occur in the lane's prompt; else its region prompt as a phrase; a LoRA with neither
@@ -101,9 +103,11 @@ class ConceptMasks:
         return torch.stack([concept_map(maps, lane, self.lane_count, pos, self.guidance)
                             for lane, pos in zip(self.lanes, self.positions)])
 
-    def masks(self) -> torch.Tensor:
-        """``[R, H, W]`` disjoint 0/1 masks on the denoiser's grid from the mean warm-up maps."""
-        if not self.captures:
+    def masks(self, captures: list[AttentionCapture] | None = None) -> torch.Tensor:
+        """``[R, H, W]`` disjoint 0/1 masks on the denoiser's grid from the mean maps of ``captures`` (default: the
+        warm-up's)."""
+        captures = self.captures if captures is None else captures
+        if not captures:
             raise RuntimeError("no warm-up step ran before the masks were asked for")
-        maps = torch.stack([self.concept_maps(c).detach().float().cpu() for c in self.captures]).mean(0)
+        maps = torch.stack([self.concept_maps(c).detach().float().cpu() for c in captures]).mean(0)
         return auto_masks(maps, self.mask_grid, self.threshold)

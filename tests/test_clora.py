@@ -4,7 +4,9 @@
 * the latent update equals ``z − α ∇L`` with the gradient taken by hand (autograd through a replay of the step
   with the model input scaled by hand and the loss written out);
 * with the masks frozen (no latent update), the image equals plain diffusers/PEFT passes per lane (base lane
-  without LoRAs, lane c with LoRA c) averaged in the warm-up step and combined with the masks by hand afterwards.
+  without LoRAs, lane c with LoRA c) averaged in the warm-up step and combined with the masks by hand afterwards;
+* with ``masks=every_step`` each step after the warm-up's first uses the masks of the previous step's attention,
+  and the image equals the plain passes combined with those per-step masks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from test_regional import masked_reference
 from writers import write_state_dict
 
 PROMPT, NEGATIVE = "a corgi and a cat in a garden", "blurry"
-WORLD_PROMPT = "a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"
+
+
+def world_prompt(family: str, background: str = "light") -> str:
+    """The two-subject prompt as the family's subject LoRAs are called (tiny-sdxl's are bound to class words)."""
+    from studio.world.concepts import Scene, pair_caption
+
+    return pair_caption(Scene("zorb", "red", "solid", background, "small", "left"),
+                        Scene("quix", "blue", "solid", background, "small", "right"), family)
 
 
 def _formula(embeddings: list[list[float]], groups: list[int], tau: float) -> float:
@@ -116,7 +125,7 @@ def test_latent_update_equals_z_minus_alpha_grad_by_hand(family, monkeypatch):
     strategy = CLoRA(refine_iters=2)
     checked_strategy = [strategy]
     loras = [Lora(_world(family, "subject-zorb"), name="zorb"), Lora(_world(family, "subject-quix"), name="quix")]
-    result = studio.compose(WORLD_PROMPT, loras, strategy, steps=6, seed=1, output_type="np")
+    result = studio.compose(world_prompt(family), loras, strategy, steps=6, seed=1, output_type="np")
     # steps 1 and 2 updated (update_until 0.5 of 6 steps), both refinement steps (round(0 or 0.2·6) = 1,
     # round(0.4·6) = 2): 2 + 2 updates, α_t = 20·√(1 − 0.5·i/5)
     assert result.strategy_info["updates"] == {"steps": [1, 2], "iterations": 4} and len(checked) == 4
@@ -162,6 +171,56 @@ def test_frozen_mask_fusion_equals_masked_plain_passes(family, tmp_path, sdxl_te
     assert np.abs(updated.latents[0] - result.latents[0]).max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_every_step_masks_come_from_the_previous_steps_attention(family, tmp_path, sdxl_te_loras, flux_loras,
+                                                                   monkeypatch):
+    """masks=every_step (the paper's per-step masks): warm-up step 0 averages the lanes, step 1 uses the warm-up's
+    masks, every later step the masks of the step before's captured attention; the image equals plain
+    diffusers/PEFT passes combined with exactly those per-step weights."""
+    from fusion.region_masks import auto_masks, lane_weights
+
+    files = sdxl_te_loras if family == "sdxl" else flux_loras
+    files = [_with_trigger(files[0], tmp_path / "a.safetensors", "corgi"),
+             _with_trigger(files[1], tmp_path / "b.safetensors", "cat")]
+    guidance = 5.0 if family == "sdxl" else 3.5
+    recorded, real_plan = [], CLoRA.plan
+
+    def spy(self, ctx):
+        plan = real_plan(self, ctx)
+        recorded.append((self, ctx.step, plan.weights.clone(), plan.extras.get("attention_capture")))
+        return plan
+
+    monkeypatch.setattr(CLoRA, "plan", spy)
+    studio = Studio(f"tiny-{family}-random")
+    kw = dict(steps=4, seed=2, guidance=guidance, output_type="np", negative_prompt=NEGATIVE if family == "sdxl" else "")
+    loras = [Lora(files[0], name="corgi"), Lora(files[1], name="cat")]
+    params = {"update_until": 0.0, "masks": "every_step", "mask_after": 0.25}
+    result = studio.compose(PROMPT, loras, "clora", strategy_params=params, **kw)
+    strategy = recorded[0][0]
+    assert [step for _, step, _, _ in recorded] == [0, 1, 2, 3] and all(c is not None for *_, c in recorded)
+    assert torch.equal(recorded[0][2], torch.full((3,), 1 / 3))  # warm-up: lanes averaged
+    shape = recorded[1][2].shape
+    for step in (2, 3):  # the masks of the previous step's maps (concept maps tested against diffusers' scores)
+        maps = strategy.masker.concept_maps(recorded[step - 1][3]).detach().float().cpu()
+        expected = lane_weights(list(auto_masks(maps, strategy.mask_grid, strategy.mask_threshold)))
+        torch.testing.assert_close(recorded[step][2], expected.reshape(shape), atol=0, rtol=0)
+    assert any(not torch.equal(recorded[step][2], recorded[1][2]) for step in (2, 3))  # the masks moved
+    final = torch.stack([result.region_masks["corgi"], result.region_masks["cat"]])
+    assert torch.equal(final.flatten(1), recorded[3][2][1:].reshape(2, -1))  # the masks the last step used
+    grid = strategy.mask_grid
+
+    def step_masks(step, lane):
+        weights = recorded[step][2][lane]
+        if weights.dim() == 0:
+            return weights
+        return weights.reshape(grid)[None, None] if family == "sdxl" else weights.reshape(1, -1, 1)
+
+    unused = torch.ones(grid)  # every step's weight comes from step_masks
+    lanes = [([], [], PROMPT, unused), ([0], [1.0], PROMPT, unused), ([1], [1.0], PROMPT, unused)]
+    expected = masked_reference(family, files, lanes, steps=4, guidance=guidance, seed=2, step_masks=step_masks)
+    np.testing.assert_allclose(result.latents[0], expected, atol=2e-4, rtol=0)
+
+
 def test_clora_without_a_trigger_in_the_prompt_says_it_rendered_merge(sdxl_loras, studio_for):
     studio = studio_for("sdxl")
     got = studio.compose(PROMPT, [sdxl_loras[0], sdxl_loras[1]], "clora", steps=2, output_type="np")
@@ -183,7 +242,7 @@ def test_failing_update_leaves_nothing_attached(monkeypatch):
     monkeypatch.setattr(CLoRA, "loss", broken)
     loras = [Lora(_world("flux", "subject-zorb"), name="zorb"), Lora(_world("flux", "subject-quix"), name="quix")]
     with pytest.raises(RuntimeError, match="loss failed"):
-        studio.compose(WORLD_PROMPT, loras, "clora", steps=4)
+        studio.compose(world_prompt("flux"), loras, "clora", steps=4)
     assert not any(m._forward_hooks for m in denoiser.modules()) and "forward" not in denoiser.__dict__
     assert [p.requires_grad for p in denoiser.parameters()] == flags and studio.composer.adapters == {}
 
@@ -201,7 +260,7 @@ def test_out_of_memory_in_the_update_is_named(monkeypatch):
     studio = Studio("tiny-sdxl")
     loras = [Lora(_world("sdxl", "subject-zorb"), name="zorb"), Lora(_world("sdxl", "subject-quix"), name="quix")]
     with pytest.raises(OutOfMemoryError, match="latent update.*max_lanes"):
-        studio.compose(WORLD_PROMPT, loras, "clora", steps=4)
+        studio.compose(world_prompt("sdxl"), loras, "clora", steps=4)
     assert studio.composer.adapters == {} and "forward" not in studio.pipe.unet.__dict__
 
 
@@ -209,7 +268,7 @@ def test_max_concepts_keeps_a_background_lora_global():
     """A background LoRA whose trigger is in the prompt is a concept (its own lane and mask) unless max_concepts
     limits the concepts to the first LoRAs of the stack; then it acts in every lane."""
     studio = Studio("tiny-sdxl")
-    prompt = "a small red zorb, solid, on a waves background, left, and a small blue quix, solid, right"
+    prompt = world_prompt("sdxl", background="waves")
     loras = [Lora(_world("sdxl", "subject-zorb"), name="zorb"), Lora(_world("sdxl", "subject-quix"), name="quix"),
              Lora(_world("sdxl", "background-waves"), name="waves")]
     every = studio.compose(prompt, loras, "clora", steps=2, output_type="np")
