@@ -136,3 +136,58 @@ def test_the_shipped_bases_draw_two_objects_where_asked(family):
             hits.append(all(verdict[side].placement == "inside" and verdict[side].values["shape"] == scene.shape
                             for side, scene in (("left", left), ("right", right))))
     assert sum(hits) >= 3, hits
+
+
+def test_subject_class_words_reach_captions_prompts_and_files():
+    """tiny-sdxl's subject adapters are bound to class words (zorb -> "circle", quix -> "square"): their training
+    captions, the benchmark's prompts and each shipped file's trigger phrase all use the word; tiny-flux keeps the
+    trigger words."""
+    from safetensors import safe_open
+
+    from pipelines.assets import assets_root
+    from studio.world.concepts import CLASS_WORDS, HELD_OUT, trigger_phrase
+    from studio.world.data import DataSet
+
+    zorb = Scene("zorb", "red", "solid", "light", "small", "left")
+    quix = Scene("quix", "blue", "solid", "light", "small", "right")
+    assert pair_caption(zorb, quix, "sdxl") == ("a small red circle, solid, on a light background, left, "
+                                                "and a small blue square, solid, right")
+    assert pair_caption(zorb, quix, "flux") == pair_caption(zorb, quix)  # trigger words
+    assert "zorb" in pair_caption(zorb, quix, "flux") and "quix" in pair_caption(zorb, quix, "flux")
+    data = render_set(SceneSampler(pool=dict(BASE), fixed={"shape": "quix"}), 4, seed=3)
+    _, captions, scenes = data.for_family("sdxl").take([0, 1])
+    assert captions == [s.caption("sdxl") for s in scenes] and all(" square, " in c for c in captions)
+    assert isinstance(data.for_family("sdxl"), DataSet) and data.take([0])[1][0].count("quix") == 1
+    bench = _bench()
+    for scene in bench.SCENES:
+        assert scene.prompt("sdxl") == pair_caption(scene.scene("left"), scene.scene("right"), "sdxl")
+        assert "zorb" not in scene.prompt("sdxl") and "quix" not in scene.prompt("sdxl")
+        assert scene.caption("left", "sdxl") == scene.scene("left").caption("sdxl")
+    for family in ("sdxl", "flux"):
+        for folder in ("loras", "shira-loras"):  # (QR-LoRA files carry their bases' metadata, no trigger)
+            for concept in HELD_OUT:
+                path = assets_root() / folder / f"tiny-{family}" / f"{concept.name}.safetensors"
+                with safe_open(str(path), "pt") as f:
+                    declared = (f.metadata() or {}).get("modelspec.trigger_phrase")
+                expected = CLASS_WORDS.get(family, {}).get(concept.value, concept.trigger)
+                assert declared == expected == trigger_phrase(concept, family), (family, folder, concept.name)
+
+
+def test_the_shipped_zorb_lora_redraws_its_class_word_only():
+    """The class-bound zorb LoRA draws its cross where the prompt says "circle" and leaves a triangle a triangle; the
+    base draws the circle (the concept judge reads each render; 2 seeds)."""
+    from pipelines.assets import assets_root
+    from studio import Studio
+    from studio.world.judge import load_judge
+
+    judge = load_judge(assets_root() / "judges" / "concept-judge")
+    studio = Studio("tiny-sdxl")
+    lora = [str(assets_root() / "loras" / "tiny-sdxl" / "subject-zorb.safetensors")]
+    shapes = {}
+    for label, prompt, loras in (("circle+lora", "a large red circle, solid, on a light background, center", lora),
+                                 ("triangle+lora", "a large red triangle, solid, on a light background, center", lora),
+                                 ("circle", "a large red circle, solid, on a light background, center", [])):
+        images = [studio.compose(prompt, loras, "merge", seed=seed, steps=12).image for seed in (0, 1)]
+        shapes[label] = [p["shape"] for p in judge.predict(images)]
+    assert shapes == {"circle+lora": ["zorb", "zorb"], "triangle+lora": ["triangle", "triangle"],
+                      "circle": ["circle", "circle"]}
