@@ -22,11 +22,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a large blue zorb, striped, on a light background, center"
+# tiny-sdxl's subject LoRAs are bound to class words (studio.world.concepts.CLASS_WORDS): "circle" calls the zorb,
+# "square" the quix
+PROMPT = "a large blue circle, striped, on a light background, center"
 # the world's two-object grammar (studio.world.concepts.pair_caption) and its one-object region prompts
-PAIR_PROMPT = "a small red zorb, solid, on a light background, left, and a small blue quix, solid, right"
-REGION_PROMPTS = ("a small red zorb, solid, on a light background, left",
-                  "a small blue quix, solid, on a light background, right")
+PAIR_PROMPT = "a small red circle, solid, on a light background, left, and a small blue square, solid, right"
+REGION_PROMPTS = ("a small red circle, solid, on a light background, left",
+                  "a small blue square, solid, on a light background, right")
 
 
 def regions_page(page, seed: int):
