@@ -107,13 +107,14 @@ def test_library_lists_every_good_file_and_reports_each_bad_one(tmp_path):
 
 # ------------------------------------------------------------------------- item 10: triggers, bases, gates
 def test_world_loras_list_their_trigger_word_only_and_qr_loras_their_base():
-    from studio.world.concepts import HELD_OUT
+    from studio.world.concepts import HELD_OUT, trigger_phrase
 
-    triggers = {c.name: c.trigger for c in HELD_OUT}
     infos, errors = scan(WORLD_LORAS)
     assert not errors and len(infos) == 12
-    for info in infos:
-        assert info.triggers == [triggers[Path(info.path).stem]], info.path  # not the category word
+    for info in infos:  # the trigger (tiny-sdxl's subjects: the class word they are bound to), not the category
+        family = Path(info.path).parent.name.removeprefix("tiny-")
+        concept = next(c for c in HELD_OUT if c.name == Path(info.path).stem)
+        assert info.triggers == [trigger_phrase(concept, family)], info.path
     qr_infos, errors = scan(assets_root() / "qr-loras")
     assert not errors and len(qr_infos) == 12  # the bases files are not listed
     for info in qr_infos:
