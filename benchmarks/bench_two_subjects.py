@@ -14,7 +14,9 @@ background, left, and a small blue square, solid, right"; on tiny-flux they are 
 ("... a small red zorb, ... a small blue quix, ..."). Every strategy renders the same prompt and seeds.
 ``regional`` (when registered) gets each subject LoRA with its box (``region=left`` / ``region=right``; with the
 benchmark option ``region=auto``, ``region=auto``: masks from the cross-attention of its trigger or class word) and
-a one-object region prompt in the world's caption grammar; the style/background LoRA stays global. ``clora`` finds
+a one-object region prompt in the world's caption grammar (benchmark option ``prompts=none``: no region prompt,
+every lane reads the global prompt; ``global=none``: no global prompt, each lane its region prompt alone); the
+style/background LoRA stays global. ``clora`` finds
 its concepts by their trigger (or class) words in the prompt. Strategies defined for fewer LoRAs than a scene has
 (``klora``: two) skip it.
 
@@ -35,7 +37,7 @@ native scale, plus a pixel test: is there an object inside the half, or one acro
   merges count; and the ratio to ``merge``.
 
 Results: ``benchmarks/results/two-subjects-<family>.json`` / ``.md`` and a picture (``.png``: the rows of
-:data:`GRID_ROWS` that were measured, merge, regional with boxes, with region prompts only and with
+:data:`GRID_ROWS` that were measured, merge, regional with boxes, with boxes but no region prompts and with
 ``region=auto``, clora with fixed and per-step masks, on each scene, seed 0); images in ``--work``
 (``outputs/two-subjects``).
 """
@@ -110,7 +112,7 @@ def lora_file(family: str, name: str) -> str:
     return str(assets_root() / "loras" / f"tiny-{family}" / f"{name}.safetensors")
 
 
-def stack(scene: PairScene, family: str, strategy: str, region: str = "box") -> list[dict]:
+def stack(scene: PairScene, family: str, strategy: str, region: str = "box", region_prompts: bool = True) -> list[dict]:
     """The scene's LoRAs for ``strategy``: subjects left then right, then the shared LoRA; for regional each subject
     gets its box (``region="box"``: ``left`` / ``right``) or ``auto`` (masks from its trigger word's
     cross-attention) and its one-object region prompt."""
@@ -118,7 +120,9 @@ def stack(scene: PairScene, family: str, strategy: str, region: str = "box") -> 
     for side, shape in (("left", scene.left), ("right", scene.right)):
         entry = {"source": lora_file(family, f"subject-{shape}"), "name": f"subject-{shape}"}
         if strategy in REGION_STRATEGIES:
-            entry.update(region=side if region == "box" else "auto", prompt=scene.caption(side, family))
+            entry.update(region=side if region == "box" else "auto")
+            if region_prompts:
+                entry["prompt"] = scene.caption(side, family)
         entries.append(entry)
     if scene.extra:
         entries.append({"source": lora_file(family, scene.extra), "name": scene.extra})
@@ -150,6 +154,15 @@ def region_option(strategy: str | None, params: dict) -> str:
     return option
 
 
+def region_prompts_option(strategy: str | None, params: dict) -> bool:
+    """The benchmark option ``prompts=region|none`` of a region strategy: with ``none`` the subjects get their
+    regions but no region prompt, so every lane reads the global prompt alone; taken out of ``params``."""
+    option = params.pop("prompts", "region")
+    if option not in ("region", "none") or (option == "none" and strategy not in REGION_STRATEGIES):
+        raise SystemExit(f"prompts={option!r}: use region or none, on {', '.join(REGION_STRATEGIES)} only")
+    return option == "region"
+
+
 def default_choices() -> list[str]:
     from studio.strategies import REGISTRY
 
@@ -159,7 +172,8 @@ def default_choices() -> list[str]:
         if name == "composite":
             choices.append("composite:reduce=sum")
         if name in REGION_STRATEGIES:
-            choices += [f"{name}:global=none", f"{name}:region=auto"]
+            choices += [f"{name}:global=none", f"{name}:prompts=none", f"{name}:region=auto",
+                        f"{name}:region=auto:prompts=none"]
         if name == "clora":  # the paper's masks, made again at every step
             choices.append("clora:masks=every_step")
     return choices
@@ -220,7 +234,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GRID_ROWS = ("merge", "regional", "regional global=none", "regional region=auto", "clora", "clora masks=every_step")
+GRID_ROWS = ("merge", "regional", "regional prompts=none", "regional region=auto", "clora", "clora masks=every_step")
 
 
 def write_grid(results: Path, work: Path, out: Path, rows=GRID_ROWS, seed: int = 0, scale: int = 3) -> None:
@@ -294,7 +308,9 @@ def main(argv=None) -> None:
     if missing:
         raise SystemExit(f"unknown strategies {missing}; registered: {', '.join(REGISTRY)}")
     for _, name, params in choices:  # benchmark options checked before anything renders
-        region_option(name, dict(params))
+        checked = dict(params)
+        region_option(name, checked)
+        region_prompts_option(name, checked)
     notes = []
     if "regional" not in REGISTRY:
         notes.append("regional: not registered in this checkout when the benchmark ran, so it has no row")
@@ -311,13 +327,14 @@ def main(argv=None) -> None:
             if failed:
                 break
             options = dict(params)
-            loras = stack(scene, args.family, name, region_option(name, options)) if name else []
+            loras = stack(scene, args.family, name, region_option(name, options),
+                          region_prompts_option(name, options)) if name else []
             if name and (REGISTRY[name].max_loras or len(loras)) < len(loras):
                 continue
             for seed in args.seeds:
                 t0 = time.process_time()
                 try:
-                    options = {k: v for k, v in params.items() if k != "region"}
+                    options = {k: v for k, v in params.items() if k not in ("region", "prompts")}
                     prompt = global_prompt(scene, options, args.family)
                     result = studio.compose(prompt, loras, name or "merge", strategy_params=options or None, seed=seed)
                 except Exception as error:  # one strategy failing must not lose the others' rows
