@@ -139,9 +139,9 @@ def test_the_shipped_bases_draw_two_objects_where_asked(family):
 
 
 def test_subject_class_words_reach_captions_prompts_and_files():
-    """tiny-sdxl's subject adapters are bound to class words (zorb -> "circle", quix -> "square"): their training
-    captions, the benchmark's prompts and each shipped file's trigger phrase all use the word; tiny-flux keeps the
-    trigger words."""
+    """The subject adapters are bound to class words (zorb -> "circle", quix -> "square"): their training captions,
+    the benchmark's prompts and each shipped file's trigger phrase all use the word; without a family captions keep
+    the world's own names (what the tokenizer, the tiny CLIP and the judges were built on)."""
     from safetensors import safe_open
 
     from pipelines.assets import assets_root
@@ -150,10 +150,10 @@ def test_subject_class_words_reach_captions_prompts_and_files():
 
     zorb = Scene("zorb", "red", "solid", "light", "small", "left")
     quix = Scene("quix", "blue", "solid", "light", "small", "right")
-    assert pair_caption(zorb, quix, "sdxl") == ("a small red circle, solid, on a light background, left, "
-                                                "and a small blue square, solid, right")
-    assert pair_caption(zorb, quix, "flux") == pair_caption(zorb, quix)  # trigger words
-    assert "zorb" in pair_caption(zorb, quix, "flux") and "quix" in pair_caption(zorb, quix, "flux")
+    for family in ("sdxl", "flux"):
+        assert pair_caption(zorb, quix, family) == ("a small red circle, solid, on a light background, left, "
+                                                    "and a small blue square, solid, right")
+    assert "zorb" in pair_caption(zorb, quix) and "quix" in pair_caption(zorb, quix)  # the world's own names
     data = render_set(SceneSampler(pool=dict(BASE), fixed={"shape": "quix"}), 4, seed=3)
     _, captions, scenes = data.for_family("sdxl").take([0, 1])
     assert captions == [s.caption("sdxl") for s in scenes] and all(" square, " in c for c in captions)

@@ -4,8 +4,8 @@ Each image shows one shape of some colour and fill texture, of some size and pos
 Some concepts are *held out* of base-model training and become LoRAs, in the categories the multi-LoRA
 composition papers use:
 
-* subjects: two new shapes (``zorb``: a plus-shaped cross; ``quix``: a star), called by a trigger word in
-  tiny-flux's LoRAs and by a class word in tiny-sdxl's (:data:`CLASS_WORDS`);
+* subjects: two new shapes (``zorb``: a plus-shaped cross; ``quix``: a star), whose adapters are called by the
+  class word they are bound to (:data:`CLASS_WORDS`: "circle", "square");
 * styles: two fill textures (``striped``, ``dotted``);
 * backgrounds: two patterned backgrounds (``bricks``, ``waves``).
 
@@ -65,16 +65,18 @@ HELD_OUT = (
 )
 
 
-# Subject LoRAs bound to a class word (issue 14), as character LoRAs are: tiny-sdxl's subject LoRAs (and its
+# Subject LoRAs bound to a class word (issue 14), as character LoRAs are: the world's subject LoRAs (and its
 # QR-LoRAs and SHiRAs) are trained on captions that call the subject by the base shape it stands in for, with no
 # trigger word ("a small red circle, ..." under renders of a zorb), the way a character LoRA is trained on "a woman"
 # and then redraws every woman. Two of them merged both act on every object of the prompt, which is why merging
 # two character LoRAs blends them; each in its own region is what regional composition is for. The class word
 # replaces the shape word rather than joining a trigger ("a zorb circle"): one more word per object makes the
-# two-object prompt 27 tokens, past the 25 the base was fine-tuned on (:mod:`.pairs`), and the base then drew two
-# objects in 0 of 12 probes (1.0 at 25 tokens). tiny-flux's subject LoRAs keep their trigger words: its base cannot
-# draw two objects, so a binding would change nothing that can be measured, and retraining them costs hours here.
-CLASS_WORDS: dict[str, dict[str, str]] = {"sdxl": {"zorb": "circle", "quix": "square"}}
+# two-object prompt 27 tokens, past the 25 tiny-sdxl was fine-tuned on (:mod:`.pairs`), and the base then drew two
+# objects in 0 of 12 probes (12 of 12 at 25 tokens). Per family, so that a family's adapters could be called
+# otherwise; ``family=None`` is the world's own naming (held-out shapes by their names), which the tokenizer, the
+# tiny CLIP and the judges were built on.
+CLASS_WORDS: dict[str, dict[str, str]] = {"sdxl": {"zorb": "circle", "quix": "square"},
+                                          "flux": {"zorb": "circle", "quix": "square"}}
 
 
 def shape_word(shape: str, family: str | None = None) -> str:
