@@ -7,11 +7,10 @@
 
 Scenes (issue 14): the tiny world's two subject LoRAs, ``zorb`` (a cross) and ``quix`` (a star), asked for side by
 side, alone or with a shared style (``striped``) or background (``waves``) LoRA; and, as a reference without
-LoRAs, two base shapes side by side (``base`` rows: can the base model draw two objects at all?). On tiny-sdxl the
-subject LoRAs are bound to class words, as character LoRAs are (:data:`studio.world.concepts.CLASS_WORDS`: zorb to
+LoRAs, two base shapes side by side (``base`` rows: can the base model draw two objects at all?). The subject
+LoRAs are bound to class words, as character LoRAs are (:data:`studio.world.concepts.CLASS_WORDS`: zorb to
 ``circle``, quix to ``square``), so a scene's prompt is a base prompt: "a small red circle, solid, on a light
-background, left, and a small blue square, solid, right"; on tiny-flux they are called by their trigger words
-("... a small red zorb, ... a small blue quix, ..."). Every strategy renders the same prompt and seeds.
+background, left, and a small blue square, solid, right". Every strategy renders the same prompt and seeds.
 ``regional`` (when registered) gets each subject LoRA with its box (``region=left`` / ``region=right``; with the
 benchmark option ``region=auto``, ``region=auto``: masks from the cross-attention of its trigger or class word) and
 a one-object region prompt in the world's caption grammar (benchmark option ``prompts=none``: no region prompt,

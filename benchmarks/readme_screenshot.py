@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# tiny-sdxl's subject LoRAs are bound to class words (studio.world.concepts.CLASS_WORDS): "circle" calls the zorb,
+# the world's subject LoRAs are bound to class words (studio.world.concepts.CLASS_WORDS): "circle" calls the zorb,
 # "square" the quix
 PROMPT = "a large blue circle, striped, on a light background, center"
 # the world's two-object grammar (studio.world.concepts.pair_caption) and its one-object region prompts

@@ -165,7 +165,7 @@ def test_auto_masks_partition_by_hand():
 
 
 def world_prompt(family: str, background: str = "light") -> str:
-    """The two-subject prompt as the family's subject LoRAs are called (tiny-sdxl's are bound to class words)."""
+    """The two-subject prompt as the family's subject LoRAs are called (bound to class words)."""
     from studio.world.concepts import Scene, pair_caption
 
     return pair_caption(Scene("zorb", "red", "solid", background, "small", "left"),

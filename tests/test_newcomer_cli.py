@@ -111,7 +111,7 @@ def test_world_loras_list_their_trigger_word_only_and_qr_loras_their_base():
 
     infos, errors = scan(WORLD_LORAS)
     assert not errors and len(infos) == 12
-    for info in infos:  # the trigger (tiny-sdxl's subjects: the class word they are bound to), not the category
+    for info in infos:  # the trigger (subjects: the class word they are bound to), not the category
         family = Path(info.path).parent.name.removeprefix("tiny-")
         concept = next(c for c in HELD_OUT if c.name == Path(info.path).stem)
         assert info.triggers == [trigger_phrase(concept, family)], info.path

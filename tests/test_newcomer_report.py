@@ -12,7 +12,7 @@ from studio.report import MAX_CHART_WIDTH, bar_chart, write_outputs
 from studio.world.verdicts import judge_folder, strategy_guide
 
 LORAS = assets_root() / "loras" / "tiny-sdxl"
-# tiny-sdxl's subject LoRAs are bound to a class word (studio.world.concepts.CLASS_WORDS): zorb to "circle"
+# the world's subject LoRAs are bound to a class word (studio.world.concepts.CLASS_WORDS): zorb to "circle"
 PROMPT = "a large red circle, solid, on a light background, center"
 
 

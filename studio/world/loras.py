@@ -1,7 +1,7 @@
 """Training one LoRA per held-out concept per family, saved in the formats people download.
 
 Each LoRA trains on renders of its concept combined with random base concepts, captioned with its trigger word
-("a large red zorb, solid, on a dark background, left") or, for tiny-sdxl's subjects, the class word it is bound to
+("a large red zorb, solid, on a dark background, left") or, for a subject, the class word it is bound to
 ("a large red circle, ...": :data:`.concepts.CLASS_WORDS`), with the base model frozen and the same objective as
 the base (:mod:`.objectives`). Writers are the real tools of each format:
 
