@@ -173,8 +173,8 @@ def default_choices() -> list[str]:
         if name in REGION_STRATEGIES:
             choices += [f"{name}:global=none", f"{name}:prompts=none", f"{name}:region=auto",
                         f"{name}:region=auto:prompts=none"]
-        if name == "clora":  # the paper's masks, made again at every step
-            choices.append("clora:masks=every_step")
+        if name == "clora":  # the paper's masks, made again at every step; the style LoRA kept global
+            choices += ["clora:masks=every_step", "clora:max_concepts=2"]
     return choices
 
 
