@@ -140,16 +140,14 @@ class GateSet(nn.Module):
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path, metadata: dict[str, str]) -> Path:
-        from safetensors.torch import save_file
+        """Write the gates atomically, with the umask's mode."""
+        from pipelines.atomic_files import save_safetensors
 
         path = Path(path)
         tensors = {f"{key}.{p}": getattr(gate, p).detach().float().cpu().contiguous()
                    for key, gate in self.items() for p in _PARAMS}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": "1", **metadata})
-        tmp.replace(path)
-        return path
+        return save_safetensors(tensors, path, {"format": FORMAT, "version": "1", **metadata})
 
     @classmethod
     def load(cls, path: str | Path, composer, names: Iterable[str]) -> "GateSet":

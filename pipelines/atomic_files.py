@@ -2,8 +2,8 @@
 
 ``tempfile.mkstemp`` creates its file with mode 0600 whatever the umask, and renaming it over the target keeps
 that mode, so every PNG, report, CSV, grid, merged LoRA, gates or quantized file written this way was private to
-its owner even where the umask (022, 002) shares it. Every atomic write goes through here and sets the mode an
-ordinary ``open(path, "w")`` would have: ``0o666 & ~umask``.
+its owner even where the umask (022, 002) shares it. safetensors' ``save_file`` (0.8) does the same. Every atomic
+write goes through here and sets the mode an ordinary ``open(path, "w")`` would have: ``0o666 & ~umask``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     with atomic_target(path) as tmp:
         tmp.write_bytes(data)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` made atomic and given the umask's mode (safetensors itself creates its files
+    with mode 0600); returns ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
 
 
 def copy_atomically(source: str | Path, target: str | Path) -> None:

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic_files import file_mode
 from ..errors import StudioError
 from ..families import Family
 from .delta import LayerDelta
@@ -106,5 +107,6 @@ def save_lora(
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             header.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
             save_file(tensors, str(written), metadata=header)
+        os.chmod(written, file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(written, path)
     return path

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic_files import save_safetensors
 from ..families import Family
 from .kinds import qr
 
@@ -150,10 +150,7 @@ def _metadata(bases, alpha: float | None, base_model: str) -> dict[str, str]:
 
 
 def _write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Atomically: a reader never sees half a file."""
+    """Atomically (a reader never sees half a file), with the umask's mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return save_safetensors(tensors, path, metadata)

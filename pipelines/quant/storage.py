@@ -63,7 +63,7 @@ def save_quantized(out_dir: str | Path, denoiser: nn.Module, *, family: str, den
                    runtime: str = DEFAULT_RUNTIME) -> Path:
     """Write the folder for ``denoiser`` (whose target layers are already :class:`QuantLinear`); ``runtime`` is
     the runtime loading selects unless told otherwise."""
-    from safetensors.torch import save_file
+    from ..atomic_files import save_safetensors
 
     out = Path(out_dir)
     (out / DENOISER_DIR).mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def save_quantized(out_dir: str | Path, denoiser: nn.Module, *, family: str, den
         if value.is_floating_point():  # 16-bit layers, biases, λ and the branch (4-bit codes and scale bits are ints)
             value = value.to(storage_dtype)
         state[key] = value.detach().cpu().contiguous()
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "studio": FORMAT_NAME})
+    save_safetensors(state, out / WEIGHTS_FILE, {"format": "pt", "studio": FORMAT_NAME})
     denoiser.save_config(str(out / DENOISER_DIR))
     specs = {name: m.spec() for name, m in denoiser.named_modules() if isinstance(m, QuantLinear)}
     files = {}

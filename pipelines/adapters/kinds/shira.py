@@ -173,11 +173,11 @@ def is_pure_sparse(delta: LayerDelta) -> bool:
 def save_shira(path, deltas: dict[str, LayerDelta], metadata: dict[str, str] | None = None):
     """Write pure sparse ``deltas`` (``{"component.module": SparseDelta}``) as a SHiRA file in PEFT's layout under
     diffusers' component prefixes (``<component>.<module>.shira_weight`` / ``.shira_indices``, int32 2 × nnz as
-    PEFT stores them), scale folded into the values; written next to ``path`` and moved into place."""
-    import os
+    PEFT stores them), scale folded into the values; written next to ``path`` and moved into place, with the
+    umask's mode."""
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from ...atomic_files import save_safetensors
 
     path = Path(path)
     tensors = {}
@@ -187,10 +187,7 @@ def save_shira(path, deltas: dict[str, LayerDelta], metadata: dict[str, str] | N
         tensors[f"{key}.shira_weight"] = (delta.sparse_values.float() * delta.scale).contiguous()
         tensors[f"{key}.shira_indices"] = delta.sparse_indices.to(torch.int32).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
-    return path
+    return save_safetensors(tensors, path, {"format": "pt", **(metadata or {})})
 
 
 def support_overlap(a: torch.Tensor, b: torch.Tensor, columns: int) -> tuple[int, float]:
