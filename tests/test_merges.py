@@ -5,6 +5,7 @@ issue rendering on tiny SDXL and tiny FLUX (float32, CPU)."""
 from __future__ import annotations
 
 import json
+import stat
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 import writers
 from fusion import make_strategy, merge_stack
 from fusion.dare import layer_seed
+from pipelines.atomic_files import file_mode
 from pipelines.errors import StudioError
 from reference import saved_lora_vs_studio
 from pipelines.tiny import build_tiny_flux, build_tiny_sdxl
@@ -218,6 +220,7 @@ def test_merge_cli_and_its_errors(sdxl_loras, tmp_path):
     assert result.exit_code == 0, result.output
     assert "interference" in result.output and "mean |cos|" in result.output and str(out) in result.output
     assert out.exists()
+    assert stat.S_IMODE(out.stat().st_mode) == file_mode()  # the umask's mode (safetensors alone writes 0600)
     dense = runner.invoke(app, [*args[:-4], "--strategy", "ties", "--param", "rank=-1", "--out", str(out)])
     assert dense.exit_code == 2 and "keeps the merged delta dense" in dense.output
     switch = runner.invoke(app, [*args[:-4], "--strategy", "switch", "--out", str(out)])
