@@ -85,7 +85,7 @@ class PairScene:
 
     def caption(self, side: str, family: str | None = None) -> str:
         """One object's caption (a regional lane's prompt), in the single-object grammar; subjects are called as
-        ``family``'s LoRAs call them (on tiny-sdxl by the class word they are bound to)."""
+        ``family``'s LoRAs call them (by the class word they are bound to)."""
         return self.scene(side).caption(family)
 
     def prompt(self, family: str | None = None) -> str:

@@ -169,7 +169,7 @@ def test_subject_class_words_reach_captions_prompts_and_files():
                 path = assets_root() / folder / f"tiny-{family}" / f"{concept.name}.safetensors"
                 with safe_open(str(path), "pt") as f:
                     declared = (f.metadata() or {}).get("modelspec.trigger_phrase")
-                expected = CLASS_WORDS.get(family, {}).get(concept.value, concept.trigger)
+                expected = CLASS_WORDS.get(concept.value, concept.trigger)
                 assert declared == expected == trigger_phrase(concept, family), (family, folder, concept.name)
 
 

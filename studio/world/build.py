@@ -213,7 +213,8 @@ class World:
             marker = self.work / f"lora-{family}-{job.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
                 train_lora(job, self.load_base(family), self.data(job.name).for_family(family),
-                           self.latents(job.name), self.work, path, steps=self.config.steps("lora", job.concept.category, family, job.name),
+                           self.latents(job.name), self.work, path,
+                           steps=self.config.steps("lora", job.concept.category, family, job.name),
                            guidance=self.adapter_guidance(family))
                 marker.write_text("ok")
             out.append(path)
@@ -243,8 +244,8 @@ class World:
             marker = self.work / f"{kind}-{family}-{concept.name}" / "EXPORTED"
             if not (path.exists() and marker.exists()):
                 train(family, concept, self.load_base(family), self.data(concept.name).for_family(family),
-                      self.latents(concept.name),
-                      self.work, path, steps=self.config.steps(kind, concept.category, family),
+                      self.latents(concept.name), self.work, path,
+                      steps=self.config.steps(kind, concept.category, family),
                       guidance=self.adapter_guidance(family))
                 marker.write_text("ok")
             out.append(path)

@@ -72,17 +72,16 @@ HELD_OUT = (
 # two character LoRAs blends them; each in its own region is what regional composition is for. The class word
 # replaces the shape word rather than joining a trigger ("a zorb circle"): one more word per object makes the
 # two-object prompt 27 tokens, past the 25 tiny-sdxl was fine-tuned on (:mod:`.pairs`), and the base then drew two
-# objects in 0 of 12 probes (12 of 12 at 25 tokens). Per family, so that a family's adapters could be called
-# otherwise; ``family=None`` is the world's own naming (held-out shapes by their names), which the tokenizer, the
-# tiny CLIP and the judges were built on.
-CLASS_WORDS: dict[str, dict[str, str]] = {"sdxl": {"zorb": "circle", "quix": "square"},
-                                          "flux": {"zorb": "circle", "quix": "square"}}
+# objects in 0 of 12 probes (12 of 12 at 25 tokens). Both families' adapters are bound the same way; captions
+# without a family keep the world's own naming (held-out shapes by their names), which the tokenizer, the tiny
+# CLIP and the judges were built on.
+CLASS_WORDS: dict[str, str] = {"zorb": "circle", "quix": "square"}
 
 
 def shape_word(shape: str, family: str | None = None) -> str:
-    """How captions and prompts of ``family`` call ``shape``: the class word a subject LoRA is bound to, else the
-    shape's own name (its trigger word for a held-out shape)."""
-    return CLASS_WORDS.get(family or "", {}).get(shape, shape)
+    """How captions and prompts for ``family``'s adapters call ``shape``: the class word a subject is bound to,
+    else the shape's own name; without a family, always the shape's own name."""
+    return CLASS_WORDS.get(shape, shape) if family else shape
 
 
 @dataclass(frozen=True)

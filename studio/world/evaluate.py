@@ -41,7 +41,7 @@ def base_accuracy(studio, judge, n: int = 48, seed: int = 0) -> dict[str, float]
 def lora_alone(studio, judge, lora: str | Path, concept: HeldOut, n: int = 20, seed: int = 100,
                family: str | None = None) -> float:
     """How often the judge sees the LoRA's concept in renders of prompts that call it as ``family``'s adapters are
-    called (its trigger word, or the class word a tiny-sdxl subject is bound to)."""
+    called (its trigger word, or the class word a subject is bound to)."""
     rng = np.random.default_rng(seed)
     sampler = SceneSampler(pool=dict(BASE), fixed={concept.attribute: concept.value})
     scenes = [sampler.sample(rng) for _ in range(n)]

@@ -76,20 +76,25 @@ class LoraJob:
         return "unet" if self.family == "sdxl" else "transformer"
 
 
+def concept_metadata(family: str, concept: HeldOut) -> dict[str, str]:
+    """The kohya/modelspec keys every world adapter file carries: name, base model, trigger phrase and tags."""
+    trigger = trigger_phrase(concept, family)
+    return {
+        "ss_output_name": concept.name,
+        "ss_base_model_version": BASE_VERSION[family],
+        "ss_tag_frequency": json.dumps({f"10_{trigger}": {trigger: 100, concept.category: 100}}),
+        "modelspec.title": concept.name,
+        "modelspec.architecture": ARCHITECTURE[family],
+        "modelspec.trigger_phrase": trigger,
+        "studio.concept": concept.category,
+    }
+
+
 def metadata(job: LoraJob, dim: int, alpha: float, module: str, algo: str | None = None) -> dict[str, str]:
-    trigger = trigger_phrase(job.concept, job.family)
-    tags = {trigger: 100, job.concept.category: 100}
-    meta = {
-        "ss_output_name": job.name,
-        "ss_base_model_version": BASE_VERSION[job.family],
+    meta = concept_metadata(job.family, job.concept) | {
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(alpha),
         "ss_network_module": module,
-        "ss_tag_frequency": json.dumps({f"10_{trigger}": tags}),
-        "modelspec.title": job.name,
-        "modelspec.architecture": ARCHITECTURE[job.family],
-        "modelspec.trigger_phrase": trigger,
-        "studio.concept": job.concept.category,
     }
     if algo:
         meta["ss_network_args"] = json.dumps({"algo": algo})

@@ -19,7 +19,6 @@ PEFT's own loader converts indices back with ``.to(torch.int)``, the studio read
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,9 +28,9 @@ from torch import nn
 from pipelines.atomic_files import atomic_target
 from pipelines.families import FAMILIES
 
-from .concepts import HELD_OUT, HeldOut, trigger_phrase
+from .concepts import HELD_OUT, HeldOut
 from .data import DataSet
-from .loras import ARCHITECTURE, BASE_VERSION, FLUX_TARGETS, SDXL_TARGETS, ParamBag
+from .loras import FLUX_TARGETS, SDXL_TARGETS, ParamBag, concept_metadata
 from .objectives import denoiser_step_fn
 from .trainer import Checkpoint, device, train
 
@@ -49,19 +48,9 @@ def mask_seed(family: str, concept: HeldOut) -> int:
 
 def metadata(family: str, concept: HeldOut, density: float) -> dict[str, str]:
     """Trigger metadata as the other world LoRAs carry it (kohya/modelspec keys), plus the SHiRA settings."""
-    trigger = trigger_phrase(concept, family)
-    tags = {trigger: 100, concept.category: 100}
-    return {
-        "format": "pt",
-        "ss_output_name": concept.name,
-        "ss_base_model_version": BASE_VERSION[family],
+    return {"format": "pt"} | concept_metadata(family, concept) | {
         "ss_network_dim": str(RANK),
         "ss_network_module": "peft.shira",
-        "ss_tag_frequency": json.dumps({f"10_{trigger}": tags}),
-        "modelspec.title": concept.name,
-        "modelspec.architecture": ARCHITECTURE[family],
-        "modelspec.trigger_phrase": trigger,
-        "studio.concept": concept.category,
         "shira.r": str(RANK),
         "shira.mask": "random",
         "shira.density": f"{density:.4f}",
